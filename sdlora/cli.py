@@ -1,0 +1,257 @@
+"""`python -m sdlora train|generate|export|verify|scan|demo-data`: thin wrappers over the library."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+# Flag -> TrainConfig field, with how argparse should read it.
+_TRAIN_FLAGS: list[tuple[str, str, dict]] = [
+    ("--base-model", "base_model", {}),
+    ("--data", "data_dir", {}),
+    ("--output", "output_dir", {}),
+    ("--output-name", "output_name", {}),
+    ("--rank", "rank", {"type": int}),
+    ("--alpha", "alpha", {"type": float}),
+    ("--targets", "targets", {"help": "comma-separated: attn, attn1, attn2, transformer or module names (to_q,proj_in,...)"}),
+    ("--conv-rank", "conv_rank", {"type": int}),
+    ("--conv-alpha", "conv_alpha", {"type": float}),
+    ("--text-encoder-lr", "text_encoder_lr", {"type": float}),
+    ("--lr", "lr", {"type": float}),
+    ("--steps", "steps", {"type": int}),
+    ("--epochs", "epochs", {"type": int}),
+    ("--batch-size", "batch_size", {"type": int}),
+    ("--grad-accum", "grad_accum", {"type": int}),
+    ("--resolution", "resolution", {"type": int}),
+    ("--seed", "seed", {"type": int}),
+    ("--mixed-precision", "mixed_precision", {"choices": ["no", "fp16", "bf16"]}),
+    ("--optimizer", "optimizer", {"choices": ["adamw", "adamw8bit", "prodigy"]}),
+    ("--lr-scheduler", "lr_scheduler", {}),
+    ("--warmup-steps", "warmup_steps", {"type": int}),
+    ("--min-snr-gamma", "min_snr_gamma", {"type": float}),
+    ("--noise-offset", "noise_offset", {"type": float}),
+    ("--caption-dropout", "caption_dropout", {"type": float}),
+    ("--keep-tokens", "keep_tokens", {"type": int}),
+    ("--trigger-word", "trigger_word", {}),
+    ("--default-caption", "default_caption", {}),
+    ("--sample-every", "sample_every", {"type": int}),
+    ("--sample-prompts", "sample_prompts_file", {"help": "file with one prompt per line (kohya options --n --w --h --d --l --s)"}),
+    ("--sample-prompt", "sample_prompts", {"action": "append", "help": "a prompt line; repeatable"}),
+    ("--sample-steps", "sample_steps", {"type": int}),
+    ("--save-every", "save_every", {"type": int}),
+    ("--resume", "resume", {"help": "checkpoint folder, or 'latest' for the newest under OUTPUT/checkpoints"}),
+    ("--save-precision", "save_precision", {"choices": ["fp16", "bf16", "fp32"]}),
+    ("--format", "format", {"choices": ["kohya", "diffusers"]}),
+    ("--prediction-type", "prediction_type", {"choices": ["auto", "epsilon", "v_prediction"]}),
+    ("--num-workers", "num_workers", {"type": int}),
+]
+_TRAIN_SWITCHES = [
+    ("--train-text-encoder", "train_text_encoder"),
+    ("--gradient-checkpointing", "gradient_checkpointing"),
+    ("--shuffle-tags", "shuffle_tags"),
+    ("--random-flip", "random_flip"),
+    ("--buckets", "enable_buckets"),
+    ("--allow-pickle", "allow_pickle"),
+]
+_TRAIN_NEGATIONS = [
+    ("--no-cache-latents", "cache_latents"),
+    ("--random-crop", "center_crop"),
+    ("--no-upscale-small", "upscale_small"),
+]
+
+
+def _add_train_parser(sub) -> None:
+    p = sub.add_parser("train", help="train a LoRA", description="Train a LoRA. Flags override values from --config.")
+    p.add_argument("--config", help="TOML preset (see presets/)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override any config key; repeatable")
+    for flag, dest, kw in _TRAIN_FLAGS:
+        p.add_argument(flag, dest=dest, default=None, **kw)
+    for flag, dest in _TRAIN_SWITCHES:
+        p.add_argument(flag, dest=dest, action="store_const", const=True, default=None)
+    for flag, dest in _TRAIN_NEGATIONS:
+        p.add_argument(flag, dest=dest, action="store_const", const=False, default=None)
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m sdlora", description="Stable Diffusion LoRA trainer.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_train_parser(sub)
+
+    g = sub.add_parser("generate", help="generate an image with LoRAs at chosen strengths")
+    g.add_argument("--base-model", default="builtin:tiny")
+    g.add_argument("--lora", action="append", default=[], metavar="FILE[:STRENGTH]", help="repeatable; strength 0 = base model")
+    g.add_argument("--prompt", required=True)
+    g.add_argument("--negative-prompt", default="")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--steps", type=int, default=20)
+    g.add_argument("--cfg", type=float, default=7.0)
+    g.add_argument("--width", type=int)
+    g.add_argument("--height", type=int)
+    g.add_argument("--grid", help="comma-separated strengths for a strength grid, e.g. 0,0.25,0.5,0.75,1")
+    g.add_argument("--out", required=True)
+    g.add_argument("--allow-pickle", action="store_true")
+
+    v = sub.add_parser("verify", help="check a LoRA file against a base model")
+    v.add_argument("file")
+    v.add_argument("--base-model", default="builtin:tiny")
+    v.add_argument("--json", action="store_true")
+    v.add_argument("--allow-pickle", action="store_true")
+
+    e = sub.add_parser("export", help="re-export a LoRA file or a checkpoint in another format or precision")
+    e.add_argument("source", help="a .safetensors LoRA or a checkpoint folder")
+    e.add_argument("--out", required=True)
+    e.add_argument("--format", choices=["kohya", "diffusers"], default="kohya")
+    e.add_argument("--save-precision", choices=["fp16", "bf16", "fp32"], default="fp16")
+    e.add_argument("--base-model", default=None, help="needed for diffusers format (default: the one in the file's metadata/config)")
+
+    s = sub.add_parser("scan", help="scan a dataset folder and print the report")
+    s.add_argument("folder")
+    s.add_argument("--json", action="store_true")
+
+    d = sub.add_parser("demo-data", help="write the generated demo dataset")
+    d.add_argument("folder", nargs="?", default="demo_data")
+    return parser
+
+
+def config_from_args(args: argparse.Namespace):
+    from .config import ConfigError, TrainConfig, format_validation_error, load_preset, parse_set_value
+
+    values = load_preset(args.config) if args.config else {}
+    for item in args.set:
+        key, sep, raw = item.partition("=")
+        if not sep:
+            raise ConfigError(f"--set '{item}': use KEY=VALUE, e.g. --set rank=8")
+        values[key.strip()] = parse_set_value(raw.strip())
+    for _, dest, _ in _TRAIN_FLAGS:
+        if getattr(args, dest) is not None:
+            values[dest] = getattr(args, dest)
+    for _, dest in _TRAIN_SWITCHES + _TRAIN_NEGATIONS:
+        if getattr(args, dest) is not None:
+            values[dest] = getattr(args, dest)
+    if isinstance(values.get("targets"), str):
+        values["targets"] = [t.strip() for t in values["targets"].split(",")]
+    from pydantic import ValidationError
+
+    try:
+        return TrainConfig(**values)
+    except ValidationError as exc:
+        where = f" (preset {args.config})" if args.config else ""
+        raise ConfigError(format_validation_error(exc) + where) from None
+
+
+class _Progress:
+    """Progress bar on stderr; stdout is kept for results (its last line is the LoRA path)."""
+
+    def __init__(self, quiet: bool):
+        self.quiet = quiet
+        self.bar = None
+
+    def __call__(self, event) -> None:
+        from tqdm import tqdm
+
+        if event.kind == "start":
+            if not self.quiet:
+                self.bar = tqdm(total=event.total_steps, initial=event.step, unit="step", file=sys.stderr, dynamic_ncols=True)
+        elif event.kind == "step":
+            if self.bar is not None:
+                self.bar.update(event.step - self.bar.n)
+                self.bar.set_postfix(loss=f"{event.data['loss']:.4f}", lr=f"{event.data['lr']:.2e}")
+        elif event.kind in ("status", "warning"):
+            msg = ("warning: " if event.kind == "warning" else "") + event.data["message"]
+            (self.bar.write(msg, file=sys.stderr) if self.bar else print(msg, file=sys.stderr))
+        elif event.kind == "sample":
+            text = f"step {event.step}: samples " + ", ".join(event.data["paths"])
+            (self.bar.write(text, file=sys.stderr) if self.bar else print(text, file=sys.stderr))
+        elif event.kind == "checkpoint":
+            text = f"step {event.step}: checkpoint {event.data['path']}"
+            (self.bar.write(text, file=sys.stderr) if self.bar else print(text, file=sys.stderr))
+        elif event.kind == "done" and self.bar is not None:
+            self.bar.close()
+
+
+def cmd_train(args) -> int:
+    from .train import train
+
+    config = config_from_args(args)
+    result = train(config, on_event=_Progress(args.quiet))
+    if result.lora_path is not None:
+        print(str(result.lora_path.resolve()))
+    return 0
+
+
+def cmd_generate(args) -> int:
+    from .inference import load_loras, parse_lora_arg, strength_grid
+    from .models import load_base_model
+    from .sampling import SamplePrompt, generate, save_png_atomic
+
+    loras = [parse_lora_arg(a) for a in args.lora]
+    base = load_base_model(args.base_model, allow_pickle=args.allow_pickle)
+    pipe = base.make_pipeline()
+    pipe.set_progress_bar_config(disable=True)
+    names = load_loras(pipe, loras)
+    prompt = SamplePrompt(prompt=args.prompt, negative=args.negative_prompt, width=args.width, height=args.height,
+                          seed=args.seed, cfg=args.cfg, steps=args.steps)
+    if args.grid:
+        strengths = [float(s) for s in args.grid.split(",")]
+        img = strength_grid(pipe, names, [prompt], strengths, default_size=base.default_resolution, default_steps=args.steps, seed=args.seed)
+    else:
+        img = generate(pipe, prompt, default_size=base.default_resolution, default_steps=args.steps, default_seed=args.seed)
+    out = save_png_atomic(img, Path(args.out))
+    print(str(out.resolve()))
+    return 0
+
+
+def cmd_verify(args) -> int:
+    from .models import load_base_model
+    from .verify import verify_lora
+
+    base = load_base_model(args.base_model, allow_pickle=args.allow_pickle)
+    report = verify_lora(args.file, base)
+    print(json.dumps(report.to_dict(), indent=1) if args.json else report.summary())
+    return 0 if report.ok else 1
+
+
+def cmd_export(args) -> int:
+    from .convert import reexport
+
+    out = reexport(Path(args.source), Path(args.out), fmt=args.format, precision=args.save_precision, base_model=args.base_model)
+    print(str(out.resolve()))
+    return 0
+
+
+def cmd_scan(args) -> int:
+    from .data.scan import scan_dataset
+
+    report = scan_dataset(args.folder)
+    print(json.dumps(report.to_dict(), indent=1, default=str) if args.json else report.summary())
+    return 0 if report.items else 1
+
+
+def cmd_demo_data(args) -> int:
+    from .data.demo import make_demo_dataset
+
+    print(str(Path(make_demo_dataset(args.folder)).resolve()))
+    return 0
+
+
+COMMANDS = {"train": cmd_train, "generate": cmd_generate, "verify": cmd_verify, "export": cmd_export, "scan": cmd_scan,
+            "demo-data": cmd_demo_data}
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+    args = build_parser().parse_args(argv)
+    from .errors import USER_ERRORS
+
+    try:
+        return COMMANDS[args.command](args)
+    except USER_ERRORS as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130

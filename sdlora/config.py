@@ -1,0 +1,297 @@
+"""One validated training configuration, TOML presets, and errors that name the field at fault."""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import tempfile
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+import tomli_w
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+TARGET_SHORTHANDS = ("attn", "attn1", "attn2", "transformer")
+KNOWN_UNET_TARGETS = (
+    "to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2",
+)
+OUTPUT_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._ -]{0,99}$")
+
+
+class ConfigError(ValueError):
+    """A configuration problem, phrased for the user: names the field and what to do."""
+
+
+class TrainConfig(BaseModel):
+    """Everything a training run needs. Unknown keys are refused so typos never pass silently."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    # what to train on / from
+    base_model: str = Field("builtin:tiny", description="builtin:tiny, a diffusers folder, a .safetensors/.ckpt file or a hub id")
+    data_dir: str = Field("", description="folder of images with captions")
+    output_dir: str = Field("outputs/lora", description="where the LoRA, samples, checkpoints and logs go")
+    output_name: str = Field("lora", description="file name of the exported LoRA, without extension")
+    prediction_type: Literal["auto", "epsilon", "v_prediction"] = "auto"
+    allow_pickle: bool = Field(False, description="allow full pickle loading of .ckpt files (unsafe: only for files you trust)")
+
+    # LoRA shape
+    rank: int = Field(16, description="LoRA rank (dim)")
+    alpha: float = Field(16.0, description="LoRA alpha; the update is scaled by alpha/rank")
+    targets: list[str] = Field(default_factory=lambda: ["attn"], description="UNet modules or shorthands attn, attn1, attn2, transformer")
+    conv_rank: int = Field(0, description="rank for LoRA on ResNet 3x3 convs (0 = off)")
+    conv_alpha: float = Field(1.0, description="alpha for the conv LoRA")
+    train_text_encoder: bool = False
+    text_encoder_lr: float | None = Field(None, description="text encoder learning rate (default: same as lr)")
+
+    # optimisation
+    lr: float = 1e-4
+    steps: int | None = Field(None, description="optimizer steps; if unset, --epochs decides")
+    epochs: int | None = None
+    batch_size: int = 1
+    grad_accum: int = 1
+    max_grad_norm: float = 1.0
+    optimizer: Literal["adamw", "adamw8bit", "prodigy"] = "adamw"
+    weight_decay: float = 1e-2
+    lr_scheduler: Literal["constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial"] = "constant"
+    warmup_steps: int = 0
+    min_snr_gamma: float | None = Field(None, description="min-SNR loss weighting gamma (5 is usual); unset = off")
+    noise_offset: float = 0.0
+    seed: int = 42
+    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    gradient_checkpointing: bool = False
+
+    # data
+    resolution: int = 512
+    center_crop: bool = True
+    random_flip: bool = False
+    enable_buckets: bool = False
+    upscale_small: bool = Field(True, description="upscale images smaller than the resolution (else skip them)")
+    default_caption: str = ""
+    trigger_word: str = ""
+    caption_dropout: float = 0.0
+    shuffle_tags: bool = False
+    keep_tokens: int = 0
+    cache_latents: bool = True
+    num_workers: int = 0
+
+    # previews, checkpoints, export
+    sample_every: int = Field(0, description="preview every N steps (0 = only at the end, if prompts are given)")
+    sample_prompts: list[str] = Field(default_factory=list, description="prompt lines (kohya options --n --w --h --d --l --s)")
+    sample_prompts_file: str = ""
+    sample_steps: int = 20
+    save_every: int = Field(0, description="checkpoint every N steps (0 = off)")
+    resume: str = Field("", description="checkpoint folder to resume from, or 'latest'")
+    save_precision: Literal["fp16", "bf16", "fp32"] = "fp16"
+    format: Literal["kohya", "diffusers"] = "kohya"
+
+    @field_validator("rank")
+    @classmethod
+    def _rank_positive(cls, v: int) -> int:
+        if v < 1:
+            raise ValueError("must be at least 1 (typical: 4-128)")
+        return v
+
+    @field_validator("conv_rank", "warmup_steps", "save_every", "sample_every", "keep_tokens", "num_workers")
+    @classmethod
+    def _non_negative_int(cls, v: int) -> int:
+        if v < 0:
+            raise ValueError("must be 0 or more")
+        return v
+
+    @field_validator("alpha", "conv_alpha")
+    @classmethod
+    def _alpha_positive(cls, v: float) -> float:
+        if not math.isfinite(v) or v <= 0:
+            raise ValueError("must be a positive number (commonly equal to the rank, or 1)")
+        return v
+
+    @field_validator("lr", "text_encoder_lr")
+    @classmethod
+    def _lr_valid(cls, v: float | None) -> float | None:
+        if v is not None and (not math.isfinite(v) or v <= 0 or v > 1):
+            raise ValueError("must be a number between 0 and 1 (typical: 1e-4)")
+        return v
+
+    @field_validator("resolution")
+    @classmethod
+    def _resolution_valid(cls, v: int) -> int:
+        if v < 64 or v % 8:
+            raise ValueError("must be a multiple of 8 and at least 64 (e.g. 512 for SD1.5, 768 for SD2)")
+        if v > 4096:
+            raise ValueError("must be at most 4096")
+        return v
+
+    @field_validator("batch_size", "grad_accum", "sample_steps")
+    @classmethod
+    def _positive_int(cls, v: int) -> int:
+        if v < 1:
+            raise ValueError("must be at least 1")
+        return v
+
+    @field_validator("steps", "epochs")
+    @classmethod
+    def _positive_or_none(cls, v: int | None) -> int | None:
+        if v is not None and v < 1:
+            raise ValueError("must be at least 1")
+        return v
+
+    @field_validator("caption_dropout")
+    @classmethod
+    def _probability(cls, v: float) -> float:
+        if not 0 <= v < 1:
+            raise ValueError("must be between 0 and 1 (a probability; 0.05 is usual)")
+        return v
+
+    @field_validator("noise_offset", "weight_decay", "max_grad_norm")
+    @classmethod
+    def _non_negative_float(cls, v: float) -> float:
+        if not math.isfinite(v) or v < 0:
+            raise ValueError("must be 0 or a positive number")
+        return v
+
+    @field_validator("min_snr_gamma")
+    @classmethod
+    def _gamma_positive(cls, v: float | None) -> float | None:
+        if v is not None and (not math.isfinite(v) or v <= 0):
+            raise ValueError("must be a positive number (5 is usual), or unset to turn it off")
+        return v
+
+    @field_validator("targets")
+    @classmethod
+    def _targets_known_shape(cls, v: list[str]) -> list[str]:
+        cleaned = [t.strip() for t in v if t and t.strip()]
+        if not cleaned:
+            raise ValueError(f"choose at least one target ({', '.join(TARGET_SHORTHANDS)} or module names like to_q)")
+        for t in cleaned:
+            if not re.fullmatch(r"[A-Za-z0-9_.]+", t):
+                raise ValueError(f"'{t}' is not a module name; use {', '.join(TARGET_SHORTHANDS)} or names like to_q, ff.net.2")
+        return cleaned
+
+    @field_validator("output_name")
+    @classmethod
+    def _output_name_safe(cls, v: str) -> str:
+        v = v.strip()
+        if v.endswith(".safetensors"):
+            v = v[: -len(".safetensors")]
+        if not OUTPUT_NAME_RE.fullmatch(v) or ".." in v:
+            raise ValueError("use letters, digits, '.', '_', '-' or spaces only (no folders, no '..'), e.g. my_lora")
+        return v
+
+    @model_validator(mode="after")
+    def _cross_field(self) -> "TrainConfig":
+        if self.text_encoder_lr is not None and not self.train_text_encoder:
+            raise ValueError("text_encoder_lr is set but train_text_encoder is off: turn on train_text_encoder or remove text_encoder_lr")
+        if self.steps is None and self.epochs is None:
+            object.__setattr__(self, "steps", 500)
+        if self.warmup_steps and self.steps and self.warmup_steps >= self.steps:
+            raise ValueError(f"warmup_steps ({self.warmup_steps}) must be smaller than steps ({self.steps})")
+        return self
+
+    # helpers -----------------------------------------------------------------
+    def output_path(self) -> Path:
+        return Path(self.output_dir).expanduser()
+
+    def all_sample_prompts(self) -> list[str]:
+        prompts = list(self.sample_prompts)
+        if self.sample_prompts_file:
+            path = Path(self.sample_prompts_file).expanduser()
+            try:
+                text = path.read_text(encoding="utf-8", errors="replace")
+            except OSError as exc:
+                raise ConfigError(f"sample_prompts_file: cannot read '{path}' ({exc.strerror or exc}). Fix the path or clear the field.") from exc
+            prompts += [line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
+        return prompts
+
+
+def format_validation_error(exc: ValidationError) -> str:
+    """Turn pydantic's error list into sentences that name each field."""
+    lines = []
+    for err in exc.errors():
+        field = ".".join(str(p) for p in err.get("loc", ())) or "config"
+        msg = err.get("msg", "invalid value")
+        msg = msg.removeprefix("Value error, ")
+        if err.get("type") == "extra_forbidden":
+            known = ", ".join(sorted(TrainConfig.model_fields))
+            msg = f"unknown setting (known settings: {known})"
+        elif "input" in err and err.get("type") not in ("missing",):
+            msg = f"{msg} (got {err['input']!r})"
+        lines.append(f"{field}: {msg}")
+    return "Invalid configuration — " + "; ".join(lines)
+
+
+def make_config(**values: Any) -> TrainConfig:
+    """Build a TrainConfig, raising ConfigError with field names instead of pydantic's dump."""
+    try:
+        return TrainConfig(**values)
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(exc)) from None
+
+
+def load_preset(path: str | os.PathLike) -> dict[str, Any]:
+    path = Path(path).expanduser()
+    try:
+        with open(path, "rb") as fh:
+            data = tomllib.load(fh)
+    except FileNotFoundError:
+        raise ConfigError(f"Preset '{path}' not found. Check the path, or pick one from presets/.") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"Preset '{path}' is not valid TOML: {exc}. Fix the file and try again.") from None
+    except OSError as exc:
+        raise ConfigError(f"Cannot read preset '{path}': {exc.strerror or exc}.") from None
+    # Presets may group settings in tables ([lora], [training], ...): flatten them.
+    flat: dict[str, Any] = {}
+    for key, value in data.items():
+        if isinstance(value, dict):
+            for sub_key, sub_value in value.items():
+                if sub_key in flat:
+                    raise ConfigError(f"Preset '{path}': setting '{sub_key}' appears twice.")
+                flat[sub_key] = sub_value
+        else:
+            if key in flat:
+                raise ConfigError(f"Preset '{path}': setting '{key}' appears twice.")
+            flat[key] = value
+    return flat
+
+
+def config_from_preset(path: str | os.PathLike, overrides: dict[str, Any] | None = None) -> TrainConfig:
+    values = load_preset(path)
+    values.update(overrides or {})
+    try:
+        return TrainConfig(**values)
+    except ValidationError as exc:
+        raise ConfigError(f"Preset '{path}': " + format_validation_error(exc)) from None
+
+
+def save_preset(config: TrainConfig, path: str | os.PathLike, *, header: str = "") -> Path:
+    """Write the config as a flat TOML preset, atomically (temp file + rename)."""
+    path = Path(path).expanduser()
+    data = {k: v for k, v in config.model_dump().items() if v is not None and k != "resume"}
+    body = tomli_w.dumps(data)
+    text = "".join(f"# {line}\n" for line in header.splitlines()) + body
+    atomic_write_text(path, text)
+    return path
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def parse_set_value(raw: str) -> Any:
+    """`--set key=value` values are TOML literals when they parse as such, else plain strings."""
+    try:
+        return tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        return raw

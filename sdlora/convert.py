@@ -1,0 +1,57 @@
+"""Re-export an existing LoRA (file or checkpoint) in another format or precision."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from .export import (PRECISIONS, ExportError, _with_hashes, export_diffusers, read_lora, save_safetensors_atomic)
+from .verify import detect_format
+
+
+def _source_file(source: Path) -> Path:
+    if source.is_dir():
+        candidate = source / "lora.safetensors"
+        if not candidate.is_file():
+            raise ExportError(f"'{source}' holds no lora.safetensors: pass a LoRA file or an sdlora checkpoint folder.")
+        return candidate
+    return source
+
+
+def reexport(source: Path, out: Path, *, fmt: str = "kohya", precision: str = "fp16", base_model: str | None = None) -> Path:
+    src = _source_file(Path(source))
+    tensors, metadata = read_lora(src)
+    src_fmt = detect_format(tensors)
+    if src_fmt == "unknown":
+        raise ExportError(f"'{src}' is not a LoRA in kohya or diffusers format.")
+    metadata["ss_save_precision"] = precision
+    if fmt == src_fmt:
+        cast = {k: v.to(PRECISIONS[precision]).contiguous() for k, v in tensors.items()}
+        if fmt == "kohya":
+            Path(out).parent.mkdir(parents=True, exist_ok=True)
+            metadata = _with_hashes(Path(out), cast, metadata)
+        return save_safetensors_atomic(cast, Path(out), metadata)
+    # Format change: let diffusers load the file onto the base model, then write from the injected modules.
+    from .models import load_base_model
+
+    spec = base_model or _base_from_metadata(src, metadata)
+    base = load_base_model(spec)
+    pipe = base.make_pipeline()
+    pipe.load_lora_weights(str(src), adapter_name="default")
+    te = base.text_encoder if any(k.startswith(("lora_te_", "text_encoder.")) for k in tensors) else None
+    keep = {k: v for k, v in metadata.items() if k.startswith(("ss_", "modelspec.", "sshs_"))}
+    if fmt == "diffusers":
+        return export_diffusers(Path(out), pipe.unet, te, metadata=keep, precision=precision)
+    from .export import export_kohya
+
+    return export_kohya(Path(out), pipe.unet, te, metadata=keep, precision=precision)
+
+
+def _base_from_metadata(src: Path, metadata: dict) -> str:
+    state = src.parent / "state.json"
+    if state.is_file():
+        return json.loads(state.read_text(encoding="utf-8"))["config"]["base_model"]
+    name = metadata.get("ss_sd_model_name", "")
+    if name.startswith("builtin:"):
+        return name
+    raise ExportError(f"Changing the format of '{src}' needs its base model: pass --base-model.")

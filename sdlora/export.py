@@ -1,0 +1,272 @@
+"""Write a trained LoRA as a kohya/A1111 `.safetensors` (or diffusers/PEFT format), with metadata.
+
+kohya format, per adapted module PREFIX:
+  PREFIX.lora_down.weight  (r x in, or r x in x k x k for convs)
+  PREFIX.lora_up.weight    (out x r, or out x r x 1 x 1)
+  PREFIX.alpha             (0-d)
+The effect is W' = W + (alpha / r) * up @ down.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import tempfile
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from .lora import lora_modules
+
+PRECISIONS = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+
+# Explicit text-encoder mapping: kohya names come from the original CLIP module tree
+# (text_model.encoder.layers.N...), whatever path the installed transformers uses.
+_TE_MODULE = re.compile(r"^(?:text_model\.)?encoder\.layers\.(\d+)\.(self_attn\.(?:q|k|v|out)_proj|mlp\.fc[12])$")
+
+
+class ExportError(RuntimeError):
+    pass
+
+
+def text_encoder_kohya_prefix(module_path: str, prefix: str = "lora_te") -> str:
+    m = _TE_MODULE.match(module_path)
+    if not m:
+        raise ExportError(f"Text-encoder module '{module_path}' has no kohya name (expected encoder.layers.N.self_attn.*_proj or mlp.fc1/fc2).")
+    layer, sub = m.groups()
+    return f"{prefix}_text_model_encoder_layers_{layer}_{sub.replace('.', '_')}"
+
+
+def unet_kohya_prefix(module_path: str) -> str:
+    return "lora_unet_" + module_path.replace(".", "_")
+
+
+def _unet_kohya_names(unet) -> dict[str, str]:
+    """UNet module path -> kohya prefix, through diffusers' PEFT->kohya converter (checked against our own rule)."""
+    from diffusers.utils.state_dict_utils import convert_state_dict_to_kohya
+
+    probe = {f"unet.{name}.lora_A.weight": torch.zeros(1) for name, *_ in lora_modules(unet)}
+    converted = convert_state_dict_to_kohya(probe)
+    names = {}
+    for key in converted:
+        if key.endswith(".lora_down.weight"):
+            prefix = key[: -len(".lora_down.weight")]
+            path = _path_from_probe(prefix, probe)
+            names[path] = prefix
+    for path, prefix in names.items():
+        # diffusers' converter is right for SD UNet names; fail loudly if a future release changes that.
+        if prefix != unet_kohya_prefix(path):
+            raise ExportError(f"Unexpected kohya name '{prefix}' for UNet module '{path}'.")
+    return names
+
+
+def _path_from_probe(prefix: str, probe: dict) -> str:
+    for key in probe:
+        path = key[len("unet."): -len(".lora_A.weight")]
+        if unet_kohya_prefix(path) == prefix:
+            return path
+    raise ExportError(f"Could not match converted key '{prefix}' to a UNet module.")
+
+
+def kohya_state_dict(unet, text_encoder=None, *, dtype: torch.dtype = torch.float16) -> dict[str, torch.Tensor]:
+    tensors: dict[str, torch.Tensor] = {}
+    names = _unet_kohya_names(unet)
+    for path, down, up, rank, alpha in lora_modules(unet):
+        _put(tensors, names[path], down, up, alpha, dtype)
+    if text_encoder is not None:
+        for path, down, up, rank, alpha in lora_modules(text_encoder):
+            _put(tensors, text_encoder_kohya_prefix(path), down, up, alpha, dtype)
+    return tensors
+
+
+def _put(tensors, prefix, down, up, alpha, dtype):
+    tensors[f"{prefix}.lora_down.weight"] = down.detach().to("cpu", dtype).contiguous()
+    tensors[f"{prefix}.lora_up.weight"] = up.detach().to("cpu", dtype).contiguous()
+    tensors[f"{prefix}.alpha"] = torch.tensor(float(alpha), dtype=dtype)
+
+
+def tensors_hash(path: Path) -> str:
+    """kohya's `sshs_model_hash`: sha256 of a safetensors file's tensor data (everything after the header)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        n = int.from_bytes(fh.read(8), "little")
+        fh.seek(8 + n)
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def legacy_hash(path: Path) -> str:
+    """kohya's `sshs_legacy_hash`: first 8 hex of sha256 over 64 KiB at offset 1 MiB."""
+    with open(path, "rb") as fh:
+        fh.seek(0x100000)
+        return hashlib.sha256(fh.read(0x10000)).hexdigest()[:8]
+
+
+def save_safetensors_atomic(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> Path:
+    """Write next to the target and rename, so a crash never leaves a half-written file under the real name."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata=metadata)
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def _iso(ts: float | None) -> str:
+    if ts is None:
+        return ""
+    return datetime.fromtimestamp(ts, tz=timezone.utc).isoformat()
+
+
+def build_metadata(*, config, base, num_images: int, tag_frequency: dict, steps_done: int, epochs_done: int,
+                   started_at: float | None, finished_at: float | None, resolution: tuple[int, int] | None = None,
+                   unet_modules: int = 0, te_modules: int = 0) -> dict[str, str]:
+    """kohya `ss_*` keys and `modelspec.*` keys; every value is a string, as safetensors requires."""
+    family = getattr(base, "family", "sd1")
+    v2 = family == "sd2"
+    pred = getattr(base, "prediction_type", "epsilon")
+    res = resolution or (config.resolution, config.resolution)
+    base_version = {"sd1": "sd_v1", "sd2": "sd_v2"}.get(family, family)
+    arch = {"sd1": "stable-diffusion-v1", "sd2": "stable-diffusion-v2-768-v" if pred == "v_prediction" else "stable-diffusion-v2-512"}.get(family, family)
+    te_lr = config.text_encoder_lr if config.text_encoder_lr is not None else (config.lr if config.train_text_encoder else 0.0)
+    network_args = {}
+    if config.conv_rank:
+        network_args = {"conv_dim": str(config.conv_rank), "conv_alpha": str(config.conv_alpha)}
+    md = {
+        "ss_network_module": "networks.lora",
+        "ss_network_dim": str(config.rank),
+        "ss_network_alpha": str(config.alpha),
+        "ss_network_args": json.dumps(network_args) if network_args else "null",
+        "ss_base_model_version": base_version,
+        "ss_v2": str(v2),
+        "ss_sd_model_name": getattr(base, "name", config.base_model),
+        "ss_sd_model_hash": getattr(base, "model_hash", ""),
+        "ss_resolution": f"({res[0]}, {res[1]})",
+        "ss_steps": str(steps_done),
+        "ss_max_train_steps": str(steps_done),
+        "ss_epoch": str(epochs_done),
+        "ss_learning_rate": str(config.lr),
+        "ss_unet_lr": str(config.lr),
+        "ss_text_encoder_lr": str(te_lr),
+        "ss_network_train_unet_only": str(not config.train_text_encoder),
+        "ss_num_train_images": str(num_images),
+        "ss_batch_size_per_device": str(config.batch_size),
+        "ss_gradient_accumulation_steps": str(config.grad_accum),
+        "ss_lr_scheduler": config.lr_scheduler,
+        "ss_lr_warmup_steps": str(config.warmup_steps),
+        "ss_optimizer": config.optimizer,
+        "ss_mixed_precision": config.mixed_precision,
+        "ss_gradient_checkpointing": str(config.gradient_checkpointing),
+        "ss_min_snr_gamma": str(config.min_snr_gamma),
+        "ss_noise_offset": str(config.noise_offset),
+        "ss_caption_dropout_rate": str(config.caption_dropout),
+        "ss_shuffle_caption": str(config.shuffle_tags),
+        "ss_keep_tokens": str(config.keep_tokens),
+        "ss_enable_bucket": str(config.enable_buckets),
+        "ss_cache_latents": str(config.cache_latents),
+        "ss_prediction_type": pred,
+        "ss_tag_frequency": json.dumps(tag_frequency),
+        "ss_seed": str(config.seed),
+        "ss_training_started_at": str(started_at or ""),
+        "ss_training_finished_at": str(finished_at or ""),
+        "ss_output_name": config.output_name,
+        "ss_training_comment": f"trigger word: {config.trigger_word}" if config.trigger_word else "",
+        "ss_sdlora_unet_modules": str(unet_modules),
+        "ss_sdlora_text_encoder_modules": str(te_modules),
+        "modelspec.sai_model_spec": "1.0.0",
+        "modelspec.architecture": f"{arch}/lora",
+        "modelspec.implementation": "https://github.com/Stability-AI/generative-models" if family == "sdxl" else "diffusers",
+        "modelspec.title": config.output_name,
+        "modelspec.resolution": f"{res[0]}x{res[1]}",
+        "modelspec.date": _iso(finished_at or started_at),
+        "modelspec.prediction_type": "v" if pred == "v_prediction" else "epsilon",
+    }
+    if config.trigger_word:
+        md["modelspec.trigger_phrase"] = config.trigger_word
+    return md
+
+
+def _with_hashes(path: Path, tensors: dict, metadata: dict[str, str]) -> dict[str, str]:
+    """Hash the tensor data the way kohya does; the data section does not depend on the metadata."""
+    with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
+        probe = Path(tmp) / "probe.safetensors"
+        save_file(tensors, probe, metadata={k: v for k, v in metadata.items() if k.startswith("ss_")})
+        out = dict(metadata)
+        out["sshs_model_hash"] = tensors_hash(probe)
+        out["sshs_legacy_hash"] = legacy_hash(probe)
+    return out
+
+
+def export_kohya(path: Path, unet, text_encoder=None, *, metadata: dict[str, str] | None = None, precision: str = "fp16") -> Path:
+    path = Path(path)
+    tensors = kohya_state_dict(unet, text_encoder, dtype=PRECISIONS[precision])
+    if not tensors:
+        raise ExportError("Nothing to export: the model has no LoRA layers.")
+    metadata = dict(metadata or {})
+    metadata["ss_save_precision"] = precision
+    path.parent.mkdir(parents=True, exist_ok=True)
+    metadata = _with_hashes(path, tensors, metadata)
+    return save_safetensors_atomic(tensors, path, metadata)
+
+
+def export_diffusers(path: Path, unet, text_encoder=None, *, metadata: dict[str, str] | None = None, precision: str = "fp16") -> Path:
+    """diffusers/PEFT layout (`unet.*.lora_A.weight`), with the LoRA configs so alpha survives a reload."""
+    from diffusers import StableDiffusionPipeline
+    from peft.utils import get_peft_model_state_dict
+
+    dtype = PRECISIONS[precision]
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+
+    def cast(sd):
+        return {k: v.detach().to("cpu", dtype).contiguous() for k, v in sd.items()}
+
+    # PEFT keys as they are (lora_A/lora_B): diffusers' convert_state_dict_to_diffusers turns attention
+    # layers into the legacy `.lora.down` naming, which its own loader then silently drops.
+    unet_sd = cast(get_peft_model_state_dict(unet))
+    te_sd = cast(get_peft_model_state_dict(text_encoder)) if text_encoder is not None else None
+    unet_meta = unet.peft_config["default"].to_dict()
+    te_meta = text_encoder.peft_config["default"].to_dict() if text_encoder is not None else None
+    with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
+        StableDiffusionPipeline.save_lora_weights(
+            tmp, unet_lora_layers=unet_sd, text_encoder_lora_layers=te_sd, weight_name="lora.safetensors",
+            unet_lora_adapter_metadata=unet_meta, text_encoder_lora_adapter_metadata=te_meta,
+        )
+        written = Path(tmp) / "lora.safetensors"
+        # Re-save with our metadata added to the one diffusers wrote (which holds the adapter configs).
+        tensors, md = read_lora(written)
+        md.update(metadata or {})
+        md["ss_save_precision"] = precision
+        md["sdlora_format"] = "diffusers"
+        save_safetensors_atomic(tensors, path, md)
+        shutil.rmtree(tmp, ignore_errors=True)
+    return path
+
+
+def read_lora(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    path = Path(path)
+    if not path.is_file():
+        raise ExportError(f"LoRA file '{path}' not found.")
+    try:
+        tensors = {}
+        with safe_open(str(path), framework="pt") as fh:
+            metadata = dict(fh.metadata() or {})
+            for key in fh.keys():
+                tensors[key] = fh.get_tensor(key)
+    except Exception as exc:  # safetensors raises several unrelated types for a bad header
+        raise ExportError(f"'{path}' is not a readable .safetensors file ({exc}). Export it again or pick another file.") from None
+    return tensors, metadata

@@ -1,0 +1,101 @@
+"""Preview images: kohya-style prompt lines, fixed seeds, strength grids."""
+
+from __future__ import annotations
+
+import shlex
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+from PIL import Image, ImageDraw
+
+
+@dataclass(frozen=True)
+class SamplePrompt:
+    prompt: str
+    negative: str = ""
+    width: int | None = None
+    height: int | None = None
+    seed: int | None = None
+    cfg: float = 7.0
+    steps: int | None = None
+
+
+_OPTIONS = {"n": "negative", "w": "width", "h": "height", "d": "seed", "l": "cfg", "s": "steps"}
+
+
+def parse_prompt_line(line: str) -> SamplePrompt:
+    """`a cat --n blurry --w 512 --h 512 --d 1 --l 7.5 --s 28` (kohya's sample prompt syntax)."""
+    parts = line.split(" --")
+    sample = SamplePrompt(prompt=parts[0].strip())
+    for part in parts[1:]:
+        key, _, value = part.strip().partition(" ")
+        value = value.strip()
+        field = _OPTIONS.get(key)
+        if field is None:
+            raise ValueError(f"Sample prompt '{line}': unknown option '--{key}' (use --n --w --h --d --l --s).")
+        try:
+            if field in ("width", "height", "seed", "steps"):
+                parsed = int(value)
+            elif field == "cfg":
+                parsed = float(value)
+            else:
+                parsed = value
+        except ValueError:
+            raise ValueError(f"Sample prompt '{line}': --{key} needs a number, got '{value}'.") from None
+        if field in ("width", "height") and (parsed < 8 or parsed % 8):
+            raise ValueError(f"Sample prompt '{line}': --{key} must be a multiple of 8.")
+        sample = replace(sample, **{field: parsed})
+    return sample
+
+
+def sample_filename(step: int, index: int) -> str:
+    return f"step{step:06d}_{index:02d}.png"
+
+
+@torch.no_grad()
+def generate(pipe, sample: SamplePrompt, *, default_size: int, default_steps: int = 20, default_seed: int = 0,
+             device: str | torch.device = "cpu") -> Image.Image:
+    seed = sample.seed if sample.seed is not None else default_seed
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+    result = pipe(
+        prompt=sample.prompt,
+        negative_prompt=sample.negative or None,
+        width=sample.width or default_size,
+        height=sample.height or default_size,
+        num_inference_steps=sample.steps or default_steps,
+        guidance_scale=sample.cfg,
+        generator=generator,
+        output_type="pil",
+    )
+    return result.images[0]
+
+
+def label_image(img: Image.Image, text: str) -> Image.Image:
+    """Image with a caption strip under it (for grids)."""
+    strip = 14
+    out = Image.new("RGB", (img.width, img.height + strip), "white")
+    out.paste(img, (0, 0))
+    ImageDraw.Draw(out).text((2, img.height + 1), text, fill="black")
+    return out
+
+
+def make_grid(images: list[Image.Image], columns: int) -> Image.Image:
+    if not images:
+        raise ValueError("no images to put in a grid")
+    w = max(i.width for i in images)
+    h = max(i.height for i in images)
+    rows = (len(images) + columns - 1) // columns
+    grid = Image.new("RGB", (w * columns, h * rows), "white")
+    for n, img in enumerate(images):
+        grid.paste(img, ((n % columns) * w, (n // columns) * h))
+    return grid
+
+
+def save_png_atomic(img: Image.Image, path: Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    img.save(tmp, format="PNG")
+    tmp.replace(path)
+    return path

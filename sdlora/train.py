@@ -1,0 +1,407 @@
+"""The training loop (accelerate). Reports progress as events; the CLI and the UI only listen.
+
+Reading order: `train()` prepares everything, `_run_loop()` is the loop, small helpers do one thing each.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+
+from .checkpoints import find_latest_checkpoint, load_checkpoint, save_checkpoint
+from .config import ConfigError, TrainConfig
+from .data.scan import DatasetError, scan_dataset
+from .events import TrainEvent
+from .export import build_metadata, export_diffusers, export_kohya
+from .paths import resolve_data_dir
+from .lora import (count_lora_parameters, inject_text_encoder_lora, inject_unet_lora, lora_parameters,
+                   make_lora_params_fp32)
+from .sampling import generate, parse_prompt_line, sample_filename, save_png_atomic
+from .training_set import LatentCache, TextEmbeddingCache, TrainingSet
+
+MAX_CONSECUTIVE_NONFINITE = 3
+
+
+class TrainingError(RuntimeError):
+    """A failure with a message meant for the user."""
+
+
+class TrainingStopped(Exception):
+    pass
+
+
+@dataclass
+class TrainResult:
+    lora_path: Path | None
+    output_dir: Path
+    steps: int
+    final_loss: float | None
+    samples: list[Path] = field(default_factory=list)
+    checkpoints: list[Path] = field(default_factory=list)
+    stopped_early: bool = False
+
+
+def plan_steps(config: TrainConfig, dataset_len: int, num_processes: int = 1) -> tuple[int, int]:
+    """(total optimizer steps, optimizer steps per epoch)."""
+    batches = math.ceil(dataset_len / config.batch_size)
+    per_process = max(1, batches // num_processes) if num_processes > 1 else batches
+    per_epoch = max(1, math.ceil(per_process / config.grad_accum))
+    total = config.steps if config.steps is not None else per_epoch * config.epochs
+    return total, per_epoch
+
+
+def _make_optimizer(config: TrainConfig, groups: list[dict]):
+    if config.optimizer == "adamw":
+        return torch.optim.AdamW(groups, lr=config.lr, weight_decay=config.weight_decay)
+    if config.optimizer == "adamw8bit":
+        try:
+            import bitsandbytes as bnb
+        except ImportError:
+            raise TrainingError("optimizer 'adamw8bit' needs bitsandbytes: pip install bitsandbytes (CUDA only), or use --optimizer adamw.") from None
+        return bnb.optim.AdamW8bit(groups, lr=config.lr, weight_decay=config.weight_decay)
+    if config.optimizer == "prodigy":
+        from prodigyopt import Prodigy
+
+        return Prodigy(groups, lr=config.lr, weight_decay=config.weight_decay)
+    raise ConfigError(f"optimizer: unknown optimizer '{config.optimizer}' (use adamw, adamw8bit or prodigy).")
+
+
+def _min_snr_weights(scheduler, timesteps: torch.Tensor, gamma: float, prediction_type: str) -> torch.Tensor:
+    from diffusers.training_utils import compute_snr
+
+    snr = compute_snr(scheduler, timesteps)
+    weights = torch.clamp(snr, max=gamma) / snr
+    if prediction_type == "v_prediction":
+        weights = torch.clamp(snr, max=gamma) / (snr + 1)
+    return weights
+
+
+class Trainer:
+    """Holds the prepared run; `run()` executes it. Built by `train()`."""
+
+    def __init__(self, config: TrainConfig, on_event: Callable[[TrainEvent], None] | None = None,
+                 stop_event: threading.Event | None = None):
+        self.config = config
+        self.on_event = on_event or (lambda e: None)
+        self.stop_event = stop_event or threading.Event()
+        self.out_dir = config.output_path()
+        self.samples: list[Path] = []
+        self.checkpoints: list[Path] = []
+
+    # events ------------------------------------------------------------------
+    def emit(self, kind: str, step: int = 0, **data: Any) -> None:
+        if self.accelerator is None or self.accelerator.is_main_process:
+            self.on_event(TrainEvent(kind=kind, step=step, total_steps=getattr(self, "total_steps", 0), data=data))
+
+    accelerator = None
+
+    # set-up ------------------------------------------------------------------
+    def prepare(self) -> None:
+        from accelerate import Accelerator
+        from accelerate.utils import set_seed
+
+        from .models import load_base_model, resolve_model_spec
+
+        cfg = self.config
+        # Cheap checks first: a bad folder or model path fails before any model is loaded.
+        if not cfg.data_dir:
+            raise ConfigError("data_dir: no dataset folder given. Pass --data DIR (a folder of images with .txt captions), or builtin:demo.")
+        self.data_dir = resolve_data_dir(cfg.data_dir)
+        self.report = scan_dataset(self.data_dir, default_caption=cfg.default_caption, min_size=0 if cfg.upscale_small else cfg.resolution,
+                                   upscale_small=cfg.upscale_small)
+        resolve_model_spec(cfg.base_model)
+        self.sample_prompts = [parse_prompt_line(p) for p in cfg.all_sample_prompts()]
+        if cfg.mixed_precision == "fp16" and not torch.cuda.is_available():
+            raise ConfigError("mixed_precision: fp16 needs a CUDA GPU; on CPU use 'bf16' or 'no'.")
+
+        self.accelerator = Accelerator(mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=1)
+        acc = self.accelerator
+        self.emit("status", message=self.report.summary())
+        set_seed(cfg.seed)
+        self.device = acc.device
+        self.weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(cfg.mixed_precision, torch.float32)
+
+        t0 = time.perf_counter()
+        self.emit("status", message=f"Loading base model {cfg.base_model} ...")
+        pred = None if cfg.prediction_type == "auto" else cfg.prediction_type
+        self.base = load_base_model(cfg.base_model, allow_pickle=cfg.allow_pickle, prediction_type=pred)
+        base = self.base
+        base.unet.requires_grad_(False)
+        base.vae.requires_grad_(False)
+        base.text_encoder.requires_grad_(False)
+
+        self.unet_modules = inject_unet_lora(base.unet, cfg.targets, cfg.rank, cfg.alpha, conv_rank=cfg.conv_rank, conv_alpha=cfg.conv_alpha)
+        self.te_modules = inject_text_encoder_lora(base.text_encoder, cfg.rank, cfg.alpha) if cfg.train_text_encoder else []
+        n_params = count_lora_parameters(self.unet_modules, cfg.rank, cfg.conv_rank) + count_lora_parameters(self.te_modules, cfg.rank)
+        self.emit("status", message=f"LoRA on {len(self.unet_modules)} UNet and {len(self.te_modules)} text-encoder modules: {n_params:,} trainable parameters")
+
+        # Frozen weights in the compute dtype, LoRA weights in fp32; the VAE stays fp32 (fp16 VAEs overflow to NaN).
+        base.unet.to(self.device, dtype=self.weight_dtype)
+        base.text_encoder.to(self.device, dtype=self.weight_dtype if not cfg.train_text_encoder else torch.float32)
+        base.vae.to(self.device, dtype=torch.float32)
+        make_lora_params_fp32(base.unet)
+        make_lora_params_fp32(base.text_encoder)
+        if cfg.gradient_checkpointing:
+            base.unet.enable_gradient_checkpointing()
+            if cfg.train_text_encoder:
+                base.text_encoder.gradient_checkpointing_enable()
+        if self.device.type == "cuda":
+            base.unet.to(memory_format=torch.channels_last)
+
+        self.dataset = TrainingSet(
+            self.report.items, resolution=cfg.resolution, enable_buckets=cfg.enable_buckets,
+            center_crop=cfg.center_crop or cfg.cache_latents, random_flip=cfg.random_flip, seed=cfg.seed,
+            trigger_word=cfg.trigger_word, shuffle_tags=cfg.shuffle_tags, keep_tokens=cfg.keep_tokens,
+            caption_dropout=cfg.caption_dropout, default_caption=cfg.default_caption,
+        )
+        if cfg.cache_latents and not cfg.center_crop:
+            self.emit("warning", message="Random crop is off while latents are cached (each image is encoded once, centre-cropped). Set cache_latents = false for random crops.")
+        self.total_steps, self.steps_per_epoch = plan_steps(cfg, len(self.dataset), acc.num_processes)
+
+        self.latents = None
+        if cfg.cache_latents:
+            self.emit("status", message="Caching latents ...")
+            self.latents = LatentCache(base.vae, vae_id=f"{base.model_hash}:vae", cache_dir=self.out_dir / "cache" / "latents" if acc.is_main_process else None,
+                                       device=self.device)
+            flips = (False, True) if cfg.random_flip else (False,)
+            self.latents.build(self.dataset, flips=flips)
+            if self.device.type == "cuda" and not self.sample_prompts:
+                base.vae.to("cpu")  # free device memory for training; previews bring it back
+        self.text_cache = TextEmbeddingCache(base.tokenizer, base.text_encoder, self.device)
+
+        groups = [{"params": lora_parameters(base.unet), "lr": cfg.lr}]
+        if cfg.train_text_encoder:
+            groups.append({"params": lora_parameters(base.text_encoder), "lr": cfg.text_encoder_lr or cfg.lr})
+        self.trainable = [p for g in groups for p in g["params"]]
+        optimizer = _make_optimizer(cfg, groups)
+        from diffusers.optimization import get_scheduler
+
+        scheduler = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.warmup_steps, num_training_steps=self.total_steps)
+        if cfg.train_text_encoder:
+            self.unet, self.text_encoder, self.optimizer, self.scheduler = acc.prepare(base.unet, base.text_encoder, optimizer, scheduler)
+        else:
+            self.unet, self.optimizer, self.scheduler = acc.prepare(base.unet, optimizer, scheduler)
+            self.text_encoder = base.text_encoder
+        self.noise_scheduler = base.noise_scheduler
+        self.prediction_type = base.prediction_type
+        self.start_step = 0
+        if cfg.resume:
+            self._resume(cfg.resume)
+        self.time_to_prepare = time.perf_counter() - t0
+
+    def _resume(self, resume: str) -> None:
+        ckpt = find_latest_checkpoint(self.out_dir) if resume == "latest" else Path(resume).expanduser()
+        if ckpt is None:
+            raise TrainingError(f"resume: no checkpoint found under '{self.out_dir / 'checkpoints'}'. Train with --save-every N first.")
+        state = load_checkpoint(ckpt, unet=self.accelerator.unwrap_model(self.unet),
+                                text_encoder=self.accelerator.unwrap_model(self.text_encoder) if self.config.train_text_encoder else None,
+                                optimizer=self.optimizer, scheduler=self.scheduler)
+        self.start_step = int(state["step"])
+        self.emit("status", message=f"Resumed from {ckpt} at step {self.start_step}")
+
+    # one step ----------------------------------------------------------------
+    def _batch(self, epoch: int, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        ds = self.dataset
+        flips = [ds.flip_for(epoch, i) for i in indices]
+        if self.latents is not None:
+            latents = torch.stack([self.latents.get(ds.entries[i].item_index, f) for i, f in zip(indices, flips)]).to(self.device)
+        else:
+            pixels = torch.stack([ds.pixels_for(epoch, i, flip=f) for i, f in zip(indices, flips)])
+            latents = LatentCache(self.base.vae, vae_id="", cache_dir=None, device=self.device).encode(pixels)
+        captions = [ds.caption_for(epoch, i) for i in indices]
+        if self.config.train_text_encoder:
+            hidden = self.text_cache.encode(captions)
+        elif self.config.shuffle_tags:
+            with torch.no_grad():
+                hidden = self.text_cache.encode(captions)  # too many variants to cache
+        else:
+            hidden = self.text_cache.get(captions)
+        return latents, hidden
+
+    def _loss(self, latents: torch.Tensor, hidden: torch.Tensor, step: int, micro: int) -> torch.Tensor:
+        cfg = self.config
+        # Noise and timesteps depend only on (seed, step, micro-batch, process): resume reproduces them exactly.
+        gen = torch.Generator().manual_seed(hash((cfg.seed, step, micro, self.accelerator.process_index)) & 0x7FFFFFFF)
+        latents = latents.float()
+        noise = torch.randn(latents.shape, generator=gen)
+        if cfg.noise_offset:
+            noise = noise + cfg.noise_offset * torch.randn((latents.shape[0], latents.shape[1], 1, 1), generator=gen)
+        timesteps = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (latents.shape[0],), generator=gen)
+        noise, timesteps = noise.to(self.device), timesteps.to(self.device)
+        noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
+        target = noise if self.prediction_type == "epsilon" else self.noise_scheduler.get_velocity(latents, noise, timesteps)
+        if self.device.type == "cuda":
+            noisy = noisy.contiguous(memory_format=torch.channels_last)
+        with self.accelerator.autocast():
+            pred = self.unet(noisy.to(self.weight_dtype), timesteps, hidden.to(self.weight_dtype)).sample
+        loss = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+        if cfg.min_snr_gamma:
+            loss = loss * _min_snr_weights(self.noise_scheduler, timesteps, cfg.min_snr_gamma, self.prediction_type).to(loss.device)
+        return loss.mean()
+
+    # the loop ----------------------------------------------------------------
+    def run(self) -> TrainResult:
+        cfg, acc = self.config, self.accelerator
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        log_path = self.out_dir / "train_log.jsonl"
+        if acc.is_main_process and self.start_step == 0 and log_path.exists():
+            log_path.unlink()
+        step = self.start_step
+        epoch = step // self.steps_per_epoch
+        batches = self.dataset.batches_for_epoch(epoch, cfg.batch_size, process_index=acc.process_index, num_processes=acc.num_processes)
+        cursor = (step % self.steps_per_epoch) * cfg.grad_accum
+        nonfinite = 0
+        last_loss = None
+        started = time.time()
+        self.started_at = started
+        t_prev = time.perf_counter()
+        self.emit("start", step=step, total=self.total_steps, images=self.report.num_images, samples=len(self.dataset))
+        self.unet.train()
+        while step < self.total_steps:
+            if self.stop_event.is_set():
+                self.emit("status", step=step, message="Stop requested: saving a checkpoint.")
+                self._checkpoint(step)
+                return self._finish(step, last_loss, stopped=True)
+            step_loss = 0.0
+            ok = True
+            for micro in range(cfg.grad_accum):
+                if cursor >= len(batches):
+                    epoch += 1
+                    batches = self.dataset.batches_for_epoch(epoch, cfg.batch_size, process_index=acc.process_index, num_processes=acc.num_processes)
+                    cursor = 0
+                latents, hidden = self._batch(epoch, batches[cursor])
+                cursor += 1
+                loss = self._loss(latents, hidden, step, micro)
+                if not torch.isfinite(loss):
+                    ok = False
+                    break
+                acc.backward(loss / cfg.grad_accum)
+                step_loss += loss.detach().item() / cfg.grad_accum
+            if ok and acc.sync_gradients and cfg.max_grad_norm > 0:
+                grad_norm = acc.clip_grad_norm_(self.trainable, cfg.max_grad_norm)
+                ok = bool(torch.isfinite(torch.as_tensor(grad_norm)))
+            if not ok:
+                self.optimizer.zero_grad(set_to_none=True)
+                nonfinite += 1
+                self.emit("warning", step=step, message=f"Step {step + 1}: loss or gradient is NaN/inf; step skipped.")
+                if nonfinite >= MAX_CONSECUTIVE_NONFINITE:
+                    raise TrainingError(
+                        f"Training stopped: {nonfinite} steps in a row gave NaN/inf loss. Likely causes: learning rate too high "
+                        f"(now {cfg.lr}), fp16 overflow (try bf16 or 'no' mixed precision, and keep the VAE in fp32). "
+                        f"The last good checkpoint is kept under {self.out_dir / 'checkpoints'}.")
+                step += 1
+                continue
+            nonfinite = 0
+            self.optimizer.step()
+            self.scheduler.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            step += 1
+            last_loss = step_loss
+            now = time.perf_counter()
+            seconds, t_prev = now - t_prev, now
+            lr = self.scheduler.get_last_lr()[0]
+            self._log(log_path, step, step_loss, lr, seconds, epoch)
+            self.emit("step", step=step, loss=step_loss, lr=lr, seconds=seconds, epoch=epoch)
+            if cfg.sample_every and step % cfg.sample_every == 0 and step < self.total_steps:
+                self._sample(step)
+            if cfg.save_every and step % cfg.save_every == 0 and step < self.total_steps:
+                self._checkpoint(step)
+        return self._finish(step, last_loss, stopped=False)
+
+    def _log(self, path: Path, step: int, loss: float, lr: float, seconds: float, epoch: int) -> None:
+        if not self.accelerator.is_main_process:
+            return
+        with open(path, "a", encoding="utf-8") as fh:
+            fh.write(json.dumps({"step": step, "loss": loss, "lr": lr, "seconds": round(seconds, 5), "epoch": epoch}) + "\n")
+
+    # previews, checkpoints, export ---------------------------------------------
+    def _sample(self, step: int) -> list[Path]:
+        acc = self.accelerator
+        acc.wait_for_everyone()
+        if not acc.is_main_process or not self.sample_prompts:
+            return []
+        unet = acc.unwrap_model(self.unet)
+        was_training = unet.training
+        unet.eval()
+        vae_device = self.base.vae.device
+        self.base.vae.to(self.device)
+        pipe = self.base.make_pipeline(unet=unet, text_encoder=acc.unwrap_model(self.text_encoder))
+        pipe.set_progress_bar_config(disable=True)
+        paths = []
+        try:
+            for i, sample in enumerate(self.sample_prompts):
+                with acc.autocast():
+                    img = generate(pipe, sample, default_size=self.config.resolution, default_steps=self.config.sample_steps,
+                                   default_seed=self.config.seed + i)
+                path = save_png_atomic(img, self.out_dir / "samples" / sample_filename(step, i))
+                paths.append(path)
+        finally:
+            self.base.vae.to(vae_device)
+            if was_training:
+                unet.train()
+        self.samples.extend(paths)
+        self.emit("sample", step=step, paths=[str(p) for p in paths], prompts=[s.prompt for s in self.sample_prompts])
+        return paths
+
+    def _modules_for_export(self):
+        acc = self.accelerator
+        unet = acc.unwrap_model(self.unet)
+        te = acc.unwrap_model(self.text_encoder) if self.config.train_text_encoder else None
+        return unet, te
+
+    def _metadata(self, step: int, finished: float | None) -> dict[str, str]:
+        return build_metadata(config=self.config, base=self.base, num_images=self.report.num_images,
+                              tag_frequency=self.report.tag_frequency, steps_done=step, epochs_done=step // self.steps_per_epoch,
+                              started_at=self.started_at, finished_at=finished, unet_modules=len(self.unet_modules),
+                              te_modules=len(self.te_modules))
+
+    def export(self, path: Path, step: int, *, finished: float | None = None, precision: str | None = None, fmt: str | None = None) -> Path:
+        unet, te = self._modules_for_export()
+        writer = export_diffusers if (fmt or self.config.format) == "diffusers" else export_kohya
+        return writer(path, unet, te, metadata=self._metadata(step, finished), precision=precision or self.config.save_precision)
+
+    def _checkpoint(self, step: int) -> Path | None:
+        acc = self.accelerator
+        acc.wait_for_everyone()
+        if not acc.is_main_process:
+            return None
+        unet, te = self._modules_for_export()
+        try:
+            path = save_checkpoint(self.out_dir, step, unet=unet, text_encoder=te, optimizer=self.optimizer, scheduler=self.scheduler,
+                                   config=self.config, export=lambda p: self.export(p, step))
+        except OSError as exc:
+            self.emit("warning", step=step, message=f"Could not save checkpoint at step {step}: {exc.strerror or exc}. The previous checkpoint is kept.")
+            return None
+        self.checkpoints.append(path)
+        self.emit("checkpoint", step=step, path=str(path))
+        return path
+
+    def _finish(self, step: int, last_loss: float | None, *, stopped: bool) -> TrainResult:
+        acc = self.accelerator
+        if not stopped and self.sample_prompts:
+            self._sample(step)
+        acc.wait_for_everyone()
+        lora_path = None
+        if acc.is_main_process:
+            lora_path = self.export(self.out_dir / f"{self.config.output_name}.safetensors", step, finished=time.time())
+            self.emit("done", step=step, path=str(lora_path), stopped=stopped, loss=last_loss)
+        return TrainResult(lora_path=lora_path, output_dir=self.out_dir, steps=step, final_loss=last_loss, samples=list(self.samples),
+                           checkpoints=list(self.checkpoints), stopped_early=stopped)
+
+
+def train(config: TrainConfig, *, on_event: Callable[[TrainEvent], None] | None = None,
+          stop_event: threading.Event | None = None) -> TrainResult:
+    """Train a LoRA as configured. Raises ConfigError/DatasetError/ModelLoadError/TrainingError with user-facing messages."""
+    trainer = Trainer(config, on_event=on_event, stop_event=stop_event)
+    trainer.prepare()
+    return trainer.run()
