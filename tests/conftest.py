@@ -1,0 +1,38 @@
+"""Shared fixtures: an isolated sdlora cache (tiny model built once per session), small datasets, no network."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def sdlora_cache(tmp_path_factory):
+    """One cache for the whole session, so builtin:tiny is built once; subprocesses inherit it."""
+    cache = Path(os.environ.get("SDLORA_TEST_CACHE") or tmp_path_factory.mktemp("sdlora_cache"))
+    os.environ["SDLORA_CACHE"] = str(cache)
+    return cache
+
+
+@pytest.fixture(scope="session")
+def demo_dataset(tmp_path_factory) -> Path:
+    from sdlora.data.demo import make_demo_dataset
+
+    return Path(make_demo_dataset(tmp_path_factory.mktemp("demo_data"), count=6, size=64))
+
+
+def subprocess_env() -> dict:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    return env
