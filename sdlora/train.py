@@ -177,6 +177,7 @@ class Trainer:
             self.latents.build(self.dataset, flips=flips)
             if self.device.type == "cuda" and not self.sample_prompts:
                 base.vae.to("cpu")  # free device memory for training; previews bring it back
+        self._check_memory(n_params)
         self.text_cache = TextEmbeddingCache(base.tokenizer, base.text_encoder, self.device)
 
         groups = [{"params": lora_parameters(base.unet), "lr": cfg.lr}]
@@ -198,6 +199,19 @@ class Trainer:
         if cfg.resume:
             self._resume(cfg.resume)
         self.time_to_prepare = time.perf_counter() - t0
+
+    def _check_memory(self, n_params: int) -> None:
+        from .memory import estimate_training_memory
+
+        est = estimate_training_memory(unet=self.base.unet, text_encoder=self.base.text_encoder, vae=self.base.vae,
+                                       lora_params=n_params, config=self.config, device=self.device,
+                                       vae_on_device=self.base.vae.device == self.device)
+        self.memory_estimate = est
+        if est.fits():
+            self.emit("status", message=est.describe())
+        else:
+            self.emit("warning", message=est.describe() + ". This may not fit: lower batch_size or resolution, turn on "
+                      "gradient_checkpointing, use bf16/fp16 mixed precision or the adamw8bit optimizer.")
 
     def _resume(self, resume: str) -> None:
         ckpt = find_latest_checkpoint(self.out_dir) if resume == "latest" else Path(resume).expanduser()
