@@ -5,6 +5,7 @@ Reading order: `train()` prepares everything, `_run_loop()` is the loop, small h
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -30,6 +31,8 @@ from .sampling import generate, parse_prompt_line, sample_filename, save_png_ato
 from .training_set import LatentCache, TextEmbeddingCache, TrainingSet
 
 MAX_CONSECUTIVE_NONFINITE = 3
+# Test hook: slows every step so kill -9 tests can land mid-run on a fast machine.
+_STEP_DELAY = float(os.environ.get("SDLORA_STEP_DELAY", "0") or 0)
 
 
 class TrainingError(RuntimeError):
@@ -90,8 +93,9 @@ class Trainer:
     """Holds the prepared run; `run()` executes it. Built by `train()`."""
 
     def __init__(self, config: TrainConfig, on_event: Callable[[TrainEvent], None] | None = None,
-                 stop_event: threading.Event | None = None):
+                 stop_event: threading.Event | None = None, base=None):
         self.config = config
+        self._given_base = base
         self.on_event = on_event or (lambda e: None)
         self.stop_event = stop_event or threading.Event()
         self.out_dir = config.output_path()
@@ -104,6 +108,7 @@ class Trainer:
             self.on_event(TrainEvent(kind=kind, step=step, total_steps=getattr(self, "total_steps", 0), data=data))
 
     accelerator = None
+    started_at: float | None = None
 
     # set-up ------------------------------------------------------------------
     def prepare(self) -> None:
@@ -119,7 +124,8 @@ class Trainer:
         self.data_dir = resolve_data_dir(cfg.data_dir)
         self.report = scan_dataset(self.data_dir, default_caption=cfg.default_caption, min_size=0 if cfg.upscale_small else cfg.resolution,
                                    upscale_small=cfg.upscale_small)
-        resolve_model_spec(cfg.base_model)
+        if self._given_base is None:
+            resolve_model_spec(cfg.base_model)
         self.sample_prompts = [parse_prompt_line(p) for p in cfg.all_sample_prompts()]
         if cfg.mixed_precision == "fp16" and not torch.cuda.is_available():
             raise ConfigError("mixed_precision: fp16 needs a CUDA GPU; on CPU use 'bf16' or 'no'.")
@@ -134,7 +140,7 @@ class Trainer:
         t0 = time.perf_counter()
         self.emit("status", message=f"Loading base model {cfg.base_model} ...")
         pred = None if cfg.prediction_type == "auto" else cfg.prediction_type
-        self.base = load_base_model(cfg.base_model, allow_pickle=cfg.allow_pickle, prediction_type=pred)
+        self.base = self._given_base or load_base_model(cfg.base_model, allow_pickle=cfg.allow_pickle, prediction_type=pred)
         base = self.base
         base.unet.requires_grad_(False)
         base.vae.requires_grad_(False)
@@ -264,6 +270,50 @@ class Trainer:
         return loss.mean()
 
     # the loop ----------------------------------------------------------------
+    def _next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        cfg, acc = self.config, self.accelerator
+        if self.cursor >= len(self.batches):
+            self.epoch += 1
+            self.batches = self.dataset.batches_for_epoch(self.epoch, cfg.batch_size, process_index=acc.process_index,
+                                                          num_processes=acc.num_processes)
+            self.cursor = 0
+        indices = self.batches[self.cursor]
+        self.cursor += 1
+        return self._batch(self.epoch, indices)
+
+    def position_at(self, step: int) -> None:
+        """Point the data cursor at optimizer step `step` (used at start and on resume)."""
+        cfg, acc = self.config, self.accelerator
+        self.epoch = step // self.steps_per_epoch
+        self.batches = self.dataset.batches_for_epoch(self.epoch, cfg.batch_size, process_index=acc.process_index,
+                                                      num_processes=acc.num_processes)
+        self.cursor = (step % self.steps_per_epoch) * cfg.grad_accum
+
+    def train_step(self, step: int) -> float | None:
+        """One optimizer step (with gradient accumulation). Returns the loss, or None if it was NaN/inf and skipped."""
+        cfg, acc = self.config, self.accelerator
+        step_loss = 0.0
+        for micro in range(cfg.grad_accum):
+            latents, hidden = self._next_batch()
+            last_micro = micro == cfg.grad_accum - 1
+            # Under DDP, only the last micro-batch all-reduces gradients.
+            with contextlib.nullcontext() if last_micro else acc.no_sync(self.unet):
+                loss = self._loss(latents, hidden, step, micro)
+                if not torch.isfinite(loss):
+                    self.optimizer.zero_grad(set_to_none=True)
+                    return None
+                acc.backward(loss / cfg.grad_accum)
+            step_loss += loss.detach().item() / cfg.grad_accum
+        if cfg.max_grad_norm > 0:
+            grad_norm = acc.clip_grad_norm_(self.trainable, cfg.max_grad_norm)
+            if not torch.isfinite(torch.as_tensor(grad_norm)):
+                self.optimizer.zero_grad(set_to_none=True)
+                return None
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return step_loss
+
     def run(self) -> TrainResult:
         cfg, acc = self.config, self.accelerator
         self.out_dir.mkdir(parents=True, exist_ok=True)
@@ -271,13 +321,10 @@ class Trainer:
         if acc.is_main_process and self.start_step == 0 and log_path.exists():
             log_path.unlink()
         step = self.start_step
-        epoch = step // self.steps_per_epoch
-        batches = self.dataset.batches_for_epoch(epoch, cfg.batch_size, process_index=acc.process_index, num_processes=acc.num_processes)
-        cursor = (step % self.steps_per_epoch) * cfg.grad_accum
+        self.position_at(step)
         nonfinite = 0
         last_loss = None
-        started = time.time()
-        self.started_at = started
+        self.started_at = time.time()
         t_prev = time.perf_counter()
         self.emit("start", step=step, total=self.total_steps, images=self.report.num_images, samples=len(self.dataset))
         self.unet.train()
@@ -286,50 +333,32 @@ class Trainer:
                 self.emit("status", step=step, message="Stop requested: saving a checkpoint.")
                 self._checkpoint(step)
                 return self._finish(step, last_loss, stopped=True)
-            step_loss = 0.0
-            ok = True
-            for micro in range(cfg.grad_accum):
-                if cursor >= len(batches):
-                    epoch += 1
-                    batches = self.dataset.batches_for_epoch(epoch, cfg.batch_size, process_index=acc.process_index, num_processes=acc.num_processes)
-                    cursor = 0
-                latents, hidden = self._batch(epoch, batches[cursor])
-                cursor += 1
-                loss = self._loss(latents, hidden, step, micro)
-                if not torch.isfinite(loss):
-                    ok = False
-                    break
-                acc.backward(loss / cfg.grad_accum)
-                step_loss += loss.detach().item() / cfg.grad_accum
-            if ok and acc.sync_gradients and cfg.max_grad_norm > 0:
-                grad_norm = acc.clip_grad_norm_(self.trainable, cfg.max_grad_norm)
-                ok = bool(torch.isfinite(torch.as_tensor(grad_norm)))
-            if not ok:
-                self.optimizer.zero_grad(set_to_none=True)
+            loss = self.train_step(step)
+            step += 1
+            if _STEP_DELAY:
+                time.sleep(_STEP_DELAY)
+            if loss is None:
                 nonfinite += 1
-                self.emit("warning", step=step, message=f"Step {step + 1}: loss or gradient is NaN/inf; step skipped.")
+                self.emit("warning", step=step, message=f"Step {step}: loss or gradient is NaN/inf; step skipped.")
                 if nonfinite >= MAX_CONSECUTIVE_NONFINITE:
                     raise TrainingError(
                         f"Training stopped: {nonfinite} steps in a row gave NaN/inf loss. Likely causes: learning rate too high "
                         f"(now {cfg.lr}), fp16 overflow (try bf16 or 'no' mixed precision, and keep the VAE in fp32). "
                         f"The last good checkpoint is kept under {self.out_dir / 'checkpoints'}.")
-                step += 1
                 continue
             nonfinite = 0
-            self.optimizer.step()
-            self.scheduler.step()
-            self.optimizer.zero_grad(set_to_none=True)
-            step += 1
-            last_loss = step_loss
+            last_loss = loss
             now = time.perf_counter()
             seconds, t_prev = now - t_prev, now
             lr = self.scheduler.get_last_lr()[0]
-            self._log(log_path, step, step_loss, lr, seconds, epoch)
-            self.emit("step", step=step, loss=step_loss, lr=lr, seconds=seconds, epoch=epoch)
+            self._log(log_path, step, loss, lr, seconds, self.epoch)
+            self.emit("step", step=step, loss=loss, lr=lr, seconds=seconds, epoch=self.epoch)
             if cfg.sample_every and step % cfg.sample_every == 0 and step < self.total_steps:
                 self._sample(step)
+                t_prev = time.perf_counter()  # previews are not training time
             if cfg.save_every and step % cfg.save_every == 0 and step < self.total_steps:
                 self._checkpoint(step)
+                t_prev = time.perf_counter()
         return self._finish(step, last_loss, stopped=False)
 
     def _log(self, path: Path, step: int, loss: float, lr: float, seconds: float, epoch: int) -> None:
