@@ -14,7 +14,8 @@ def make_buckets(resolution: int, *, step: int = 64, min_size: int = 256, max_si
     area = resolution * resolution
     buckets = set()
     w = min_size
-    while w <= max_size:
+    # Widths up to the square side, heights maximal for the area; the transposes give the tall buckets.
+    while w <= resolution:
         h = min(max_size, (area // w) // step * step)
         if h >= min_size:
             buckets.add((w, h))

@@ -1,0 +1,123 @@
+"""Component configs for the base models sdlora loads from single files, so no hub access is needed.
+
+A downloaded SD1.5/SD2 `.safetensors` carries weights only; diffusers needs the component configs and a
+tokenizer next to it. These are the published values of the reference diffusers folders, written out
+into a cache folder on first use (`write_config_folder`).
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import shutil
+import tempfile
+from functools import lru_cache
+from pathlib import Path
+
+ASSETS = Path(__file__).with_name("assets")
+CLIP_BPE = ASSETS / "bpe_simple_vocab_16e6.txt.gz"
+
+_SCHEDULER = {
+    "_class_name": "PNDMScheduler", "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
+    "num_train_timesteps": 1000, "set_alpha_to_one": False, "skip_prk_steps": True, "steps_offset": 1,
+    "clip_sample": False, "prediction_type": "epsilon", "timestep_spacing": "leading", "trained_betas": None,
+}
+_VAE = {
+    "_class_name": "AutoencoderKL", "act_fn": "silu", "block_out_channels": [128, 256, 512, 512],
+    "down_block_types": ["DownEncoderBlock2D"] * 4, "up_block_types": ["UpDecoderBlock2D"] * 4, "in_channels": 3,
+    "out_channels": 3, "latent_channels": 4, "layers_per_block": 2, "norm_num_groups": 32, "sample_size": 512,
+    "scaling_factor": 0.18215,
+}
+_UNET_SD1 = {
+    "_class_name": "UNet2DConditionModel", "act_fn": "silu", "attention_head_dim": 8, "block_out_channels": [320, 640, 1280, 1280],
+    "center_input_sample": False, "cross_attention_dim": 768,
+    "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+    "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
+    "downsample_padding": 1, "flip_sin_to_cos": True, "freq_shift": 0, "in_channels": 4, "out_channels": 4,
+    "layers_per_block": 2, "mid_block_scale_factor": 1, "norm_eps": 1e-05, "norm_num_groups": 32, "sample_size": 64,
+    "use_linear_projection": False,
+}
+_UNET_SD2 = dict(_UNET_SD1, attention_head_dim=[5, 10, 20, 20], cross_attention_dim=1024, use_linear_projection=True)
+_CLIP_L = {
+    "architectures": ["CLIPTextModel"], "model_type": "clip_text_model", "hidden_act": "quick_gelu", "hidden_size": 768,
+    "intermediate_size": 3072, "max_position_embeddings": 77, "num_attention_heads": 12, "num_hidden_layers": 12,
+    "projection_dim": 768, "vocab_size": 49408, "layer_norm_eps": 1e-05, "bos_token_id": 0, "eos_token_id": 2,
+    "pad_token_id": 1, "initializer_factor": 1.0, "initializer_range": 0.02, "attention_dropout": 0.0, "dropout": 0.0,
+}
+# SD2 uses OpenCLIP ViT-H's text tower without its last layer (23 of 24), as diffusers' reference folder does.
+_OPENCLIP_H = dict(_CLIP_L, hidden_act="gelu", hidden_size=1024, intermediate_size=4096, num_attention_heads=16,
+                   num_hidden_layers=23, projection_dim=512)
+
+MODEL_CONFIGS = {
+    "sd15": {"unet": _UNET_SD1, "vae": _VAE, "text_encoder": _CLIP_L, "scheduler": _SCHEDULER, "pad_token": "<|endoftext|>",
+             "family": "sd1", "resolution": 512},
+    "sd2-base": {"unet": dict(_UNET_SD2, sample_size=64), "vae": _VAE, "text_encoder": _OPENCLIP_H, "scheduler": _SCHEDULER,
+                 "pad_token": "!", "family": "sd2", "resolution": 512},
+    "sd2-v": {"unet": dict(_UNET_SD2, sample_size=96), "vae": dict(_VAE, sample_size=768), "text_encoder": _OPENCLIP_H,
+              "scheduler": dict(_SCHEDULER, prediction_type="v_prediction"), "pad_token": "!", "family": "sd2",
+              "resolution": 768},
+}
+
+
+def bytes_to_unicode() -> dict[int, str]:
+    """CLIP's reversible byte -> printable-character table (the base of its BPE vocabulary)."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, (chr(c) for c in cs)))
+
+
+@lru_cache(maxsize=1)
+def clip_vocab_and_merges() -> tuple[dict[str, int], list[str]]:
+    """CLIP's 49408-token vocabulary, built from the BPE merges file the same way the original tokenizer does."""
+    lines = gzip.open(CLIP_BPE, "rt", encoding="utf-8").read().split("\n")
+    merges = lines[1: 49152 - 256 - 2 + 1]
+    base = list(bytes_to_unicode().values())
+    vocab = base + [v + "</w>" for v in base] + ["".join(m.split()) for m in merges] + ["<|startoftext|>", "<|endoftext|>"]
+    return {tok: i for i, tok in enumerate(vocab)}, merges
+
+
+def write_tokenizer(folder: Path, vocab: dict[str, int], merges: list[str], *, pad_token: str) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
+    special = {"bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>", "pad_token": pad_token}
+    (folder / "special_tokens_map.json").write_text(json.dumps(special), encoding="utf-8")
+    (folder / "tokenizer_config.json").write_text(json.dumps(
+        {"tokenizer_class": "CLIPTokenizer", "model_max_length": 77, "do_lower_case": True, **special}), encoding="utf-8")
+
+
+def write_config_folder(name: str, folder: Path) -> Path:
+    """A diffusers-style folder (configs + tokenizer, no weights) that `from_single_file(config=...)` reads."""
+    if (folder / "model_index.json").is_file():
+        return folder
+    spec = MODEL_CONFIGS[name]
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=folder.parent))
+    try:
+        index = {"_class_name": "StableDiffusionPipeline", "_diffusers_version": "0.42.1",
+                 "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
+                 "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"],
+                 "scheduler": ["diffusers", "PNDMScheduler"], "safety_checker": [None, None],
+                 "feature_extractor": [None, None], "requires_safety_checker": False}
+        (tmp / "model_index.json").write_text(json.dumps(index, indent=1))
+        for part, fname in (("unet", "config.json"), ("vae", "config.json"), ("text_encoder", "config.json"),
+                            ("scheduler", "scheduler_config.json")):
+            (tmp / part).mkdir()
+            (tmp / part / fname).write_text(json.dumps(spec[part], indent=1))
+        vocab, merges = clip_vocab_and_merges()
+        write_tokenizer(tmp / "tokenizer", vocab, merges, pad_token=spec["pad_token"])
+        if folder.exists():
+            shutil.rmtree(tmp)
+            return folder
+        os.replace(tmp, folder)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return folder
