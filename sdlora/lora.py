@@ -53,7 +53,7 @@ def _describe(name: str, module: nn.Module) -> TargetModule | None:
     return None
 
 
-def _base_modules(model: nn.Module):
+def base_modules(model: nn.Module):
     """named_modules() without PEFT's own sub-layers, so targets resolve the same before and after injection."""
     for name, module in model.named_modules():
         if any(part in ("lora_A", "lora_B", "base_layer", "lora_dropout") for part in name.split(".")):
@@ -65,7 +65,7 @@ def _base_modules(model: nn.Module):
 
 def resolve_unet_targets(unet: nn.Module, targets: list[str], *, conv_rank: int = 0) -> list[TargetModule]:
     """Expand shorthands and module names into the exact UNet modules to adapt; unknown names are an error."""
-    candidates = [(n, d) for n, m in _base_modules(unet) if (d := _describe(n, m)) is not None]
+    candidates = [(n, d) for n, m in base_modules(unet) if (d := _describe(n, m)) is not None]
     chosen: dict[str, TargetModule] = {}
     for target in targets:
         if target in UNET_SHORTHANDS:
@@ -89,7 +89,7 @@ def resolve_unet_targets(unet: nn.Module, targets: list[str], *, conv_rank: int 
 
 def resolve_text_encoder_targets(text_encoder: nn.Module) -> list[TargetModule]:
     found = []
-    for name, module in _base_modules(text_encoder):
+    for name, module in base_modules(text_encoder):
         if name.split(".")[-1] in TEXT_ENCODER_TARGETS and (d := _describe(name, module)) is not None:
             found.append(d)
     return found

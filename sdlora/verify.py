@@ -59,12 +59,15 @@ class VerifyReport:
 
 def module_index(unet: nn.Module, text_encoder: nn.Module | None) -> dict[str, tuple[str, str]]:
     """kohya prefix -> ("unet"|"text_encoder", module path) for every Linear/Conv2d of the base model."""
+    from .lora import base_modules
+
     index = {}
-    for name, module in unet.named_modules():
+    # _base_modules sees through LoRA wrappers, so a model that already carries LoRAs indexes the same.
+    for name, module in base_modules(unet):
         if isinstance(module, (nn.Linear, nn.Conv2d)):
             index[unet_kohya_prefix(name)] = ("unet", name)
     if text_encoder is not None:
-        for name, module in text_encoder.named_modules():
+        for name, module in base_modules(text_encoder):
             if isinstance(module, nn.Linear):
                 try:
                     index[text_encoder_kohya_prefix(name)] = ("text_encoder", name)
@@ -122,6 +125,7 @@ def check_keys(tensors: dict, unet: nn.Module, text_encoder: nn.Module | None, r
             continue
         root = unet if target[0] == "unet" else text_encoder
         module = root.get_submodule(target[1])
+        module = getattr(module, "base_layer", module)
         down, up = parts["lora_down"], parts["lora_up"]
         rank = down.shape[0]
         if up.shape[1] != rank:
@@ -183,7 +187,7 @@ def verify_lora(path: str | Path, base, *, numeric: bool = True, tolerance: floa
     if fam:
         report.problems.append(f"this LoRA is for {fam}, not for this {base.family.upper()} base model")
     mapped = check_keys(tensors, base.unet, base.text_encoder, report)
-    if not numeric or not mapped or report.problems:
+    if not numeric or not mapped or report.problems or report.unmapped:
         return report
 
     from .inference import load_loras
