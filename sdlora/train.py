@@ -146,6 +146,8 @@ class Trainer:
         base.vae.requires_grad_(False)
         base.text_encoder.requires_grad_(False)
 
+        # Seed right before injection: LoRA init must not depend on what loading the model consumed.
+        set_seed(cfg.seed)
         self.unet_modules = inject_unet_lora(base.unet, cfg.targets, cfg.rank, cfg.alpha, conv_rank=cfg.conv_rank, conv_alpha=cfg.conv_alpha)
         self.te_modules = inject_text_encoder_lora(base.text_encoder, cfg.rank, cfg.alpha) if cfg.train_text_encoder else []
         n_params = count_lora_parameters(self.unet_modules, cfg.rank, cfg.conv_rank) + count_lora_parameters(self.te_modules, cfg.rank)
