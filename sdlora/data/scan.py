@@ -10,7 +10,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from .captions import split_tags
 from .images import MAX_PIXELS, ImageLoadError, open_image_rgb
@@ -166,8 +166,10 @@ def _check_image(path: Path, full: bool) -> tuple[int, int, list[str]]:
                 orientation = img.getexif().get(0x0112, 1)
     except Image.DecompressionBombError:
         raise ImageLoadError(f"image is larger than {MAX_PIXELS // 1_000_000} megapixels; downscale it first") from None
+    except UnidentifiedImageError:
+        raise ImageLoadError("not an image (Pillow cannot identify the file format)") from None
     except (OSError, SyntaxError, ValueError) as exc:
-        raise ImageLoadError(f"not an image ({exc})") from None
+        raise ImageLoadError(f"truncated or corrupt image: {exc}") from None
     finally:
         Image.MAX_IMAGE_PIXELS = old
     if orientation in (5, 6, 7, 8):
@@ -219,7 +221,7 @@ def scan_dataset(root, *, default_caption: str = "", caption_extensions=(".txt",
             w, h, notes = _check_image(path, check_images)
         except ImageLoadError as exc:
             reason = str(exc)
-            if "not an image" not in reason and "zero-byte" not in reason and "megapixels" not in reason:
+            if not reason.startswith(("not an image", "zero-byte", "image is larger", "truncated or corrupt")):
                 reason = f"truncated or corrupt image: {reason}"
             report.skipped.append(SkippedFile(path, reason))
             continue
