@@ -147,6 +147,7 @@ def apply_kohya_by_hand(unet: nn.Module, text_encoder: nn.Module | None, mapped:
         kind, path = parts["target"]
         root = unet if kind == "unet" else text_encoder
         module = root.get_submodule(path)
+        module = getattr(module, "base_layer", module)
         down = parts["lora_down"].float()
         up = parts["lora_up"].float()
         rank = down.shape[0]
@@ -194,7 +195,13 @@ def verify_lora(path: str | Path, base, *, numeric: bool = True, tolerance: floa
 
     latents, t, ids = _probe_inputs(base.unet, base.text_encoder, base.tokenizer)
     # Reference: hand-applied math on copies of the base.
-    ref_unet, ref_te = copy.deepcopy(base.unet).float(), copy.deepcopy(base.text_encoder).float()
+    from .lora import strip_lora
+
+    def clean(module):
+        # The base may be shared with a pipeline that has LoRAs loaded: compare against the bare weights.
+        return strip_lora(copy.deepcopy(module)).float()
+
+    ref_unet, ref_te = clean(base.unet), clean(base.text_encoder)
     with torch.no_grad():
         base_hidden = ref_te(ids)[0]
         base_out = ref_unet(latents, t, base_hidden).sample
@@ -203,7 +210,7 @@ def verify_lora(path: str | Path, base, *, numeric: bool = True, tolerance: floa
         ref_hidden = ref_te(ids)[0]
         ref_out = ref_unet(latents, t, ref_hidden).sample
     # diffusers' own loader on another copy.
-    pipe = base.make_pipeline(unet=copy.deepcopy(base.unet).float(), text_encoder=copy.deepcopy(base.text_encoder).float())
+    pipe = base.make_pipeline(unet=clean(base.unet), text_encoder=clean(base.text_encoder))
     load_loras(pipe, [(Path(path), 1.0)])
     with torch.no_grad():
         hidden = pipe.text_encoder(ids)[0]

@@ -246,3 +246,13 @@ def test_diffusers_format_export_roundtrips(tmp_path, trained):
         ob = pb.unet(latents, t, pb.text_encoder(ids)[0]).sample
     assert (oa - ob).abs().max() <= 1e-5
     assert verify_lora(path, load_base_model("builtin:tiny")).ok
+
+
+def test_verify_on_a_base_that_already_carries_a_lora(trained):
+    _, result = trained
+    base = load_base_model("builtin:tiny")
+    pipe = base.make_pipeline()
+    pipe.load_lora_weights(str(result.lora_path), adapter_name="already")
+    report = verify_lora(result.lora_path, base)
+    assert report.ok, report.summary()
+    assert report.lora_effect > 1e-3
