@@ -55,6 +55,7 @@ _TRAIN_SWITCHES = [
     ("--random-flip", "random_flip"),
     ("--buckets", "enable_buckets"),
     ("--allow-pickle", "allow_pickle"),
+    ("--compile", "compile"),
 ]
 _TRAIN_NEGATIONS = [
     ("--no-cache-latents", "cache_latents"),

@@ -64,6 +64,7 @@ class TrainConfig(BaseModel):
     seed: int = 42
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
     gradient_checkpointing: bool = False
+    compile: bool = Field(False, description="torch.compile the UNet (CUDA; the first steps are slower while it compiles)")
 
     # data
     resolution: int = 512

@@ -6,6 +6,7 @@ Reading order: `train()` prepares everything, `_run_loop()` is the loop, small h
 from __future__ import annotations
 
 import contextlib
+from concurrent.futures import ThreadPoolExecutor
 import json
 import math
 import os
@@ -165,6 +166,8 @@ class Trainer:
                 base.text_encoder.gradient_checkpointing_enable()
         if self.device.type == "cuda":
             base.unet.to(memory_format=torch.channels_last)
+        if cfg.compile:
+            base.unet.compile()  # in place: the module (and its LoRA parameters) stay the same objects
 
         self.dataset = TrainingSet(
             self.report.items, resolution=cfg.resolution, enable_buckets=cfg.enable_buckets,
@@ -183,10 +186,13 @@ class Trainer:
                                        device=self.device)
             flips = (False, True) if cfg.random_flip else (False,)
             self.latents.build(self.dataset, flips=flips)
-            if self.device.type == "cuda" and not self.sample_prompts:
+            if self.device.type == "cuda":
                 base.vae.to("cpu")  # free device memory for training; previews bring it back
         self._check_memory(n_params)
         self.text_cache = TextEmbeddingCache(base.tokenizer, base.text_encoder, self.device)
+        self._encoder = LatentCache(base.vae, vae_id="", cache_dir=None, device=self.device)
+        self._loader = ThreadPoolExecutor(max_workers=max(1, cfg.num_workers), thread_name_prefix="sdlora-data")
+        self._epoch_batches, self._prefetched = {}, {}
 
         groups = [{"params": lora_parameters(base.unet), "lr": cfg.lr}]
         if cfg.train_text_encoder:
@@ -232,14 +238,21 @@ class Trainer:
         self.emit("status", message=f"Resumed from {ckpt} at step {self.start_step}")
 
     # one step ----------------------------------------------------------------
-    def _batch(self, epoch: int, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    def _pixels(self, epoch: int, indices: list[int]) -> torch.Tensor:
         ds = self.dataset
-        flips = [ds.flip_for(epoch, i) for i in indices]
+        pixels = torch.stack([ds.pixels_for(epoch, i, flip=ds.flip_for(epoch, i)) for i in indices])
+        return pixels.pin_memory() if self.device.type == "cuda" else pixels
+
+    def _batch(self, epoch: int, indices: list[int], pixels: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        ds = self.dataset
         if self.latents is not None:
-            latents = torch.stack([self.latents.get(ds.entries[i].item_index, f) for i, f in zip(indices, flips)]).to(self.device)
+            flips = [ds.flip_for(epoch, i) for i in indices]
+            latents = torch.stack([self.latents.get(ds.entries[i].item_index, f) for i, f in zip(indices, flips)])
+            latents = latents.to(self.device, non_blocking=True)
         else:
-            pixels = torch.stack([ds.pixels_for(epoch, i, flip=f) for i, f in zip(indices, flips)])
-            latents = LatentCache(self.base.vae, vae_id="", cache_dir=None, device=self.device).encode(pixels)
+            if pixels is None:
+                pixels = self._pixels(epoch, indices)
+            latents = self._encoder.encode(pixels.to(self.device, non_blocking=True))
         captions = [ds.caption_for(epoch, i) for i in indices]
         if self.config.train_text_encoder:
             hidden = self.text_cache.encode(captions)
@@ -272,31 +285,44 @@ class Trainer:
         return loss.mean()
 
     # the loop ----------------------------------------------------------------
-    def _next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def _indices(self, step: int, micro: int) -> tuple[int, list[int]]:
+        """Which samples micro-batch `micro` of optimizer step `step` uses: a pure function of the step, so a
+        resumed run reads exactly what an uninterrupted one would."""
         cfg, acc = self.config, self.accelerator
-        if self.cursor >= len(self.batches):
-            self.epoch += 1
-            self.batches = self.dataset.batches_for_epoch(self.epoch, cfg.batch_size, process_index=acc.process_index,
-                                                          num_processes=acc.num_processes)
-            self.cursor = 0
-        indices = self.batches[self.cursor]
-        self.cursor += 1
-        return self._batch(self.epoch, indices)
+        epoch = step // self.steps_per_epoch
+        if epoch not in self._epoch_batches:
+            self._epoch_batches = {epoch: self.dataset.batches_for_epoch(epoch, cfg.batch_size, process_index=acc.process_index,
+                                                                          num_processes=acc.num_processes)}
+        batches = self._epoch_batches[epoch]
+        return epoch, batches[((step % self.steps_per_epoch) * cfg.grad_accum + micro) % len(batches)]
+
+    def _next_batch(self, step: int, micro: int) -> tuple[torch.Tensor, torch.Tensor]:
+        epoch, indices = self._indices(step, micro)
+        self.epoch = epoch
+        pixels = None
+        if self.latents is None:
+            # Uncached images are decoded in worker threads one micro-batch ahead, so the step never waits on Pillow.
+            key = (step, micro)
+            future = self._prefetched.pop(key, None)
+            pixels = future.result() if future else self._pixels(epoch, indices)
+            nxt = (step, micro + 1) if micro + 1 < self.config.grad_accum else (step + 1, 0)
+            if nxt[0] < self.total_steps:
+                n_epoch, n_indices = self._indices(*nxt)
+                self._prefetched = {nxt: self._loader.submit(self._pixels, n_epoch, n_indices)}
+        return self._batch(epoch, indices, pixels)
 
     def position_at(self, step: int) -> None:
-        """Point the data cursor at optimizer step `step` (used at start and on resume)."""
-        cfg, acc = self.config, self.accelerator
+        """Reset the data position to optimizer step `step` (start, resume, benchmarks)."""
+        self._epoch_batches = {}
+        self._prefetched = {}
         self.epoch = step // self.steps_per_epoch
-        self.batches = self.dataset.batches_for_epoch(self.epoch, cfg.batch_size, process_index=acc.process_index,
-                                                      num_processes=acc.num_processes)
-        self.cursor = (step % self.steps_per_epoch) * cfg.grad_accum
 
     def train_step(self, step: int) -> float | None:
         """One optimizer step (with gradient accumulation). Returns the loss, or None if it was NaN/inf and skipped."""
         cfg, acc = self.config, self.accelerator
         step_loss = 0.0
         for micro in range(cfg.grad_accum):
-            latents, hidden = self._next_batch()
+            latents, hidden = self._next_batch(step, micro)
             last_micro = micro == cfg.grad_accum - 1
             # Under DDP, only the last micro-batch all-reduces gradients.
             with contextlib.nullcontext() if last_micro else acc.no_sync(self.unet):

@@ -124,3 +124,17 @@ def test_cli_missing_dataset_fails_before_model_load(tmp_path):
     proc = run_cli("train", "--base-model", "/nonexistent/model.safetensors", "--data", tmp_path / "nope", "--output", tmp_path,
                    check=False)
     assert proc.returncode == 2 and "nope" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_generate_refuses_a_lora_for_another_architecture(tmp_path):
+    import torch
+
+    sdxl = tmp_path / "sdxl_lora.safetensors"
+    save_file({"lora_te1_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight": torch.zeros(4, 768),
+               "lora_te1_text_model_encoder_layers_0_self_attn_q_proj.lora_up.weight": torch.zeros(768, 4),
+               "lora_unet_input_blocks_4_1_proj_in.lora_down.weight": torch.zeros(4, 640)}, sdxl)
+    proc = run_cli("generate", "--base-model", "builtin:tiny", "--lora", f"{sdxl}:1", "--prompt", "x", "--out", tmp_path / "x.png",
+                   check=False)
+    assert proc.returncode == 2 and "SDXL" in proc.stderr and "Traceback" not in proc.stderr
+    missing = run_cli("generate", "--lora", tmp_path / "nope.safetensors", "--prompt", "x", "--out", tmp_path / "y.png", check=False)
+    assert missing.returncode == 2 and "not found" in missing.stderr

@@ -256,3 +256,38 @@ def test_verify_on_a_base_that_already_carries_a_lora(trained):
     report = verify_lora(result.lora_path, base)
     assert report.ok, report.summary()
     assert report.lora_effect > 1e-3
+
+
+def _mixed_aspect_dataset(folder: Path) -> Path:
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, size in enumerate([(96, 64), (64, 96), (64, 64), (128, 64), (64, 128)]):
+        Image.effect_noise(size, 30 + 5 * i).convert("RGB").save(folder / f"im{i}.png")
+        (folder / f"im{i}.txt").write_text(f"tag{i}, noise, sample {i}")
+    return folder
+
+
+def test_uncached_random_crop_buckets_accumulation_resume(tmp_path):
+    """The on-the-fly path (workers decode ahead), buckets, flips, shuffled tags and accumulation still resume exactly."""
+    data = _mixed_aspect_dataset(tmp_path / "mixed")
+    common = dict(steps=9, save_every=3, cache_latents=False, center_crop=False, random_flip=True, enable_buckets=True,
+                  grad_accum=3, batch_size=2, num_workers=2, shuffle_tags=True, keep_tokens=1, caption_dropout=0.2,
+                  resolution=64, save_precision="fp32", targets=["attn2"])
+    events = []
+    full = train(_config(tmp_path / "full", data, **common), on_event=events.append)
+    stop = threading.Event()
+    part = train(_config(tmp_path / "part", data, **common), stop_event=stop,
+                 on_event=lambda e: stop.set() if e.kind == "checkpoint" and e.step == 6 else None)
+    assert part.steps == 6
+    resumed = train(_config(tmp_path / "part", data, resume="latest", **common))
+    a, _ = read_lora(full.lora_path)
+    b, _ = read_lora(resumed.lora_path)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=1e-5, msg=k)
+
+
+def test_v_prediction_training_and_metadata(tmp_path, demo_dataset):
+    result = train(_config(tmp_path, demo_dataset, steps=4, prediction_type="v_prediction", min_snr_gamma=5.0))
+    _, md = read_lora(result.lora_path)
+    assert md["modelspec.prediction_type"] == "v" and md["ss_prediction_type"] == "v_prediction"
