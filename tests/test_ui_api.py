@@ -126,3 +126,31 @@ def test_zip_slip_and_size_limit(tmp_path):
     folder = import_uploads([str(good)], tmp_path / "uploads")
     assert sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file()) == ["set/a.png", "set/a.txt"]
     assert folder.parent == tmp_path / "uploads"
+
+
+def test_stop_then_resume_through_the_service(tmp_path, monkeypatch):
+    import sdlora.train as train_module
+
+    monkeypatch.setattr(train_module, "_STEP_DELAY", 0.05)
+    service = Service(output_root=tmp_path / "out", presets_dir=tmp_path)
+    data = make_dataset(tmp_path / "data")
+    values = {"data_dir": str(data), "base_model": "builtin:tiny", "steps": 40, "save_every": 5, "rank": 2, "resolution": 64,
+              "output_name": "resumable"}
+    job = service.start(values)
+    deadline = time.time() + 120
+    while job.step < 12 and time.time() < deadline:
+        time.sleep(0.05)
+    assert service.stop()
+    while job.state == "running" and time.time() < deadline:
+        time.sleep(0.1)
+    assert job.state == "stopped" and job.checkpoints
+    # a second start while one runs is queued, not run concurrently
+    resumed = service.resume(values)
+    queued = service.start(dict(values, output_name="second", steps=2))
+    assert queued.state == "queued"
+    while queued.state in ("queued", "running") and time.time() < deadline + 120:
+        assert not (resumed.state == "running" and queued.state == "running")
+        time.sleep(0.05)
+    assert resumed.state == "done" and resumed.step == 40 and queued.state == "done"
+    assert resumed.losses[0][0] > 1  # continued from the checkpoint, not from step 1
+    assert Path(resumed.lora_path).is_file()
