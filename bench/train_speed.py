@@ -202,14 +202,45 @@ def run_timing(args) -> dict:
     return result
 
 
+class RssSampler:
+    """Highest resident set size seen while running: the steps' own peak, not the model build's."""
+
+    def __init__(self, interval: float = 0.005):
+        import threading
+
+        import psutil
+
+        self.proc, self.interval, self.peak = psutil.Process(), interval, 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self):
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self.proc.memory_info().rss)
+            self._stop.wait(self.interval)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+
+
 def run_memory_only(args, loop: str) -> dict:
-    """One loop alone for a few steps; peak RSS (and CUDA) of this process."""
+    """One loop alone for a few steps (after one warm-up) in its own process: peak RSS during the steps, peak CUDA."""
+    import gc
+
     bench = Bench(args)
+    getattr(bench, loop)()
+    gc.collect()
     if args.device == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    for _ in range(3):
-        getattr(bench, loop)()
-    out = {"loop": loop, "peak_rss_mib": peak_rss_mib()}
+    with RssSampler() as rss:
+        for _ in range(3):
+            getattr(bench, loop)()
+    out = {"loop": loop, "peak_rss_mib": rss.peak / 2 ** 20, "process_peak_rss_mib": peak_rss_mib()}
     if args.device == "cuda":
         out["peak_cuda_mib"] = torch.cuda.max_memory_allocated() / 2 ** 20
     return out

@@ -190,6 +190,14 @@ class Trainer:
                 base.vae.to("cpu")  # free device memory for training; previews bring it back
         self._check_memory(n_params)
         self.text_cache = TextEmbeddingCache(base.tokenizer, base.text_encoder, self.device)
+        if not cfg.train_text_encoder and not cfg.shuffle_tags:
+            # Every caption the run can see is known now (fixed, or "" under dropout): encode them once and
+            # let the frozen text encoder leave the GPU until previews.
+            captions = sorted({self.dataset.fixed_caption(i) for i in range(len(self.dataset.items))} | {""})
+            for start in range(0, len(captions), 16):
+                self.text_cache.get(captions[start: start + 16])
+            if self.device.type == "cuda":
+                base.text_encoder.to("cpu")
         self._encoder = LatentCache(base.vae, vae_id="", cache_dir=None, device=self.device)
         self._loader = ThreadPoolExecutor(max_workers=max(1, cfg.num_workers), thread_name_prefix="sdlora-data")
         self._epoch_batches, self._prefetched = {}, {}
@@ -404,8 +412,9 @@ class Trainer:
         unet = acc.unwrap_model(self.unet)
         was_training = unet.training
         unet.eval()
-        vae_device = self.base.vae.device
+        vae_device, te_device = self.base.vae.device, self.base.text_encoder.device
         self.base.vae.to(self.device)
+        self.base.text_encoder.to(self.device)
         pipe = self.base.make_pipeline(unet=unet, text_encoder=acc.unwrap_model(self.text_encoder))
         pipe.set_progress_bar_config(disable=True)
         paths = []
@@ -418,6 +427,7 @@ class Trainer:
                 paths.append(path)
         finally:
             self.base.vae.to(vae_device)
+            self.base.text_encoder.to(te_device)
             if was_training:
                 unet.train()
         self.samples.extend(paths)
