@@ -18,6 +18,7 @@ import argparse
 import json
 import os
 import resource
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -183,10 +184,11 @@ def run_timing(args) -> dict:
         order = names[r % 3:] + names[: r % 3]  # rotate so no loop always runs right after another
         for name in order:
             times[name].append(bench.timed(name))
-    mean = {n: sum(v) / len(v) for n, v in times.items()}
+    # Median: on a shared 2-core machine single steps jump by 20%; the median is the steady-state step.
+    mean = {n: statistics.median(v) for n, v in times.items()}
     result = {
         "device": args.device, "precision": args.precision, "resolution": args.resolution, "rank": args.rank, "batch": 1,
-        "steps_measured": args.steps, "seconds_per_step": mean, "steps_per_second": {n: 1 / m for n, m in mean.items()},
+        "steps_measured": args.steps, "seconds_per_step": mean, "seconds_per_step_mean": {n: sum(v) / len(v) for n, v in times.items()}, "steps_per_second": {n: 1 / m for n, m in mean.items()},
         "sdlora_over_floor": mean["sdlora"] / mean["floor"], "naive_over_sdlora": mean["naive"] / mean["sdlora"],
         "build_model_s": bench.build_s, "sdlora_prepare_s": bench.prepare_s, "time_to_first_sdlora_step_s": first_step_sdlora,
         "all_step_times": times,
@@ -288,11 +290,12 @@ def main(argv=None) -> int:
 def print_table(r: dict) -> None:
     print(f"\nSD1.5-shaped UNet, {r['device']} {r['precision']}, {r['resolution']} px, batch 1, rank {r['rank']}, "
           f"{r['steps_measured']} interleaved steps after warm-up")
-    print(f"{'loop':<8} {'s/step':>9} {'steps/s':>9} {'peak RSS MiB':>13} {'peak CUDA MiB':>14}")
+    print(f"{'loop':<8} {'s/step*':>9} {'steps/s':>9} {'peak RSS MiB':>13} {'peak CUDA MiB':>14}")
     for name in ("floor", "sdlora", "naive"):
         mem = r.get("peak_memory", {}).get(name, {})
         print(f"{name:<8} {r['seconds_per_step'][name]:>9.3f} {r['steps_per_second'][name]:>9.3f} "
               f"{mem.get('peak_rss_mib', float('nan')):>13.0f} {mem.get('peak_cuda_mib', float('nan')):>14.0f}")
+    print("* median seconds per step")
     print(f"sdlora/floor = {r['sdlora_over_floor']:.3f}   naive/sdlora = {r['naive_over_sdlora']:.3f}   "
           f"time to first sdlora step = {r['time_to_first_sdlora_step_s']:.1f} s (model build {r['build_model_s']:.1f} s)")
     if "mfu_sdlora" in r:

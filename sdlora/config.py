@@ -5,13 +5,14 @@ from __future__ import annotations
 import math
 import os
 import re
-import tempfile
 import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
 import tomli_w
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from .fileio import atomic_write_text
 
 TARGET_SHORTHANDS = ("attn", "attn1", "attn2", "transformer")
 KNOWN_UNET_TARGETS = (
@@ -278,20 +279,6 @@ def save_preset(config: TrainConfig, path: str | os.PathLike, *, header: str = "
     text = "".join(f"# {line}\n" for line in header.splitlines()) + body
     atomic_write_text(path, text)
     return path
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def parse_set_value(raw: str) -> Any:

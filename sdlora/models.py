@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from .fileio import atomic_path
 from .model_configs import MODEL_CONFIGS, bytes_to_unicode, write_config_folder, write_tokenizer
 from .paths import cache_dir
 
@@ -370,10 +371,8 @@ def _pickle_to_safetensors(path: Path) -> Path:
     target = cache_dir() / "converted" / f"{path.stem}-{file_quick_hash(path)}.safetensors"
     if not target.is_file():
         sd = load_torch_checkpoint(path, allow_pickle=True)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_name(f".{target.name}.tmp")
-        save_file({k: v.contiguous() for k, v in sd.items() if isinstance(v, torch.Tensor)}, str(tmp))
-        os.replace(tmp, target)
+        with atomic_path(target) as tmp:
+            save_file({k: v.contiguous() for k, v in sd.items() if isinstance(v, torch.Tensor)}, str(tmp))
     return target
 
 

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-import shlex
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 from PIL import Image, ImageDraw
+
+from .fileio import atomic_path
 
 
 @dataclass(frozen=True)
@@ -93,9 +94,6 @@ def make_grid(images: list[Image.Image], columns: int) -> Image.Image:
 
 
 def save_png_atomic(img: Image.Image, path: Path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    img.save(tmp, format="PNG")
-    tmp.replace(path)
-    return path
+    with atomic_path(path) as tmp:
+        img.save(tmp, format="PNG")
+    return Path(path)

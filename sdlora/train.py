@@ -10,7 +10,6 @@ from concurrent.futures import ThreadPoolExecutor
 import json
 import math
 import os
-import shutil
 import threading
 import time
 from dataclasses import dataclass, field
@@ -22,7 +21,7 @@ import torch.nn.functional as F
 
 from .checkpoints import find_latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import ConfigError, TrainConfig
-from .data.scan import DatasetError, scan_dataset
+from .data.scan import scan_dataset
 from .events import TrainEvent
 from .export import build_metadata, export_diffusers, export_kohya
 from .paths import resolve_data_dir

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from .fileio import atomic_path
 from .data.buckets import assign_bucket, bucket_batches, make_buckets
 from .data.captions import build_caption
 from .data.images import load_training_image
@@ -157,11 +158,8 @@ class LatentCache:
                     progress(done, len(todo))
 
     def _save(self, disk_key: str, latent: torch.Tensor) -> None:
-        self.cache_dir.mkdir(parents=True, exist_ok=True)
-        final = self.cache_dir / f"{disk_key}.safetensors"
-        tmp = final.with_name(f".{final.name}.tmp")
-        save_file({"latent": latent.contiguous()}, tmp)
-        tmp.replace(final)
+        with atomic_path(self.cache_dir / f"{disk_key}.safetensors") as tmp:
+            save_file({"latent": latent.contiguous()}, str(tmp))
 
     def get(self, item_index: int, flip: bool) -> torch.Tensor:
         return self.memory[(item_index, flip)]

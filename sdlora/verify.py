@@ -4,7 +4,6 @@ computes exactly W + (alpha/r)·up·down."""
 from __future__ import annotations
 
 import copy
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 

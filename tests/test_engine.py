@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import json
 import re
 import threading
@@ -14,7 +13,7 @@ from safetensors import safe_open
 
 from sdlora.config import make_config
 from sdlora.export import read_lora, text_encoder_kohya_prefix, unet_kohya_prefix
-from sdlora.lora import lora_modules, set_lora_scale
+from sdlora.lora import set_lora_scale
 from sdlora.models import load_base_model
 from sdlora.train import Trainer, train
 from sdlora.verify import apply_kohya_by_hand, check_keys, VerifyReport, verify_lora
@@ -158,7 +157,6 @@ def test_lora_learned_something(trained, demo_dataset):
     ids = trainer.base.tokenizer(captions, padding="max_length", max_length=trainer.base.tokenizer.model_max_length,
                                  truncation=True, return_tensors="pt").input_ids
     sched = trainer.noise_scheduler
-    g = torch.Generator().manual_seed(123)
 
     def loss_at(scale):
         set_lora_scale(unet, scale)

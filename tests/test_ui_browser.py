@@ -7,11 +7,8 @@ import re
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
-import pytest
-import torch
 from PIL import Image
 
 from conftest import ROOT, subprocess_env

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import os
 import random
-import tempfile
 from pathlib import Path
+
+from ..fileio import atomic_write_text
 
 
 def split_tags(caption: str) -> list[str]:
@@ -50,17 +50,7 @@ def write_caption(caption_path, text: str, *, root=None) -> Path:
         raise ValueError(f"Refusing to write caption '{path}': it is outside the dataset folder '{root}'.")
     if path.suffix.lower() not in (".txt", ".caption"):
         raise ValueError(f"Refusing to write caption '{path}': captions are .txt or .caption files.")
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text.strip() + "\n")
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return atomic_write_text(path, text.strip() + "\n")
 
 
 def bulk_edit_captions(items, *, find: str = "", replace: str = "", prepend: str = "", append: str = "", root=None) -> int:
