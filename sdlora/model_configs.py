@@ -8,6 +8,7 @@ into a cache folder on first use (`write_config_folder`).
 from __future__ import annotations
 
 import gzip
+import hashlib
 import json
 import os
 import shutil
@@ -38,7 +39,9 @@ _UNET_SD1 = {
     "layers_per_block": 2, "mid_block_scale_factor": 1, "norm_eps": 1e-05, "norm_num_groups": 32, "sample_size": 64,
     "use_linear_projection": False,
 }
-_UNET_SD2 = dict(_UNET_SD1, attention_head_dim=[5, 10, 20, 20], cross_attention_dim=1024, use_linear_projection=True)
+# SD2's original code computes attention scores in fp32 (upcast), which keeps fp16/bf16 training finite.
+_UNET_SD2 = dict(_UNET_SD1, attention_head_dim=[5, 10, 20, 20], cross_attention_dim=1024, use_linear_projection=True,
+                 upcast_attention=True)
 _CLIP_L = {
     "architectures": ["CLIPTextModel"], "model_type": "clip_text_model", "hidden_act": "quick_gelu", "hidden_size": 768,
     "intermediate_size": 3072, "max_position_embeddings": 77, "num_attention_heads": 12, "num_hidden_layers": 12,
@@ -76,7 +79,8 @@ def bytes_to_unicode() -> dict[int, str]:
 @lru_cache(maxsize=1)
 def clip_vocab_and_merges() -> tuple[dict[str, int], list[str]]:
     """CLIP's 49408-token vocabulary, built from the BPE merges file the same way the original tokenizer does."""
-    lines = gzip.open(CLIP_BPE, "rt", encoding="utf-8").read().split("\n")
+    with gzip.open(CLIP_BPE, "rt", encoding="utf-8") as fh:
+        lines = fh.read().split("\n")
     merges = lines[1: 49152 - 256 - 2 + 1]
     base = list(bytes_to_unicode().values())
     vocab = base + [v + "</w>" for v in base] + ["".join(m.split()) for m in merges] + ["<|startoftext|>", "<|endoftext|>"]
@@ -91,6 +95,19 @@ def write_tokenizer(folder: Path, vocab: dict[str, int], merges: list[str], *, p
     (folder / "special_tokens_map.json").write_text(json.dumps(special), encoding="utf-8")
     (folder / "tokenizer_config.json").write_text(json.dumps(
         {"tokenizer_class": "CLIPTokenizer", "model_max_length": 77, "do_lower_case": True, **special}), encoding="utf-8")
+
+
+def config_digest(name: str) -> str:
+    """Short hash of a variant's configs: a cached config folder is rewritten when sdlora's values change."""
+    spec = MODEL_CONFIGS[name]
+    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:10]
+
+
+def config_folder(name: str) -> Path:
+    """The cached config folder for a variant ('sd15', 'sd2-base', 'sd2-v'), written on first use."""
+    from .paths import cache_dir
+
+    return write_config_folder(name, cache_dir() / "configs" / f"{name}-{config_digest(name)}")
 
 
 def write_config_folder(name: str, folder: Path) -> Path:

@@ -1,4 +1,10 @@
-"""Load a base model — built-in tiny model, diffusers folder, single-file checkpoint or hub id — offline by default."""
+"""Load a base model — built-in tiny model, diffusers folder, single-file checkpoint or hub id — offline by default.
+
+Single-file checkpoints in the original (LDM/CompVis) layout carry weights only. sdlora supplies what they lack:
+the component configs of SD1.5, SD2-base and SD2-768-v (`model_configs.py`) and CLIP's tokenizer, built from the
+vendored BPE vocabulary (`assets/`). They are written once into the cache and passed to diffusers' single-file
+converters with `local_files_only=True`, so a downloaded `.safetensors` loads with no hub access.
+"""
 
 from __future__ import annotations
 
@@ -12,13 +18,28 @@ import tempfile
 import warnings
 from collections import Counter
 from dataclasses import dataclass
+from itertools import pairwise
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
-from .fileio import atomic_path
-from .model_configs import MODEL_CONFIGS, bytes_to_unicode, write_config_folder, write_tokenizer
+from .model_configs import (
+    MODEL_CONFIGS,
+    bytes_to_unicode,
+    config_folder,
+    write_tokenizer,
+)
 from .paths import cache_dir
+
+if TYPE_CHECKING:
+    from diffusers import (
+        AutoencoderKL,
+        DDPMScheduler,
+        StableDiffusionPipeline,
+        UNet2DConditionModel,
+    )
+    from transformers import CLIPTextModel, CLIPTokenizer
 
 log = logging.getLogger(__name__)
 
@@ -39,35 +60,47 @@ quiet_libraries()
 TINY_SPEC = "builtin:tiny"
 TINY_VERSION = "tiny-v1"
 CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
+SAMPLERS = ("euler_a", "euler", "ddim", "dpm++")
+PREDICTION_TYPES = ("epsilon", "v_prediction")
+SUPPORTED = ("Supported base models: SD1.x and SD2.x (512 and 768-v), as a diffusers folder or a single "
+             ".safetensors/.ckpt checkpoint, or builtin:tiny.")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
 class ModelLoadError(ValueError):
-    pass
+    """A base model could not be resolved or loaded; the message is a sentence for the user."""
 
 
 @dataclass
 class BaseModel:
-    unet: object
-    vae: object
-    text_encoder: object
-    tokenizer: object
-    noise_scheduler: object
-    family: str
-    prediction_type: str
-    source: str
-    kind: str
-    default_resolution: int
-    model_hash: str
-    name: str
+    unet: UNet2DConditionModel
+    vae: AutoencoderKL
+    text_encoder: CLIPTextModel
+    tokenizer: CLIPTokenizer
+    noise_scheduler: DDPMScheduler      # the training scheduler, prediction_type set
+    family: str                         # "sd1" | "sd2"
+    prediction_type: str                # "epsilon" | "v_prediction"
+    source: str                         # the spec as given
+    kind: str                           # "builtin" | "folder" | "single_file" | "hub"
+    default_resolution: int             # 512 sd1 / sd2-base, 768 sd2-v, 64 builtin:tiny
+    model_hash: str                     # short id of the base weights (cheap: not a full-file hash)
+    name: str                           # file stem, folder name, hub id or builtin:tiny
 
-    def make_pipeline(self, *, unet=None, text_encoder=None, scheduler: str = "euler_a"):
-        """A StableDiffusionPipeline sharing this model's modules (or the given LoRA-carrying ones)."""
-        from diffusers import (DDIMScheduler, DPMSolverMultistepScheduler, EulerAncestralDiscreteScheduler,
-                               EulerDiscreteScheduler, StableDiffusionPipeline)
+    def make_pipeline(self, scheduler: str = "euler_a", *, unet=None, text_encoder=None) -> StableDiffusionPipeline:
+        """A StableDiffusionPipeline sharing this model's modules (or the given LoRA-carrying ones); no safety checker.
+        The sampling scheduler is derived from the training scheduler's config, so betas and prediction type match."""
+        from diffusers import (
+            DDIMScheduler,
+            DPMSolverMultistepScheduler,
+            EulerAncestralDiscreteScheduler,
+            EulerDiscreteScheduler,
+            StableDiffusionPipeline,
+        )
 
         classes = {"euler_a": EulerAncestralDiscreteScheduler, "euler": EulerDiscreteScheduler, "ddim": DDIMScheduler,
                    "dpm++": DPMSolverMultistepScheduler}
+        if scheduler not in classes:
+            raise ValueError(f"Unknown sampler '{scheduler}'. Choose one of: {', '.join(SAMPLERS)}.")
         sched = classes[scheduler].from_config(self.noise_scheduler.config)
         return StableDiffusionPipeline(vae=self.vae, text_encoder=text_encoder or self.text_encoder, tokenizer=self.tokenizer,
                                        unet=unet or self.unet, scheduler=sched, safety_checker=None, feature_extractor=None,
@@ -88,7 +121,7 @@ def _learn_merges(words, count: int = 300) -> list[str]:
     for _ in range(count):
         pairs = Counter()
         for word, freq in corpus.items():
-            for a, b in zip(word, word[1:]):
+            for a, b in pairwise(word):
                 pairs[(a, b)] += freq
         if not pairs:
             break
@@ -110,8 +143,13 @@ def _learn_merges(words, count: int = 300) -> list[str]:
 
 
 def build_tiny_model(folder: Path) -> Path:
-    """Write the tiny SD1-shaped model as a diffusers folder. Fixed seed: the same weights every time."""
-    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    """Write the tiny SD1-shaped model as a diffusers folder. Fixed seeds: the same weights every time."""
+    from diffusers import (
+        AutoencoderKL,
+        PNDMScheduler,
+        StableDiffusionPipeline,
+        UNet2DConditionModel,
+    )
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
     folder = Path(folder)
@@ -165,99 +203,82 @@ def tiny_model_dir() -> Path:
     return final
 
 
-# --- resolving and loading ------------------------------------------------------------------------
+# --- resolving a spec (cheap: file headers and JSON only) ------------------------------------------
 
 def resolve_model_spec(spec: str) -> tuple[str, str]:
-    """Classify a base-model spec without loading anything: (kind, location)."""
+    """Classify a base-model spec without loading weights: (kind, location). Raises ModelLoadError for a missing path,
+    a folder that is not a diffusers SD model, or a .safetensors file whose keys show it is not an SD1.x/SD2.x
+    checkpoint (LoRA, SDXL, VAE, ...)."""
     spec = (spec or "").strip()
     if not spec:
-        raise ModelLoadError("base_model: no base model given. Use builtin:tiny, a diffusers folder, a .safetensors file or a hub id.")
+        raise ModelLoadError("No base model given. Use builtin:tiny, a diffusers folder, a .safetensors file or a hub id.")
     if spec.startswith("builtin:"):
         if spec != TINY_SPEC:
             raise ModelLoadError(f"Unknown built-in model '{spec}'. The built-in model is {TINY_SPEC}.")
         return "builtin", str(cache_dir() / TINY_VERSION)
     path = Path(spec).expanduser()
     if path.is_dir():
-        if (path / "model_index.json").is_file() or (path / "unet").is_dir():
-            return "folder", str(path)
-        raise ModelLoadError(f"Base model folder '{path}' has no model_index.json or unet/ folder: it is not a diffusers model. "
-                             "Point at a diffusers folder or a single .safetensors checkpoint.")
+        check_diffusers_folder(path)
+        return "folder", str(path)
     if path.is_file():
         if path.suffix.lower() not in CHECKPOINT_SUFFIXES:
-            raise ModelLoadError(f"Base model '{path}' is not a checkpoint (expected {', '.join(CHECKPOINT_SUFFIXES)}).")
+            raise ModelLoadError(f"Base model '{path}' is not a checkpoint file (expected {', '.join(CHECKPOINT_SUFFIXES)}). "
+                                 + SUPPORTED)
+        if path.suffix.lower() == ".safetensors":
+            checkpoint_family(read_checkpoint_keys(path, allow_pickle=False), path)
         return "single_file", str(path)
     looks_like_path = spec.startswith((".", "~", "/")) or spec.count("/") > 1 or "\\" in spec \
         or path.suffix.lower() in CHECKPOINT_SUFFIXES
     if not looks_like_path and _HUB_ID.match(spec):
         return "hub", spec
-    raise ModelLoadError(f"Base model '{spec}' not found: no such file or folder. Check the path, or use builtin:tiny.")
+    raise ModelLoadError(f"Base model '{spec}' not found: no such file or folder. Check the path, or use {TINY_SPEC} "
+                         "(built in) or a hub id like owner/name.")
 
 
-def _family_of(unet, text_encoder) -> str:
-    dim = int(unet.config.cross_attention_dim if not isinstance(unet.config.cross_attention_dim, (list, tuple)) else unet.config.cross_attention_dim[0])
-    return "sd2" if dim == 1024 else "sd1"
-
-
-def _finish(components: dict, *, spec: str, kind: str, name: str, model_hash: str, prediction_type: str | None,
-            default_resolution: int | None = None, dtype=torch.float32) -> BaseModel:
-    from diffusers import DDPMScheduler
-
-    unet, vae, te = components["unet"], components["vae"], components["text_encoder"]
-    family = _family_of(unet, te)
-    sched_cfg = dict(components["scheduler"].config)
-    pred = prediction_type or sched_cfg.get("prediction_type", "epsilon")
-    # The training scheduler: DDPM with the model's betas; the sampling ones are derived in make_pipeline.
-    keep = {k: v for k, v in sched_cfg.items() if k in ("beta_start", "beta_end", "beta_schedule", "num_train_timesteps",
-                                                            "trained_betas", "steps_offset", "timestep_spacing", "rescale_betas_zero_snr")}
-    noise = DDPMScheduler(**keep, prediction_type=pred, clip_sample=False)
-    for m in (unet, vae, te):
-        want = dtype if m is not vae else torch.float32
-        if m.dtype != want:
-            m.to(dtype=want)
-        m.eval()
-    if default_resolution is None:
-        default_resolution = int(unet.config.sample_size) * 8
-    return BaseModel(unet=unet, vae=vae, text_encoder=te, tokenizer=components["tokenizer"], noise_scheduler=noise, family=family,
-                     prediction_type=pred, source=spec, kind=kind, default_resolution=default_resolution, model_hash=model_hash,
-                     name=name)
-
-
-def _load_folder(folder: Path) -> dict:
-    import diffusers
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTokenizer
-
-    index_path = folder / "model_index.json"
-    if index_path.is_file():
-        index = json.loads(index_path.read_text())
-        if "text_encoder_2" in index or "XL" in str(index.get("_class_name", "")):
-            raise ModelLoadError(f"'{folder}' is an SDXL model. SDXL base models are not supported yet; use an SD1.x or SD2.x model.")
+def _read_json(path: Path) -> dict:
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", FutureWarning)
-            sched_cfg = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
-            sched_cls = getattr(diffusers, sched_cfg.get("_class_name", "PNDMScheduler"), diffusers.PNDMScheduler)
-            return {
-                "unet": UNet2DConditionModel.from_pretrained(folder, subfolder="unet", local_files_only=True),
-                "vae": AutoencoderKL.from_pretrained(folder, subfolder="vae", local_files_only=True),
-                "text_encoder": CLIPTextModel.from_pretrained(folder, subfolder="text_encoder", local_files_only=True),
-                "tokenizer": CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer", local_files_only=True),
-                "scheduler": sched_cls.from_pretrained(folder, subfolder="scheduler", local_files_only=True),
-            }
-    except (OSError, ValueError, json.JSONDecodeError) as exc:
-        raise ModelLoadError(f"Could not load the diffusers model in '{folder}': {exc}. Check that unet/, vae/, text_encoder/, "
-                             "tokenizer/ and scheduler/ are complete.") from None
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"Could not read '{path}': {exc}. The model folder looks damaged; download it again.") from None
 
 
-def _folder_hash(folder: Path) -> str:
-    h = hashlib.sha256()
-    for f in sorted((folder / "unet").glob("*.json")) + sorted((folder / "unet").glob("*.safetensors"))[:1]:
-        h.update(f.name.encode())
-        h.update(str(f.stat().st_size).encode())
-        with open(f, "rb") as fh:
-            h.update(fh.read(1 << 20))
-    return h.hexdigest()[:16]
+def check_diffusers_folder(folder: Path) -> None:
+    """Raise a clear ModelLoadError unless `folder` is a diffusers SD1.x/SD2.x model (reads JSON configs only)."""
+    index_path, unet_cfg_path = folder / "model_index.json", folder / "unet" / "config.json"
+    index = _read_json(index_path) if index_path.is_file() else {}
+    if not index and not (folder / "unet").is_dir():
+        raise ModelLoadError(f"Base model folder '{folder}' has no model_index.json or unet/ folder: it is not a diffusers "
+                             "model. Point at a diffusers folder or a single .safetensors checkpoint.")
+    cls = str(index.get("_class_name", ""))
+    if "text_encoder_2" in index or "XL" in cls:
+        raise ModelLoadError(f"'{folder}' is an SDXL model: SDXL models are not supported yet. " + SUPPORTED)
+    if index and "unet" not in index:
+        raise ModelLoadError(f"'{folder}' is a {cls or 'non-UNet'} model, not Stable Diffusion 1.x/2.x. " + SUPPORTED)
+    missing = [part for part in ("unet", "vae", "text_encoder", "tokenizer", "scheduler") if not (folder / part).is_dir()]
+    if missing:
+        raise ModelLoadError(f"Base model folder '{folder}' lacks {', '.join(p + '/' for p in missing)}: the diffusers model "
+                             "is incomplete. Download it again, or point at a single .safetensors checkpoint.")
+    if not unet_cfg_path.is_file():
+        raise ModelLoadError(f"'{folder}' has no unet/config.json: the diffusers model is incomplete. Download it again.")
+    unet_cfg = _read_json(unet_cfg_path)
+    if unet_cfg.get("addition_embed_type") == "text_time" or _context_dim(unet_cfg) >= 2048:
+        raise ModelLoadError(f"'{folder}' is an SDXL model: SDXL models are not supported yet. " + SUPPORTED)
+    if unet_cfg.get("in_channels", 4) != 4:
+        raise ModelLoadError(_in_channels_message(f"'{folder}'", unet_cfg["in_channels"]))
 
+
+def _context_dim(unet_cfg) -> int:
+    dim = unet_cfg.get("cross_attention_dim", 768) if isinstance(unet_cfg, dict) else unet_cfg.cross_attention_dim
+    return int(dim[0] if isinstance(dim, (list, tuple)) else dim)
+
+
+def _in_channels_message(what: str, channels: int) -> str:
+    kind = {9: "an inpainting model", 8: "an instruct-pix2pix model", 5: "a depth-conditioned model"}.get(channels, "not a text-to-image model")
+    return (f"{what} has a UNet with {channels} input channels: it is {kind}. sdlora trains LoRAs on text-to-image "
+            "base models (4 input channels); use the matching non-inpainting base model.")
+
+
+# --- checkpoints: reading and recognising ---------------------------------------------------------
 
 def file_quick_hash(path: Path) -> str:
     """sha256 of the size and the first and last MiB: identifies a multi-GB checkpoint in milliseconds."""
@@ -273,144 +294,405 @@ def file_quick_hash(path: Path) -> str:
 
 
 def read_checkpoint_keys(path: Path, *, allow_pickle: bool) -> dict[str, tuple]:
-    """Key -> shape of a checkpoint, reading safetensors headers only; .ckpt via weights_only unless allowed."""
+    """Key -> shape of a checkpoint: the safetensors header only; other files are loaded (weights_only unless allowed)."""
     if path.suffix.lower() == ".safetensors":
         from safetensors import safe_open
 
         try:
             with safe_open(str(path), framework="pt") as fh:
-                return {k: tuple(fh.get_slice(k).get_shape()) for k in fh.keys()}
+                return {k: tuple(fh.get_slice(k).get_shape()) for k in fh.keys()}  # noqa: SIM118
         except Exception as exc:
-            raise ModelLoadError(f"'{path}' is not a valid .safetensors checkpoint ({exc}). Download it again or pick another file.") from None
+            raise ModelLoadError(f"'{path}' is not a valid .safetensors checkpoint ({str(exc).splitlines()[0][:160]}). "
+                                 "Download it again or pick another file.") from None
     sd = load_torch_checkpoint(path, allow_pickle=allow_pickle)
-    return {k: tuple(v.shape) for k, v in sd.items() if hasattr(v, "shape")}
+    return {k: tuple(v.shape) for k, v in sd.items()}
 
 
-def load_torch_checkpoint(path: Path, *, allow_pickle: bool) -> dict:
+class _Inert:
+    """Stands in for the non-tensor objects old checkpoints pickle next to their weights (training callbacks, numpy
+    step counters); it runs nothing and keeps nothing."""
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def __setstate__(self, state):
+        pass
+
+
+# What PyTorch-Lightning training saved beside the weights in the original SD .ckpt files; replaced by _Inert
+# rather than imported, so weights_only loading still executes no code from the file.
+_BENIGN_GLOBALS = re.compile(r"^(numpy(\._core|\.core)?\.multiarray\.(scalar|_reconstruct)|numpy\.(dtype|ndarray)"
+                             r"|numpy\.dtypes\.\w+|(pytorch_lightning|lightning\.pytorch|lightning_fabric)\.[\w.]+)$")
+
+
+def load_torch_checkpoint(path: Path, *, allow_pickle: bool) -> dict[str, torch.Tensor]:
+    """The tensors of a .ckpt/.pt/.bin file, read with torch.load(weights_only=True); full pickle only when allowed."""
     import pickle
 
+    def unreadable(exc) -> ModelLoadError:
+        return ModelLoadError(f"'{path}' is not a readable checkpoint ({str(exc).splitlines()[0][:160] or type(exc).__name__}). "
+                              "Download it again or pick another file.")
+
+    def refused(names) -> ModelLoadError:
+        return ModelLoadError(
+            f"'{path}' contains pickled Python objects ({', '.join(names[:3])}) that safe loading refuses: pickle can run "
+            "arbitrary code. Convert the file to .safetensors, or, only if you trust its source, pass --allow-pickle "
+            "(allow_pickle=True).")
+
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
+    except Exception:
+        unsafe = None  # not a zip checkpoint: the legacy format, or not a checkpoint at all
+    others = [n for n in unsafe or () if not _BENIGN_GLOBALS.match(n)]
+    try:
+        if others:
+            if not allow_pickle:
+                raise refused(others)
+            log.warning("Loading '%s' with full pickle (--allow-pickle): only do this for files you trust.", path)
+            obj = torch.load(path, map_location="cpu", weights_only=False)
+        else:
+            with torch.serialization.safe_globals([(_Inert, n) for n in unsafe or ()]):
+                obj = torch.load(path, map_location="cpu", weights_only=True, mmap=unsafe is not None)
+    except ModelLoadError:
+        raise
     except pickle.UnpicklingError as exc:
+        found = re.findall(r"GLOBAL ([\w.]+)", str(exc))
+        if not found:
+            raise unreadable(exc) from None
         if not allow_pickle:
-            raise ModelLoadError(
-                f"'{path}' contains pickled Python objects that safe loading refuses ({str(exc).splitlines()[0][:120]}). "
-                "Pickle can run arbitrary code: convert the file to .safetensors, or, only if you trust its source, pass "
-                "--allow-pickle.") from None
+            raise refused(found) from None
         log.warning("Loading '%s' with full pickle (--allow-pickle): only do this for files you trust.", path)
         obj = torch.load(path, map_location="cpu", weights_only=False)
-    except (RuntimeError, EOFError, OSError, ValueError) as exc:
-        raise ModelLoadError(f"'{path}' is not a readable checkpoint ({str(exc).splitlines()[0][:160]}).") from None
-    if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
+    except (RuntimeError, EOFError, OSError, ValueError, KeyError, IndexError, TypeError) as exc:
+        raise unreadable(exc) from None
+    while isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
         obj = obj["state_dict"]
     if not isinstance(obj, dict):
-        raise ModelLoadError(f"'{path}' does not hold a state dict; it is not a Stable Diffusion checkpoint.")
-    return obj
+        raise ModelLoadError(f"'{path}' does not hold a state dict: it is not a Stable Diffusion checkpoint. " + SUPPORTED)
+    return {k: v for k, v in obj.items() if isinstance(k, str) and isinstance(v, torch.Tensor)}
+
+
+def _read_state_dict(path: Path, *, allow_pickle: bool) -> dict[str, torch.Tensor]:
+    if path.suffix.lower() == ".safetensors":
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(path))
+        except Exception as exc:
+            raise ModelLoadError(f"'{path}' could not be read ({str(exc).splitlines()[0][:160]}). "
+                                 "Download it again or pick another file.") from None
+    return load_torch_checkpoint(path, allow_pickle=allow_pickle)
+
+
+_UNET = "model.diffusion_model."
+_CONV_IN = _UNET + "input_blocks.0.0.weight"
+_ATTN2_K = _UNET + "input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight"
+
+
+def checkpoint_family(keys: dict[str, tuple], path: Path) -> str:
+    """'sd1' | 'sd2' from an original-layout checkpoint's key names and shapes; a clear ModelLoadError for anything
+    sdlora cannot use as a base model (LoRA, SDXL, Flux/SD3, VAE-only, inpainting, incomplete files)."""
+    name = path.name
+    names = list(keys)
+    if not names:
+        raise ModelLoadError(f"'{name}' holds no tensors: it is not a Stable Diffusion checkpoint. " + SUPPORTED)
+    if any(k.startswith(("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")) or ".lora_down." in k or ".lora_A." in k
+           or ".lora.down." in k for k in names):
+        raise ModelLoadError(f"'{name}' is a LoRA, not a base model. Use it with --lora (generate), and pick a full "
+                             "SD1.x/SD2.x checkpoint as the base model.")
+    if any(k.startswith("conditioner.embedders.") for k in names):
+        raise ModelLoadError(f"'{name}' is an SDXL checkpoint: SDXL models are not supported yet. " + SUPPORTED)
+    transformer_blocks = ("double_blocks.", "single_blocks.", "joint_blocks.", "transformer_blocks.")
+    if any(k.startswith(transformer_blocks) or k.removeprefix(_UNET).startswith(transformer_blocks) for k in names):
+        raise ModelLoadError(f"'{name}' is a transformer-based model (Flux/SD3), not an SD1.x/SD2.x UNet model. " + SUPPORTED)
+    if not any(k.startswith(_UNET) for k in names):
+        if all(k.startswith(("encoder.", "decoder.", "quant_conv.", "post_quant_conv.", "first_stage_model.")) for k in names):
+            what = "a VAE (autoencoder) file"
+        elif any(k in ("string_to_param", "emb_params", "clip_l", "clip_g") or k.startswith("string_to_param") for k in names):
+            what = "a textual-inversion embedding"
+        elif any(k.startswith(("down_blocks.", "conv_in.", "mid_block.")) for k in names):
+            what = "a diffusers-format UNet weights file (point at the whole diffusers folder instead)"
+        else:
+            what = "not an SD1.x/SD2.x checkpoint (no model.diffusion_model.* UNet weights)"
+        raise ModelLoadError(f"'{name}' is {what}, not a base model. " + SUPPORTED)
+    conv_in = keys.get(_CONV_IN)
+    if conv_in is None or len(conv_in) != 4:
+        raise ModelLoadError(f"'{name}' has UNet weights without the usual first convolution ({_CONV_IN}): "
+                             "unsupported layout. " + SUPPORTED)
+    if conv_in[1] != 4:
+        raise ModelLoadError(_in_channels_message(f"'{name}'", conv_in[1]))
+    if any(k.startswith("cond_stage_model.model.") for k in names):
+        family = "sd2"
+    elif any(k.startswith("cond_stage_model.transformer.") for k in names):
+        family = "sd1"
+    else:
+        raise ModelLoadError(f"'{name}' has no text encoder weights (cond_stage_model.*): it holds only part of a model. "
+                             "Use a full checkpoint (UNet, VAE and text encoder). " + SUPPORTED)
+    if not any(k.startswith("first_stage_model.") for k in names):
+        raise ModelLoadError(f"'{name}' has no VAE weights (first_stage_model.*): it holds only part of a model. "
+                             "Use a full checkpoint (UNet, VAE and text encoder). " + SUPPORTED)
+    if conv_in[0] == 320:
+        context = keys.get(_ATTN2_K, (0, 0))[-1]
+        want = 768 if family == "sd1" else 1024
+        if context != want:
+            raise ModelLoadError(f"'{name}' mixes a {family.upper()} text encoder with a UNet for {context}-wide text "
+                                 "embeddings: unsupported architecture. " + SUPPORTED)
+    return family
 
 
 def detect_architecture(keys: dict[str, tuple], path: Path) -> str:
-    """'sd15' | 'sd2' | 'tiny' from key names and shapes; a clear error for anything else."""
-    names = list(keys)
-    if any(k.startswith(("lora_unet_", "lora_te_", "lora_te1_")) or ".lora_down." in k or ".lora_A." in k for k in names):
-        raise ModelLoadError(f"'{path.name}' is a LoRA, not a base model. Use it with --lora (generate) and pick a full checkpoint as base model.")
-    if any(k.startswith("conditioner.embedders.") for k in names):
-        raise ModelLoadError(f"'{path.name}' is an SDXL checkpoint. SDXL base models are not supported yet; use an SD1.x or SD2.x checkpoint.")
-    if not any(k.startswith("model.diffusion_model.") for k in names):
-        if any(k.startswith(("double_blocks.", "transformer_blocks.", "joint_blocks.")) for k in names):
-            raise ModelLoadError(f"'{path.name}' is a transformer-based model (Flux/SD3); sdlora supports SD1.x and SD2.x.")
-        raise ModelLoadError(f"'{path.name}' has no Stable Diffusion UNet weights (no model.diffusion_model.* keys): it is not an "
-                             "SD1.x/SD2.x checkpoint. Supported: SD1.x and SD2.x single files and diffusers folders.")
-    conv_in = keys.get("model.diffusion_model.input_blocks.0.0.weight", (0,))
-    if conv_in[0] == 32:
-        return "tiny"
-    if conv_in[0] != 320:
-        raise ModelLoadError(f"'{path.name}' has an unsupported UNet layout (first conv has {conv_in[0]} channels); supported: SD1.x, SD2.x.")
-    if any(k.startswith("cond_stage_model.model.") for k in names):
-        return "sd2"
-    return "sd15"
+    """'sd15' | 'sd2' for the real sizes, 'tiny' for builtin:tiny's, 'custom' for other sizes (needs config_dir)."""
+    family = checkpoint_family(keys, path)
+    channels = keys[_CONV_IN][0]
+    if channels == 320:
+        return "sd15" if family == "sd1" else "sd2"
+    tiny_channels = 32  # builtin:tiny's block_out_channels[0]
+    return "tiny" if channels == tiny_channels and family == "sd1" else "custom"
 
 
-def _load_single_file(path: Path, *, allow_pickle: bool, prediction_type: str | None, config_dir: str | None):
-    from diffusers import StableDiffusionPipeline
+# --- loading --------------------------------------------------------------------------------------
 
-    arch = detect_architecture(read_checkpoint_keys(path, allow_pickle=allow_pickle), path)
-    resolution = None
+def _check_complete(module, path: Path, part: str) -> None:
+    missing = [n for n, t in list(module.named_parameters()) + list(module.named_buffers()) if t.is_meta]
+    if missing:
+        raise ModelLoadError(f"'{path.name}' lacks weights for the {part} ({len(missing)} tensors, e.g. {missing[0]}): "
+                             "the file is incomplete or of an unsupported variant. " + SUPPORTED)
+
+
+@torch.no_grad()
+def predicts_v(unet) -> bool:
+    """Whether an SD2 UNet was trained for v-prediction, from one forward pass at the last timestep on a constant
+    input: an epsilon model returns about the input there, a v model about its negative (the check AUTOMATIC1111
+    uses for SD2 checkpoints that come without a config)."""
+    p = next(unet.parameters())
+    x = torch.full((1, 4, 8, 8), 0.5, dtype=p.dtype, device=p.device)
+    cond = torch.full((1, 2, _context_dim(unet.config)), 0.5, dtype=p.dtype, device=p.device)
+    out = unet(x, torch.tensor([999], device=p.device), encoder_hidden_states=cond).sample
+    return (out - x).float().mean().item() < -1
+
+
+def _with_text_model_prefix(state: dict) -> dict:
+    """Some SD1 merges were saved with an older transformers layout, `cond_stage_model.transformer.embeddings.*`
+    without `text_model.`; diffusers' converter only recognises the newer names."""
+    old, new = "cond_stage_model.transformer.", "cond_stage_model.transformer.text_model."
+    if any(k.startswith(new) for k in state) or not any(k.startswith(old) for k in state):
+        return state
+    return {(new + k[len(old):] if k.startswith(old) else k): v for k, v in state.items()}
+
+
+def _load_single_file(path: Path, *, dtype, allow_pickle: bool, prediction_type: str | None, config_dir) -> dict:
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from diffusers.loaders.single_file_utils import create_diffusers_clip_model_from_ldm
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    if path.suffix.lower() == ".safetensors":
+        arch = detect_architecture(read_checkpoint_keys(path, allow_pickle=False), path)
+        state = _read_state_dict(path, allow_pickle=False)
+    else:
+        state = _read_state_dict(path, allow_pickle=allow_pickle)
+        arch = detect_architecture({k: tuple(v.shape) for k, v in state.items()}, path)
+    family = "sd2" if arch == "sd2" or any(k.startswith("cond_stage_model.model.") for k in state) else "sd1"
+    if family == "sd1":
+        state = _with_text_model_prefix(state)
+    variant = None
     if config_dir:
-        config = Path(config_dir)
+        config = Path(config_dir).expanduser()
+        if not (config / "unet" / "config.json").is_file():
+            raise ModelLoadError(f"config_dir '{config}' is not a diffusers model folder (no unet/config.json).")
     elif arch == "tiny":
         config = tiny_model_dir()
-    elif arch == "sd2":
-        # SD2 checkpoints do not say whether they are the 768 v-prediction or the 512 epsilon ("base") model.
-        name = path.name.lower()
-        variant = "sd2-base" if ("base" in name or "512" in name) and prediction_type != "v_prediction" else "sd2-v"
-        if prediction_type == "epsilon":
-            variant = "sd2-base"
-        config = write_config_folder(variant, cache_dir() / "configs" / variant)
-        resolution = MODEL_CONFIGS[variant]["resolution"]
+    elif arch == "custom":
+        raise ModelLoadError(f"'{path.name}' is an {family.upper()}-style checkpoint with non-standard sizes (first UNet "
+                             f"layer has {state[_CONV_IN].shape[0]} channels, not 320): pass config_dir=<a diffusers "
+                             "folder with matching configs>.")
     else:
-        config = write_config_folder("sd15", cache_dir() / "configs" / "sd15")
-    source = path
-    if path.suffix.lower() != ".safetensors" and allow_pickle:
-        source = _pickle_to_safetensors(path)
+        # SD2 512-base and 768-v share one layout; loaded with the 768-v configs, then settled by predicts_v below.
+        variant = "sd15" if arch == "sd15" else "sd2-v"
+        config = config_folder(variant)
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("ignore", FutureWarning)
-            pipe = StableDiffusionPipeline.from_single_file(str(source), config=str(config), local_files_only=True,
-                                                            safety_checker=None, requires_safety_checker=False)
+            warnings.simplefilter("ignore")
+            unet = UNet2DConditionModel.from_single_file(state, config=str(config), subfolder="unet", local_files_only=True,
+                                                         torch_dtype=dtype)
+            _check_complete(unet, path, "UNet")
+            vae = AutoencoderKL.from_single_file(state, config=str(config), subfolder="vae", local_files_only=True,
+                                                 torch_dtype=torch.float32)
+            _check_complete(vae, path, "VAE")
+            text_encoder = create_diffusers_clip_model_from_ldm(CLIPTextModel, state, subfolder="text_encoder",
+                                                                config=str(config), torch_dtype=dtype, local_files_only=True)
+            _check_complete(text_encoder, path, "text encoder")
+            tokenizer = CLIPTokenizer.from_pretrained(config / "tokenizer", local_files_only=True)
     except ModelLoadError:
         raise
     except Exception as exc:
-        raise ModelLoadError(f"Could not load '{path.name}' as an SD checkpoint: {str(exc).splitlines()[0][:200]}") from None
-    comps = {"unet": pipe.unet, "vae": pipe.vae, "text_encoder": pipe.text_encoder, "tokenizer": pipe.tokenizer, "scheduler": pipe.scheduler}
-    return comps, resolution
+        raise ModelLoadError(f"Could not load '{path.name}' as an {family.upper()} checkpoint: "
+                             f"{str(exc).strip().splitlines()[0][:240]}. " + SUPPORTED) from None
+    del state
+    scheduler_config = _read_json(config / "scheduler" / "scheduler_config.json")
+    resolution = None
+    if variant == "sd2-v":
+        pred = prediction_type
+        if pred is None:
+            try:
+                pred = "v_prediction" if predicts_v(unet) else "epsilon"
+                log.info("'%s': SD2 checkpoint detected as %s; pass prediction_type to override.", path.name, pred)
+            except Exception as exc:  # e.g. a dtype the CPU cannot run: fall back to the common SD2 768-v release
+                pred = "v_prediction"
+                log.warning("'%s': could not test the SD2 prediction type (%s); assuming v_prediction. Pass "
+                            "prediction_type='epsilon' for a 512 'base' model.", path.name, exc)
+        variant = "sd2-v" if pred == "v_prediction" else "sd2-base"
+        unet.register_to_config(sample_size=MODEL_CONFIGS[variant]["unet"]["sample_size"])
+        vae.register_to_config(sample_size=MODEL_CONFIGS[variant]["vae"]["sample_size"])
+        scheduler_config = MODEL_CONFIGS[variant]["scheduler"]
+        resolution = MODEL_CONFIGS[variant]["resolution"]
+    return {"unet": unet, "vae": vae, "text_encoder": text_encoder, "tokenizer": tokenizer,
+            "scheduler_config": scheduler_config, "family": family, "resolution": resolution}
 
 
-def _pickle_to_safetensors(path: Path) -> Path:
-    from safetensors.torch import save_file
-
-    target = cache_dir() / "converted" / f"{path.stem}-{file_quick_hash(path)}.safetensors"
-    if not target.is_file():
-        sd = load_torch_checkpoint(path, allow_pickle=True)
-        with atomic_path(target) as tmp:
-            save_file({k: v.contiguous() for k, v in sd.items() if isinstance(v, torch.Tensor)}, str(tmp))
-    return target
+def _weights_variant(sub: Path) -> str | None:
+    """'fp16' when a component folder only has fp16-variant weights (e.g. diffusion_pytorch_model.fp16.safetensors)."""
+    names = [f.name for f in sub.iterdir() if f.suffix in (".safetensors", ".bin")] if sub.is_dir() else []
+    if not names or any(".fp16." not in n for n in names):
+        return None
+    return "fp16"
 
 
-def _load_hub(repo_id: str) -> dict:
+def _load_folder(folder: Path) -> dict:
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    check_diffusers_folder(folder)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            comps = {
+                "unet": UNet2DConditionModel.from_pretrained(folder, subfolder="unet", local_files_only=True,
+                                                             variant=_weights_variant(folder / "unet")),
+                "vae": AutoencoderKL.from_pretrained(folder, subfolder="vae", local_files_only=True,
+                                                     variant=_weights_variant(folder / "vae")),
+                "text_encoder": CLIPTextModel.from_pretrained(folder, subfolder="text_encoder", local_files_only=True,
+                                                              variant=_weights_variant(folder / "text_encoder")),
+                "tokenizer": CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer", local_files_only=True),
+            }
+    except (OSError, ValueError, TypeError, KeyError) as exc:
+        raise ModelLoadError(f"Could not load the diffusers model in '{folder}': {str(exc).strip().splitlines()[0][:240]}. "
+                             "Check that unet/, vae/, text_encoder/, tokenizer/ and scheduler/ are complete.") from None
+    comps["scheduler_config"] = _read_json(folder / "scheduler" / "scheduler_config.json")
+    return comps
+
+
+def _folder_hash(folder: Path) -> str:
+    """sha256 of the UNet config and the size and first MiB of each UNet weights file."""
+    h = hashlib.sha256()
+    unet = folder / "unet"
+    files = sorted(unet.glob("*.json")) + sorted(f for f in unet.iterdir() if f.suffix in (".safetensors", ".bin"))
+    for f in files:
+        h.update(f.name.encode())
+        h.update(str(f.stat().st_size).encode())
+        with open(f, "rb") as fh:
+            h.update(fh.read(1 << 20))
+    return h.hexdigest()[:16]
+
+
+def _hub_error(repo_id: str, exc: BaseException) -> ModelLoadError:
+    chain, e = [], exc
+    while e is not None and len(chain) < 10:
+        chain.append(type(e).__name__)
+        e = e.__cause__ or e.__context__
+    local = (f"or point --base-model at a local diffusers folder or .safetensors file (e.g. `hf download {repo_id} "
+             f"--local-dir models/{repo_id.split('/')[-1]}` on a machine with network, then "
+             f"--base-model models/{repo_id.split('/')[-1]}).")
+    if "GatedRepoError" in chain:
+        return ModelLoadError(f"'{repo_id}' is gated on the Hugging Face hub: accept its license on the model page and log "
+                              f"in with `hf auth login`, {local}")
+    if "RepositoryNotFoundError" in chain:
+        return ModelLoadError(f"'{repo_id}' was not found on the Hugging Face hub. Check the id (owner/name), {local}")
+    offline = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+    why = "offline mode: HF_HUB_OFFLINE is set" if offline else "no network?"
+    return ModelLoadError(f"Could not download '{repo_id}' from the Hugging Face hub ({why}). Download it once with "
+                          f"`hf download {repo_id}` on this machine while it has network, {local}")
+
+
+def _load_hub(repo_id: str) -> tuple[dict, str]:
     from diffusers import StableDiffusionPipeline
 
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("ignore", FutureWarning)
+            warnings.simplefilter("ignore")
+            index, commit = StableDiffusionPipeline.load_config(repo_id, return_commit_hash=True)
+    except Exception as exc:
+        raise _hub_error(repo_id, exc) from None
+    if "text_encoder_2" in index or "XL" in str(index.get("_class_name", "")):
+        raise ModelLoadError(f"'{repo_id}' is an SDXL model: SDXL models are not supported yet. " + SUPPORTED)
+    if "unet" not in index:
+        raise ModelLoadError(f"'{repo_id}' is a {index.get('_class_name', 'non-UNet')} model, not Stable Diffusion "
+                             "1.x/2.x. " + SUPPORTED)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
             pipe = StableDiffusionPipeline.from_pretrained(repo_id, safety_checker=None, requires_safety_checker=False)
     except Exception as exc:
-        offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
-        why = "offline mode (HF_HUB_OFFLINE is set)" if offline else f"{type(exc).__name__}"
-        raise ModelLoadError(
-            f"Could not download '{repo_id}' from the Hugging Face hub ({why}; no network?). Download it once with "
-            f"`huggingface-cli download {repo_id}` on a machine with network, or point --base-model at a local diffusers "
-            "folder or .safetensors file.") from None
-    if getattr(pipe, "text_encoder_2", None) is not None:
-        raise ModelLoadError(f"'{repo_id}' is an SDXL model. SDXL base models are not supported yet.")
-    return {"unet": pipe.unet, "vae": pipe.vae, "text_encoder": pipe.text_encoder, "tokenizer": pipe.tokenizer, "scheduler": pipe.scheduler}
+        raise _hub_error(repo_id, exc) from None
+    if pipe.unet.config.in_channels != 4:
+        raise ModelLoadError(_in_channels_message(f"'{repo_id}'", pipe.unet.config.in_channels))
+    comps = {"unet": pipe.unet, "vae": pipe.vae, "text_encoder": pipe.text_encoder, "tokenizer": pipe.tokenizer,
+             "scheduler_config": dict(pipe.scheduler.config)}
+    return comps, hashlib.sha256(f"{repo_id}@{commit}".encode()).hexdigest()[:16]
+
+
+def _family_from_unet(unet) -> str:
+    """SD2 conditions on 1024-wide OpenCLIP embeddings, SD1 on 768-wide CLIP ones; other (test-sized) models are told
+    apart by SD2's linear attention projections."""
+    dim = _context_dim(unet.config)
+    if dim in (768, 1024):
+        return "sd1" if dim == 768 else "sd2"
+    return "sd2" if unet.config.use_linear_projection else "sd1"
+
+
+def _finish(comps: dict, *, spec: str, kind: str, name: str, model_hash: str, prediction_type: str | None,
+            dtype: torch.dtype) -> BaseModel:
+    from diffusers import DDPMScheduler
+
+    unet, vae, te = comps["unet"], comps["vae"], comps["text_encoder"]
+    sched_cfg = comps["scheduler_config"]
+    pred = prediction_type or sched_cfg.get("prediction_type") or "epsilon"
+    # The training scheduler: DDPM with the model's betas; the sampling ones are derived from it in make_pipeline.
+    keep = {k: v for k, v in sched_cfg.items() if k in ("beta_start", "beta_end", "beta_schedule", "num_train_timesteps",
+                                                         "trained_betas", "steps_offset", "timestep_spacing",
+                                                         "rescale_betas_zero_snr")}
+    noise = DDPMScheduler(**keep, prediction_type=pred, clip_sample=False)
+    # The VAE stays in float32: SD's VAE overflows in fp16, and it only runs to encode/decode.
+    for module, want in ((unet, dtype), (te, dtype), (vae, torch.float32)):
+        if module.dtype != want:
+            module.to(dtype=want)
+        module.eval()
+    resolution = comps.get("resolution") or int(unet.config.sample_size) * 2 ** (len(vae.config.block_out_channels) - 1)
+    return BaseModel(unet=unet, vae=vae, text_encoder=te, tokenizer=comps["tokenizer"], noise_scheduler=noise,
+                     family=comps.get("family") or _family_from_unet(unet), prediction_type=pred, source=spec, kind=kind,
+                     default_resolution=resolution, model_hash=model_hash, name=name)
 
 
 def load_base_model(spec: str, *, dtype: torch.dtype = torch.float32, allow_pickle: bool = False,
-                    prediction_type: str | None = None, config_dir: str | None = None) -> BaseModel:
+                    prediction_type: str | None = None, config_dir: str | os.PathLike | None = None) -> BaseModel:
+    """Load a base model offline. `spec`: builtin:tiny, a diffusers folder, a single .safetensors/.ckpt file in the
+    original SD layout, or a hub id. UNet and text encoder are cast to `dtype`, the VAE stays float32.
+    `prediction_type` overrides what the model's config says (or, for SD2 single files, what a test pass finds).
+    `allow_pickle` lets a .ckpt with arbitrary pickled objects load (runs code from the file: trusted files only).
+    `config_dir`: for single files of non-standard sizes, a diffusers folder whose configs and tokenizer match."""
+    if prediction_type is not None and prediction_type not in PREDICTION_TYPES:
+        raise ModelLoadError(f"prediction_type must be one of {', '.join(PREDICTION_TYPES)} (or unset for the model's own), "
+                             f"not '{prediction_type}'.")
     kind, location = resolve_model_spec(spec)
+    common = {"spec": spec, "kind": kind, "prediction_type": prediction_type, "dtype": dtype}
     if kind == "builtin":
-        folder = tiny_model_dir()
-        return _finish(_load_folder(folder), spec=spec, kind=kind, name=TINY_SPEC, model_hash=TINY_VERSION,
-                       prediction_type=prediction_type, default_resolution=64, dtype=dtype)
+        return _finish(_load_folder(tiny_model_dir()), name=TINY_SPEC, model_hash=TINY_VERSION, **common)
     if kind == "folder":
         folder = Path(location)
-        return _finish(_load_folder(folder), spec=spec, kind=kind, name=folder.name, model_hash=_folder_hash(folder),
-                       prediction_type=prediction_type, dtype=dtype)
+        return _finish(_load_folder(folder), name=folder.name, model_hash=_folder_hash(folder), **common)
     if kind == "single_file":
         path = Path(location)
-        comps, resolution = _load_single_file(path, allow_pickle=allow_pickle, prediction_type=prediction_type, config_dir=config_dir)
-        return _finish(comps, spec=spec, kind=kind, name=path.stem, model_hash=file_quick_hash(path),
-                       prediction_type=prediction_type, default_resolution=resolution, dtype=dtype)
-    comps = _load_hub(location)
-    return _finish(comps, spec=spec, kind=kind, name=location, model_hash=hashlib.sha256(location.encode()).hexdigest()[:16],
-                   prediction_type=prediction_type, dtype=dtype)
+        comps = _load_single_file(path, dtype=dtype, allow_pickle=allow_pickle, prediction_type=prediction_type,
+                                  config_dir=config_dir)
+        return _finish(comps, name=path.stem, model_hash=file_quick_hash(path), **common)
+    comps, model_hash = _load_hub(location)
+    return _finish(comps, name=location, model_hash=model_hash, **common)

@@ -97,16 +97,49 @@ def vae_to_ldm(vae) -> dict[str, torch.Tensor]:
 
 
 def text_encoder_to_ldm(text_encoder) -> dict[str, torch.Tensor]:
+    """SD1: the transformers CLIPTextModel state dict under cond_stage_model.transformer.text_model."""
     out = {}
     for key, value in text_encoder.state_dict().items():
         key = key if key.startswith("text_model.") else "text_model." + key
         out["cond_stage_model.transformer." + key] = value
+    # Real SD1 files carry the (since non-persistent) position_ids buffer too.
+    n = text_encoder.config.max_position_embeddings
+    out["cond_stage_model.transformer.text_model.embeddings.position_ids"] = torch.arange(n, device=value.device)[None]
     return out
 
 
-def pipeline_to_ldm(base) -> dict[str, torch.Tensor]:
+_OPENCLIP_LAYER = [("layer_norm1.", "ln_1."), ("layer_norm2.", "ln_2."), ("mlp.fc1.", "mlp.c_fc."), ("mlp.fc2.", "mlp.c_proj."),
+                   ("self_attn.out_proj.", "attn.out_proj.")]
+
+
+def text_encoder_to_openclip_ldm(text_encoder) -> dict[str, torch.Tensor]:
+    """SD2: the OpenCLIP layout (cond_stage_model.model.*), q/k/v fused into in_proj like open_clip stores them."""
+    sd = {k.removeprefix("text_model."): v for k, v in text_encoder.state_dict().items()}
+    p = "cond_stage_model.model."
+    out = {p + "token_embedding.weight": sd.pop("embeddings.token_embedding.weight"),
+           p + "positional_embedding": sd.pop("embeddings.position_embedding.weight"),
+           p + "ln_final.weight": sd.pop("final_layer_norm.weight"), p + "ln_final.bias": sd.pop("final_layer_norm.bias")}
+    hidden = text_encoder.config.hidden_size
+    out[p + "text_projection"] = torch.zeros(hidden, hidden, device=out[p + "ln_final.weight"].device)
+    out[p + "logit_scale"] = torch.ones((), device=out[p + "ln_final.weight"].device)
+    for i in range(text_encoder.config.num_hidden_layers):
+        layer, block = f"encoder.layers.{i}.", f"{p}transformer.resblocks.{i}."
+        for kind in ("weight", "bias"):
+            out[block + f"attn.in_proj_{kind}"] = torch.cat([sd.pop(f"{layer}self_attn.{x}_proj.{kind}") for x in "qkv"])
+        for hf, ldm in _OPENCLIP_LAYER:
+            for kind in ("weight", "bias"):
+                out[block + ldm + kind] = sd.pop(layer + hf + kind)
+    assert not sd, f"unmapped text encoder keys {list(sd)}"
+    return out
+
+
+def pipeline_to_ldm(base, *, openclip: bool = False) -> dict[str, torch.Tensor]:
+    """The whole model as one original-layout state dict, with the extra entries real SD files carry."""
     sd = {}
     sd.update(unet_to_ldm(base.unet))
     sd.update(vae_to_ldm(base.vae))
-    sd.update(text_encoder_to_ldm(base.text_encoder))
+    sd.update(text_encoder_to_openclip_ldm(base.text_encoder) if openclip else text_encoder_to_ldm(base.text_encoder))
+    betas = torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000) ** 2
+    sd.update({"betas": betas, "alphas_cumprod": torch.cumprod(1 - betas, 0), "model_ema.decay": torch.tensor(0.9999),
+               "model_ema.num_updates": torch.tensor(0, dtype=torch.int32)})
     return {k: v.detach().contiguous().clone() for k, v in sd.items()}

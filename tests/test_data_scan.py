@@ -2,200 +2,319 @@
 
 from __future__ import annotations
 
+import builtins
 import io
 import json
 import os
-import random
 from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
+from test_data_images import load_sizes, write_solid_png  # noqa: F401  (load_sizes is a fixture)
 
-from sdlora.config import make_config
-from sdlora.data import (DatasetError, build_caption, bulk_edit_captions, load_training_image, make_buckets, open_image_rgb,
-                         assign_bucket, bucket_batches, scan_dataset, write_caption)
+from sdlora.data import DatasetError, make_demo_dataset, scan_dataset
 
 
 def _png(path: Path, size=(64, 64), color=(200, 50, 50), mode="RGB"):
     Image.new(mode, size, color).save(path)
 
 
-def _jpeg_bytes(size=(64, 64), color=(10, 200, 10), mode="RGB", exif=None) -> bytes:
+def _encoded(fmt: str, size=(256, 256), mode="RGB", **save) -> bytes:
     buf = io.BytesIO()
-    img = Image.new(mode, size, color)
-    if exif is not None:
-        img.save(buf, "JPEG", exif=exif)
-    else:
-        img.save(buf, "JPEG")
+    img = Image.effect_noise(size, 60).convert(mode) if mode in ("RGB", "L") else Image.new(mode, size)
+    img.save(buf, fmt, **save)
     return buf.getvalue()
 
 
-def build_bad_corpus(root: Path) -> dict[str, tuple[str, str]]:
-    """name -> ("item"|"skipped", expected substring of a reason/warning ("" = no particular text))."""
-    root.mkdir(parents=True, exist_ok=True)
-    expect: dict[str, tuple[str, str]] = {}
+def _captioned(text: str | bytes, ext: str = ".txt"):
+    def make(path: Path):
+        _png(path)
+        cap = path.with_suffix(ext)
+        cap.write_bytes(text) if isinstance(text, bytes) else cap.write_text(text, encoding="utf-8")
+    return make
 
-    def add(name, outcome, needle=""):
-        expect[name] = (outcome, needle)
 
-    _png(root / "good.png"); (root / "good.txt").write_text("a red square, studio")
-    add("good.png", "item")
-    (root / "zero.png").write_bytes(b""); add("zero.png", "skipped", "zero-byte")
-    full = _jpeg_bytes((256, 256))
-    (root / "truncated.jpg").write_bytes(full[: len(full) // 2]); add("truncated.jpg", "skipped", "corrupt")
-    buf = io.BytesIO(); Image.new("RGB", (256, 256), (1, 2, 3)).save(buf, "PNG"); png = buf.getvalue()
-    (root / "truncated.png").write_bytes(png[: len(png) - 40]); add("truncated.png", "skipped", "corrupt")
-    buf = io.BytesIO(); Image.effect_noise((128, 128), 50).convert("RGB").save(buf, "WEBP"); webp = buf.getvalue()
-    (root / "truncated.webp").write_bytes(webp[: len(webp) // 2]); add("truncated.webp", "skipped", "")
-    (root / "garbage.jpg").write_bytes(b"\xff\xd8\xff\xe0" + os.urandom(300)); add("garbage.jpg", "skipped", "")
-    (root / "text.png").write_text("this is not an image"); add("text.png", "skipped", "not an image")
-    (root / "cmyk.jpg").write_bytes(_jpeg_bytes(mode="CMYK", color=(0, 255, 255, 0))); add("cmyk.jpg", "item", "CMYK")
-    Image.fromarray(np.full((64, 64), 32768, dtype=np.uint16)).save(root / "sixteen.png"); add("sixteen.png", "item")
-    Image.new("P", (64, 64), 3).save(root / "palette.png"); add("palette.png", "item")
-    Image.new("RGBA", (64, 64), (255, 0, 0, 0)).save(root / "rgba.png"); add("rgba.png", "item")
-    Image.new("L", (64, 64), 90).save(root / "gray.png"); add("gray.png", "item")
-    Image.new("LA", (64, 64), (90, 128)).save(root / "gray_alpha.png"); add("gray_alpha.png", "item")
-    exif = Image.Exif(); exif[0x0112] = 6
-    (root / "rotated.jpg").write_bytes(_jpeg_bytes((80, 40), exif=exif.tobytes())); add("rotated.jpg", "item")
-    Image.new("RGB", (12000, 12000), (5, 5, 5)).save(root / "huge.png", optimize=False); add("huge.png", "item")
-    _png(root / "tiny.png", (16, 16)); add("tiny.png", "item", "upscaled")
+def _animated(path: Path):
     frames = [Image.new("RGB", (64, 64), c) for c in ((255, 0, 0), (0, 255, 0))]
-    frames[0].save(root / "anim.gif", save_all=True, append_images=frames[1:]); add("anim.gif", "item", "animated")
-    frames[0].save(root / "anim.webp", save_all=True, append_images=frames[1:]); add("anim.webp", "item", "animated")
-    _png(root / "ünïcode näme 猫.png"); add("ünïcode näme 猫.png", "item")
-    _png(root / "with spaces.png"); (root / "with spaces.txt").write_text("spaced, caption"); add("with spaces.png", "item")
-    outside = root.parent / "outside.png"; _png(outside)
-    (root / "link_out.png").symlink_to(outside); add("link_out.png", "skipped", "outside the dataset folder")
-    (root / "link_in.png").symlink_to(root / "good.png"); add("link_in.png", "item")
-    _png(root / "empty_cap.png"); (root / "empty_cap.txt").write_text("   \n"); add("empty_cap.png", "item", "empty")
-    _png(root / "binary_cap.png"); (root / "binary_cap.txt").write_bytes(b"\x00\x01\x02abc"); add("binary_cap.png", "item", "binary")
-    _png(root / "latin1_cap.png"); (root / "latin1_cap.txt").write_bytes("caf\xe9, cr\xe8me".encode("latin-1")); add("latin1_cap.png", "item", "not UTF-8")
-    _png(root / "long_cap.png"); (root / "long_cap.txt").write_text(", ".join(f"tag{i}" for i in range(80))); add("long_cap.png", "item", "longer than 75 tokens")
-    _png(root / "bom_cap.png"); (root / "bom_cap.txt").write_bytes("\ufeffbom caption".encode("utf-8")); add("bom_cap.png", "item")
-    _png(root / "cap_ext.png"); (root / "cap_ext.caption").write_text("from caption file"); add("cap_ext.png", "item")
-    sub = root / "5_sub" / "nested"; sub.mkdir(parents=True)
-    _png(sub / "meta.png"); _png(sub / "meta_missing.png")
-    (sub / "metadata.jsonl").write_text(json.dumps({"file_name": "meta.png", "text": "from metadata"}) + "\n{not json\n")
-    add("5_sub/nested/meta.png", "item"); add("5_sub/nested/meta_missing.png", "item")
-    _png(root / "noperm.png")
-    os.chmod(root / "noperm.png", 0)
-    add("noperm.png", "skipped" if os.geteuid() != 0 else "item", "")  # root reads everything
-    (root / ".hidden.png").write_bytes(b"")  # ignored entirely
-    (root / "notes.md").write_text("ignored")
-    return expect
+    frames[0].save(path, save_all=True, append_images=frames[1:])
+
+
+def _rotated(path: Path):
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored 80x40, shown 40x80
+    Image.new("RGB", (80, 40)).save(path, exif=exif.tobytes())
+
+
+def _bad_crc_png(path: Path):
+    data = bytearray(_encoded("PNG", (64, 64)))
+    data[data.index(b"IDAT") + 20] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def _metadata_folder(path: Path):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _png(path)
+    _png(path.parent / "meta_missing.png")
+    rows = [json.dumps({"file_name": "meta.png", "text": "from  metadata\n"}), "{not json", json.dumps(["a list"])]
+    (path.parent / "metadata.jsonl").write_text("\n".join(rows) + "\n")
+
+
+def _in_subfolder(make):
+    def build(path: Path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        make(path)
+    return build
+
+
+# (path relative to the dataset root, "item" | "skipped", expected substring of a warning or the skip reason, builder)
+CORPUS = [
+    ("good.png", "item", "", _captioned("a red square, studio")),
+    ("UPPER.JPG", "item", "", lambda p: p.write_bytes(_encoded("JPEG", (64, 64)))),
+    ("png_named.jpg", "item", "", lambda p: _png(p)),  # the content decides, not the extension
+    ("zero.png", "skipped", "zero-byte file", lambda p: p.write_bytes(b"")),
+    ("truncated.jpg", "skipped", "truncated or corrupt image", lambda p: p.write_bytes(_encoded("JPEG")[:3000])),
+    ("truncated.png", "skipped", "truncated or corrupt image", lambda p: p.write_bytes(_encoded("PNG")[:-40])),
+    ("truncated.webp", "skipped", "", lambda p: p.write_bytes(_encoded("WEBP")[:2000])),
+    ("truncated.bmp", "skipped", "truncated or corrupt image", lambda p: p.write_bytes(_encoded("BMP")[:5000])),
+    ("truncated.gif", "skipped", "", lambda p: p.write_bytes(_encoded("GIF")[:3000])),
+    ("bad_crc.png", "skipped", "truncated or corrupt image", _bad_crc_png),
+    ("garbage.jpg", "skipped", "", lambda p: p.write_bytes(b"\xff\xd8\xff\xe0" + bytes(range(256)) * 2)),
+    ("text.png", "skipped", "not an image (cannot identify image file)", lambda p: p.write_text("this is not an image")),
+    ("cmyk.jpg", "item", "CMYK", lambda p: p.write_bytes(_encoded("JPEG", (64, 64), mode="CMYK"))),
+    ("sixteen.png", "item", "16-bit", lambda p: Image.fromarray(np.full((64, 64), 32768, dtype=np.uint16)).save(p)),
+    ("palette.png", "item", "", lambda p: Image.new("P", (64, 64), 3).save(p)),
+    ("palette_clear.gif", "item", "transparency", lambda p: Image.new("P", (64, 64), 0).save(p, transparency=0)),
+    ("rgba.png", "item", "transparency", lambda p: _png(p, color=(255, 0, 0, 0), mode="RGBA")),
+    ("opaque_rgba.png", "item", "", lambda p: _png(p, color=(1, 2, 3, 255), mode="RGBA")),
+    ("gray.png", "item", "", lambda p: _png(p, color=90, mode="L")),
+    ("gray_alpha.png", "item", "transparency", lambda p: _png(p, color=(90, 128), mode="LA")),
+    ("bitmap.bmp", "item", "", lambda p: _png(p)),
+    ("rotated.jpg", "item", "", _rotated),
+    ("huge.png", "item", "large image (12000x12000)", lambda p: write_solid_png(p, 12000, 12000)),
+    ("enormous.png", "skipped", "larger than the 250 megapixel limit", lambda p: write_solid_png(p, 16000, 16000)),
+    ("tiny.png", "item", "will be upscaled", lambda p: _png(p, (16, 16))),
+    ("anim.gif", "item", "animated (2 frames): the first frame is used", _animated),
+    ("anim.webp", "item", "animated (2 frames)", _animated),
+    ("ünïcode näme 猫.png", "item", "", lambda p: _png(p)),
+    ("with spaces.png", "item", "", _captioned("spaced, caption")),
+    ("link_out.png", "skipped", "symlink points outside the dataset folder",
+     lambda p: p.symlink_to(p.parent.parent / "outside.png")),
+    ("link_in.png", "item", "", lambda p: p.symlink_to(p.parent / "good.png")),
+    ("broken_link.png", "skipped", "broken symlink", lambda p: p.symlink_to(p.parent / "gone.png")),
+    ("fifo.png", "skipped", "not a regular file", lambda p: os.mkfifo(p)),
+    ("noperm.png", "skipped", "unreadable (permission denied)", lambda p: (_png(p), os.chmod(p, 0))),
+    ("empty_cap.png", "item", "caption file empty_cap.txt is empty", _captioned("   \n")),
+    ("binary_cap.png", "item", "is binary", _captioned(b"\x00\x01\x02abc")),
+    ("latin1_cap.png", "item", "is not UTF-8", _captioned("caf\xe9, cr\xe8me".encode("latin-1"))),
+    ("long_cap.png", "item", "longer than 75 tokens will be truncated", _captioned(", ".join(f"tag{i}" for i in range(80)))),
+    ("bom_cap.png", "item", "", _captioned("\ufeffbom caption".encode("utf-8"))),
+    ("cap_ext.png", "item", "", _captioned("from caption file", ".caption")),
+    ("cap_link_out.png", "item", "links outside the dataset folder",
+     lambda p: (_png(p), p.with_suffix(".txt").symlink_to(p.parent.parent / "secret.txt"))),
+    ("5_sub/nested/meta.png", "item", "", _metadata_folder),
+    ("5_sub/nested/meta_missing.png", "item", "", lambda p: None),  # made by _metadata_folder
+    ("5_sub/near.png", "item", "", _in_subfolder(_captioned("near"))),
+    ("20240101_trip/photo.png", "item", "", _in_subfolder(_png)),
+]
 
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
+    """(root, report) for the corpus scanned once with min_size=32; permission denied is simulated when run as root."""
     root = tmp_path_factory.mktemp("bad") / "dataset"
-    expect = build_bad_corpus(root)
-    return root, expect
+    root.mkdir()
+    _png(root.parent / "outside.png")
+    (root.parent / "secret.txt").write_text("secret outside the dataset")
+    for rel, _, _, build in CORPUS:
+        build(root / rel)
+    (root / ".hidden.png").write_bytes(b"")
+    (root / ".git").mkdir()
+    _png(root / ".git" / "inside_hidden_dir.png")
+    (root / "notes.md").write_text("ignored")
+    (root / "folder.png").mkdir()
+    (root / "linked_dir").symlink_to(root / "5_sub", target_is_directory=True)
+    real_open = builtins.open
+
+    def open_as_non_root(file, *args, **kwargs):
+        if str(file).endswith("noperm.png"):
+            raise PermissionError(13, "Permission denied", str(file))
+        return real_open(file, *args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(builtins, "open", open_as_non_root)
+        report = scan_dataset(root, min_size=32)
+    return root.resolve(), report
 
 
-def test_bad_corpus_has_at_least_25_kinds(corpus):
-    assert len(corpus[1]) >= 25
+def _by_name(root: Path, report):
+    items = {i.path.relative_to(root).as_posix(): i for i in report.items}
+    skipped = {s.path.relative_to(root).as_posix(): s for s in report.skipped}
+    return items, skipped
 
 
-def test_scan_reports_every_file_with_a_reason(corpus):
-    root, expect = corpus
-    report = scan_dataset(root, min_size=32)
-    items = {str(i.path.relative_to(root.resolve())): i for i in report.items}
-    skipped = {str(s.path.relative_to(root.resolve())) if s.path.is_relative_to(root.resolve()) else s.path.name: s for s in report.skipped}
-    for name, (outcome, needle) in expect.items():
-        if outcome == "item":
-            assert name in items, (name, skipped.get(name))
-            if needle:
-                assert any(needle in w for w in items[name].warnings), (name, items[name].warnings)
-        else:
-            assert name in skipped, (name, items.get(name))
-            assert skipped[name].reason
-            assert needle in skipped[name].reason, (name, skipped[name].reason)
-    assert not any(".hidden" in n for n in list(items) + list(skipped))
-    # captions from each source
-    assert items["good.png"].caption == "a red square, studio" and items["good.png"].caption_source == "txt"
-    assert items["cap_ext.png"].caption_source == "caption"
-    assert items["5_sub/nested/meta.png"].caption == "from metadata" and items["5_sub/nested/meta.png"].caption_source == "metadata"
-    assert items["5_sub/nested/meta.png"].repeats == 5 and items["good.png"].repeats == 1
+def test_bad_corpus_has_at_least_25_kinds():
+    assert len(CORPUS) >= 25 and len({rel for rel, *_ in CORPUS}) == len(CORPUS)
+
+
+@pytest.mark.parametrize("rel, outcome, needle", [c[:3] for c in CORPUS], ids=[c[0] for c in CORPUS])
+def test_each_file_gets_the_expected_outcome(corpus, rel, outcome, needle):
+    items, skipped = _by_name(*corpus)
+    if outcome == "item":
+        assert rel in items, skipped.get(rel)
+        assert not needle or any(needle in w for w in items[rel].warnings), items[rel].warnings
+    else:
+        assert rel in skipped, items.get(rel)
+        assert skipped[rel].reason and needle in skipped[rel].reason, skipped[rel].reason
+
+
+def test_ignored_and_hidden_files_do_not_appear(corpus):
+    root, report = corpus
+    names = [p.relative_to(root).as_posix() for p in [i.path for i in report.items] + [s.path for s in report.skipped]]
+    assert sorted(names) == sorted(rel for rel, *_ in CORPUS)
+    assert any("folder link 'linked_dir' was not followed" in w for w in report.warnings)
+
+
+def test_order_is_by_relative_path(corpus):
+    root, report = corpus
+    names = [i.path.relative_to(root).as_posix() for i in report.items]
+    assert names == sorted(names)
+
+
+def test_captions_from_every_source(corpus):
+    items, _ = _by_name(*corpus)
+    assert (items["good.png"].caption, items["good.png"].caption_source) == ("a red square, studio", "txt")
+    assert items["good.png"].caption_path == corpus[0] / "good.txt"
+    assert (items["cap_ext.png"].caption, items["cap_ext.png"].caption_source) == ("from caption file", "caption")
+    meta = items["5_sub/nested/meta.png"]
+    assert (meta.caption, meta.caption_source) == ("from metadata", "metadata")
+    assert meta.caption_path == meta.path.with_suffix(".txt")  # where an edited caption would be written
+    missing = items["5_sub/nested/meta_missing.png"]
+    assert (missing.caption, missing.caption_source) == ("", "default")
     assert items["bom_cap.png"].caption == "bom caption"
-    assert items["latin1_cap.png"].caption.startswith("caf")
-    assert items["binary_cap.png"].caption_source == "default"
-    assert items["rotated.jpg"].width == 40 and items["rotated.jpg"].height == 80
-    assert any("line 2" in w for w in report.warnings)  # the bad metadata.jsonl line
+    assert items["latin1_cap.png"].caption == "caf\ufffd, cr\ufffdme"
+    for name in ("binary_cap.png", "empty_cap.png", "tiny.png", "cap_link_out.png"):
+        assert (items[name].caption, items[name].caption_source) == ("", "default")
+    warnings = corpus[1].warnings
+    assert any("metadata.jsonl line 2 is not a JSON object" in w for w in warnings)
+    assert any("metadata.jsonl line 3" in w for w in warnings)
+
+
+def test_repeats_and_tag_frequency(corpus):
+    root, report = corpus
+    items, _ = _by_name(root, report)
+    assert items["5_sub/nested/meta.png"].repeats == 5 and items["5_sub/near.png"].repeats == 5
+    assert items["good.png"].repeats == 1 and items["20240101_trip/photo.png"].repeats == 1
+    assert any("'20240101_trip'" in w and "counts as 1 repeat" in w for w in report.warnings)
+    assert report.total_samples == report.num_images + 4 * 3
+    assert report.tag_frequency["5_sub"] == {"from metadata": 1, "near": 1}
+    assert report.tag_frequency["dataset"]["studio"] == 1 and report.tag_frequency["dataset"]["caption"] == 1
+
+
+def test_size_is_reported_after_exif_rotation(corpus, tmp_path):
+    items, _ = _by_name(*corpus)
+    assert (items["rotated.jpg"].width, items["rotated.jpg"].height) == (40, 80)
+    assert (items["huge.png"].width, items["huge.png"].height) == (12000, 12000)
+    assert not any("transparency" in w for w in items["opaque_rgba.png"].warnings)
+    exif = Image.Exif()
+    exif[0x0112] = 8
+    Image.new("RGB", (80, 40)).save(tmp_path / "rotated.png", exif=exif.tobytes())
+    for check in (True, False):
+        item = scan_dataset(tmp_path, check_images=check).items[0]
+        assert (item.width, item.height) == (40, 80)
+
+
+def test_summary_and_dict(corpus):
+    root, report = corpus
     summary = report.summary()
-    assert summary.startswith(f"Found {report.num_images} images") and "zero-byte" in summary
-    json.dumps(report.to_dict())
-    assert report.tag_frequency["5_sub"]["from metadata"] == 1
+    first = summary.splitlines()[0]
+    assert first == (f"Found {report.num_images} images in {root}: {report.num_captioned} captioned, "
+                     f"{report.num_images - report.num_captioned} default caption, {report.num_skipped} skipped")
+    assert "  skipped zero.png: zero-byte file" in summary and "20240101_trip" in summary
+    data = json.loads(json.dumps(report.to_dict()))
+    assert data["num_images"] == report.num_images and data["items"][0]["path"] == str(report.items[0].path)
+    assert data["tag_frequency"] == report.tag_frequency
 
 
-def test_tiny_images_skipped_when_upscaling_is_off(corpus):
-    root, _ = corpus
-    report = scan_dataset(root, min_size=32, upscale_small=False)
-    reasons = {s.path.name: s.reason for s in report.skipped}
-    assert "smaller than the minimum 32 px" in reasons["tiny.png"]
+def test_tiny_images_are_skipped_when_upscaling_is_off(tmp_path):
+    _png(tmp_path / "ok.png")
+    _png(tmp_path / "tiny.png", (40, 30))
+    report = scan_dataset(tmp_path, min_size=64, upscale_small=False, check_images=False)
+    assert [s.reason for s in report.skipped] == ["image 40x30 is smaller than the minimum 64 px and upscaling is off"]
 
 
-def test_every_usable_image_trains_upright_rgb(corpus):
-    root, _ = corpus
-    report = scan_dataset(root, min_size=32)
-    for item in report.items:
-        t = load_training_image(item.path, (64, 64))
-        assert t.shape == (3, 64, 64) and t.dtype == torch.float32 and -1 <= t.min() and t.max() <= 1
+def test_scan_never_decodes_a_huge_image_in_full(tmp_path, load_sizes):  # noqa: F811
+    write_solid_png(tmp_path / "huge.png", 12000, 12000)
+    Image.new("L", (12000, 2000), 9).save(tmp_path / "panorama.jpg", quality=30)
+    report = scan_dataset(tmp_path)
+    assert report.num_images == 2 and report.num_skipped == 0
+    assert load_sizes and all(w * h <= 4_000_000 for w, h in load_sizes), load_sizes
 
 
-def test_training_run_survives_the_bad_corpus(corpus, tmp_path):
-    from sdlora.train import train
-
-    root, _ = corpus
-    events = []
-    result = train(make_config(base_model="builtin:tiny", data_dir=str(root), output_dir=str(tmp_path), steps=3, rank=2,
-                               resolution=64, batch_size=4), on_event=events.append)
-    assert result.lora_path.is_file()
-    assert any("skipped" in e.data.get("message", "") for e in events if e.kind == "status")
-
-
-def test_conversions_are_right(tmp_path):
-    Image.fromarray(np.full((8, 8), 32768, dtype=np.uint16)).save(tmp_path / "g16.png")
-    assert abs(np.asarray(open_image_rgb(tmp_path / "g16.png"))[0, 0, 0] - 128) <= 1
-    Image.new("RGBA", (8, 8), (255, 0, 0, 0)).save(tmp_path / "clear.png")
-    assert tuple(np.asarray(open_image_rgb(tmp_path / "clear.png"))[0, 0]) == (255, 255, 255)
-    assert tuple(np.asarray(open_image_rgb(tmp_path / "clear.png", background=(0, 0, 0)))[0, 0]) == (0, 0, 0)
-    # EXIF orientation 6 (rotate 90° CW to view): a marker in the stored top-left ends up top-right.
-    img = Image.new("RGB", (80, 40), (0, 0, 0))
-    img.paste((255, 255, 255), (0, 0, 10, 10))
-    exif = Image.Exif(); exif[0x0112] = 6
-    img.save(tmp_path / "rot.jpg", exif=exif.tobytes(), quality=95)
-    up = np.asarray(open_image_rgb(tmp_path / "rot.jpg"))
-    assert up.shape[:2] == (80, 40)
-    assert up[3, 36].mean() > 200 and up[3, 3].mean() < 60
-    Image.new("CMYK", (8, 8), (0, 255, 255, 0)).save(tmp_path / "c.jpg")
-    r, g, b = np.asarray(open_image_rgb(tmp_path / "c.jpg"))[4, 4]
-    assert r > 200 and g < 60 and b < 60
+def test_fast_scan_reads_headers_only(tmp_path):
+    _png(tmp_path / "ok.png")
+    (tmp_path / "truncated.jpg").write_bytes(_encoded("JPEG")[:3000])
+    (tmp_path / "zero.png").write_bytes(b"")
+    fast = scan_dataset(tmp_path, check_images=False)
+    assert sorted(i.path.name for i in fast.items) == ["ok.png", "truncated.jpg"]  # truncation needs a decode
+    assert [s.path.name for s in fast.skipped] == ["zero.png"]
+    assert sorted(s.path.name for s in scan_dataset(tmp_path).skipped) == ["truncated.jpg", "zero.png"]
 
 
-def test_huge_image_is_reduced_without_full_decode(tmp_path):
-    Image.new("RGB", (12000, 12000), (9, 9, 9)).save(tmp_path / "huge.jpg", quality=50)
-    img = open_image_rgb(tmp_path / "huge.jpg")
-    assert max(img.size) <= 8192
-    t = load_training_image(tmp_path / "huge.jpg", (64, 64))
-    assert t.shape == (3, 64, 64)
+def test_repeats_from_the_root_folder_name(tmp_path):
+    root = tmp_path / "3_chars"
+    (root / "plain").mkdir(parents=True)
+    _png(root / "a.png")
+    _png(root / "plain" / "b.png")
+    report = scan_dataset(root)
+    assert [i.repeats for i in report.items] == [3, 3] and list(report.tag_frequency) == ["3_chars"]
 
 
-def test_missing_unreadable_and_empty_folders_are_clear(tmp_path):
-    with pytest.raises(DatasetError, match="does not exist"):
+def test_missing_file_and_unreadable_folders_are_clear(tmp_path, monkeypatch):
+    with pytest.raises(DatasetError, match=r"Dataset folder '.*nope' does not exist\. Point --data at a folder"):
         scan_dataset(tmp_path / "nope")
     (tmp_path / "file.txt").write_text("x")
-    with pytest.raises(DatasetError, match="is a file"):
+    with pytest.raises(DatasetError, match="is a file, not a folder"):
         scan_dataset(tmp_path / "file.txt")
-    empty = tmp_path / "empty"; empty.mkdir()
-    (empty / "broken.png").write_bytes(b"")
-    with pytest.raises(DatasetError, match=r"No usable images .*broken.png: zero-byte"):
+    data = tmp_path / "data"
+    (data / "private").mkdir(parents=True)
+    _png(data / "ok.png")
+    _png(data / "private" / "hidden_from_us.png")
+    real_scandir = os.scandir
+
+    def scandir(path="."):
+        if Path(path).name in ("private", "locked"):
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_scandir(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    report = scan_dataset(data)
+    assert report.num_images == 1 and any("private" in w and "unreadable" in w for w in report.warnings)
+    (tmp_path / "locked").mkdir()
+    with pytest.raises(DatasetError, match=r"Dataset folder '.*locked' is unreadable \(Permission denied\)"):
+        scan_dataset(tmp_path / "locked")
+
+
+def test_no_usable_images_names_folder_reasons_and_formats(tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "notes.txt").write_text("no images here")
+    with pytest.raises(DatasetError, match=r"No usable images in '.*empty': it holds no image files\. Accepted types: \.png"):
         scan_dataset(empty)
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for i in range(5):
+        (broken / f"b{i}.png").write_bytes(b"")
+    with pytest.raises(DatasetError) as err:
+        scan_dataset(broken)
+    message = str(err.value)
+    assert "all 5 image file(s) were skipped (b0.png: zero-byte file; b1.png" in message
+    assert "and 2 more" in message and ".jpg" in message and str(broken) in message
 
 
 def test_no_usable_images_fails_before_model_load(tmp_path, monkeypatch):
-    import sdlora.models as models
+    from sdlora import models
+    from sdlora.config import make_config
     from sdlora.train import train
 
     def boom(*a, **k):
@@ -207,55 +326,27 @@ def test_no_usable_images_fails_before_model_load(tmp_path, monkeypatch):
         train(make_config(data_dir=str(tmp_path / "d"), output_dir=str(tmp_path / "o"), resolution=64))
 
 
-def test_captions_build_and_write(tmp_path):
-    rng = random.Random(0)
-    assert build_caption("a, b, c", trigger_word="sks") == "sks, a, b, c"
-    assert build_caption("sks, a", trigger_word="sks") == "sks, a"
-    shuffled = {build_caption("k, a, b, c, d, e", trigger_word="T", shuffle_tags=True, keep_tokens=1, rng=random.Random(s)) for s in range(20)}
-    assert len(shuffled) > 1 and all(s.startswith("T, k, ") for s in shuffled)
-    assert build_caption("a, b", caption_dropout=0.999, rng=rng) == ""
-    assert build_caption("x, y, z", shuffle_tags=True, rng=random.Random(5)) == build_caption("x, y, z", shuffle_tags=True, rng=random.Random(5))
-    cap = tmp_path / "img.txt"
-    cap.write_text("original")
-    write_caption(cap, "new text", root=tmp_path)
-    assert cap.read_text().strip() == "new text"
-    with pytest.raises(ValueError, match="outside the dataset folder"):
-        write_caption(tmp_path / ".." / ".." / "x.txt", "evil", root=tmp_path)
-
-
-def test_caption_write_failure_keeps_original(tmp_path, monkeypatch):
-    cap = tmp_path / "img.txt"
-    cap.write_text("original")
-
-    def fail(*a, **k):
-        raise OSError(28, "No space left on device")
-
-    monkeypatch.setattr(os, "replace", fail)
-    with pytest.raises(OSError):
-        write_caption(cap, "new", root=tmp_path)
-    assert cap.read_text() == "original"
-    assert [p.name for p in tmp_path.iterdir()] == ["img.txt"]
-
-
-def test_bulk_edit(tmp_path):
-    for i in range(3):
-        _png(tmp_path / f"{i}.png")
-        (tmp_path / f"{i}.txt").write_text(f"a cat, number {i}")
-    report = scan_dataset(tmp_path)
-    assert bulk_edit_captions(report.items, find="cat", replace="dog", prepend="sks", root=tmp_path) == 3
-    assert (tmp_path / "1.txt").read_text().strip() == "sks, a dog, number 1"
-
-
-def test_buckets():
-    buckets = make_buckets(512)
-    assert (512, 512) in buckets
-    assert all(w * h <= 512 * 512 and w % 64 == 0 and h % 64 == 0 for w, h in buckets)
-    assert any(w > h for w, h in buckets) and any(h > w for w, h in buckets)
-    w, h = assign_bucket(2000, 1000, buckets)
-    assert w > h and 1.5 < w / h < 2.6
-    keys = [assign_bucket(*s, buckets) for s in [(100, 100), (200, 100), (100, 200), (300, 300), (400, 200)] * 3]
-    batches = bucket_batches(keys, 2, rng=random.Random(1))
-    assert sorted(i for b in batches for i in b) == list(range(len(keys)))
-    assert all(len({keys[i] for i in b}) == 1 for b in batches)
-    assert batches == bucket_batches(keys, 2, rng=random.Random(1))
-    assert make_buckets(64)  # tiny resolutions still bucket
+def test_demo_dataset(tmp_path):
+    root = make_demo_dataset(tmp_path / "demo", count=4, size=64, seed=3)
+    assert root == tmp_path / "demo"
+    report = scan_dataset(root)
+    assert report.num_images == 4 and report.num_captioned == 4 and report.total_samples == 40
+    assert all("a red circle" in i.caption and i.path.parent.name == "10_demo" and i.width == 64 for i in report.items)
+    assert list(report.tag_frequency) == ["10_demo"] and not report.skipped and not report.warnings
+    # deterministic for a seed, different for another
+    files = sorted(p.name for p in (root / "10_demo").iterdir())
+    same = make_demo_dataset(tmp_path / "again", count=4, size=64, seed=3) / "10_demo"
+    other = make_demo_dataset(tmp_path / "other", count=4, size=64, seed=4) / "10_demo"
+    assert all((root / "10_demo" / f).read_bytes() == (same / f).read_bytes() for f in files)
+    assert any((root / "10_demo" / f).read_bytes() != (other / f).read_bytes() for f in files if f.endswith(".png"))
+    # idempotent: a second call leaves the set alone
+    stamp = (root / "10_demo" / "mascot_00.png").stat().st_mtime_ns
+    make_demo_dataset(root, count=9, seed=99)
+    assert (root / "10_demo" / "mascot_00.png").stat().st_mtime_ns == stamp and len(list((root / "10_demo").glob("*.png"))) == 4
+    assert [p.name for p in root.iterdir()] == ["10_demo"]  # no temp folders left behind
+    # someone else's 10_demo folder is never replaced
+    (tmp_path / "mine" / "10_demo").mkdir(parents=True)
+    (tmp_path / "mine" / "10_demo" / "precious.png").write_bytes(b"x")
+    with pytest.raises(DatasetError, match="not an sdlora demo set"):
+        make_demo_dataset(tmp_path / "mine")
+    assert (tmp_path / "mine" / "10_demo" / "precious.png").exists()

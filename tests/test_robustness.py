@@ -121,3 +121,21 @@ def test_disk_full_while_checkpointing_keeps_previous(tmp_path, demo_dataset, mo
     ckpts = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
     assert ckpts == ["step000002"]  # the failed ones left no partial folder behind
     assert result.lora_path.is_file()
+
+
+def test_training_run_survives_bad_files(tmp_path):
+    from PIL import Image
+
+    root = tmp_path / "d"
+    root.mkdir()
+    for i in range(3):
+        Image.new("RGB", (64, 64), (50 * i, 80, 120)).save(root / f"ok{i}.png")
+    (root / "zero.png").write_bytes(b"")
+    (root / "text.png").write_text("not an image")
+    Image.new("RGB", (64, 64)).save(root / "trunc.png")
+    (root / "trunc.png").write_bytes((root / "trunc.png").read_bytes()[:60])
+    events = []
+    result = train(make_config(base_model="builtin:tiny", data_dir=str(root), output_dir=str(tmp_path / "o"), steps=3, rank=2,
+                               resolution=64, batch_size=4), on_event=events.append)
+    assert result.lora_path.is_file()
+    assert any("skipped" in e.data.get("message", "") for e in events if e.kind == "status")

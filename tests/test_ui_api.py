@@ -1,98 +1,191 @@
-"""The named API endpoints driven by the official gradio_client, and the UI's safety rules."""
+"""The named API endpoints driven by the official gradio_client, and the web UI's safety rules."""
 
 from __future__ import annotations
 
 import io
-import json
 import time
+import urllib.error
+import urllib.request
 import zipfile
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
+from ui_helpers import app_in_process, make_dataset
 
-from sdlora.config import ConfigError
-from sdlora.ui.launch import parse_launch_args
-from sdlora.ui.service import Service, sanitize_name
+# Third-party noise: gradio's event statistics use pandas options pandas 3 deprecates; PEFT notes reloaded adapters.
+pytestmark = [pytest.mark.filterwarnings("ignore:.*no_silent_downcasting:Warning"),
+              pytest.mark.filterwarnings("ignore:The copy keyword is deprecated:Warning"),
+              pytest.mark.filterwarnings("ignore:Already found a `peft_config` attribute:UserWarning")]
+
+from sdlora.config import ConfigError, make_config
+from sdlora.data.scan import DatasetError
+from sdlora.paths import cache_dir
+from sdlora.ui.fields import CONV_GROUP, config_to_form, form_to_config
+from sdlora.ui.launch import launch_kwargs, parse_launch_args
+from sdlora.ui.service import Service, parse_lora_lines, parse_strengths, sanitize_name
 from sdlora.ui.uploads import extract_zip, import_uploads
-from ui_helpers import make_dataset, running_app
+
+
+def _wait_done(client, job_id: int, timeout: float = 300) -> dict:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        status = client.predict(job_id, api_name="/status")
+        if status["state"] in ("done", "failed", "stopped"):
+            return status
+        time.sleep(0.5)
+    raise AssertionError(f"job {job_id} did not finish in {timeout} s: {status}")
+
+
+def _http_status(url: str) -> int:
+    try:
+        with urllib.request.urlopen(url, timeout=30) as resp:
+            return resp.status
+    except urllib.error.HTTPError as exc:
+        return exc.code
 
 
 def test_gradio_client_train_status_generate_export(tmp_path):
     from gradio_client import Client
 
     data = make_dataset(tmp_path / "data")
-    with running_app(tmp_path / "outputs") as url:
+    out = tmp_path / "outputs"
+    with app_in_process(out) as (url, service):
         client = Client(url, verbose=False)
-        started = client.predict(json.dumps({"data_dir": str(data), "steps": 12, "rank": 4, "sample_every": 0,
-                                             "sample_prompts": ["x --s 2"], "sample_steps": 2, "output_name": "api_lora"}),
-                                 api_name="/train")
-        assert started["job_id"] == 1
-        deadline = time.time() + 300
-        while time.time() < deadline:
-            status = client.predict(api_name="/status")
-            if status["state"] in ("done", "failed", "stopped"):
-                break
-            time.sleep(1)
+        started = client.predict({"data_dir": str(data), "steps": 12, "rank": 4, "batch_size": 2, "sample_every": 6,
+                                  "sample_prompts": ["a white square --s 2"], "output_name": "api_lora"}, api_name="/train")
+        assert started["state"] in ("queued", "running") and started["output_dir"] == str(out.resolve() / "api_lora")
+        status = _wait_done(client, started["job_id"])
         assert status["state"] == "done", status
-        assert status["step"] == 12 and len(status["losses"]) == 12 and status["samples"]
+        assert status["step"] == 12 and len(status["losses"]) == 12
+        assert [s[0] for s in status["samples"]] == [6, 12]
         lora = status["lora_path"]
-        assert Path(lora).is_file()
-        args = dict(prompt="x", negative="", seed=1, steps=3, cfg=7.0, width=0, height=0)
-        img1 = client.predict("builtin:tiny", lora, 1.0, "", *args.values(), api_name="/generate")
-        img0 = client.predict("builtin:tiny", lora, 0.0, "", *args.values(), api_name="/generate")
-        a1, a0 = np.asarray(Image.open(img1)), np.asarray(Image.open(img0))
-        assert a1.shape == (64, 64, 3) and not np.array_equal(a0, a1)
-        file, report = client.predict("builtin:tiny", lora, "diffusers", "fp32", "../../escape", api_name="/export")
+        assert Path(lora).is_file() and Path(lora).parent == out.resolve() / "api_lora"
+
+        def image(**kw) -> np.ndarray:
+            path = client.predict(prompt="a white square", seed=5, steps=3, api_name="/generate", **kw)
+            return np.asarray(Image.open(path).convert("RGB"))
+
+        full, zero, base = image(lora=lora, strength=1.0), image(lora=lora, strength=0.0), image(lora="")
+        assert full.shape == (64, 64, 3)
+        assert not np.array_equal(full, zero)
+        assert np.array_equal(zero, base)  # strength 0 is exactly the base model
+        both = image(lora=lora, strength=0.0, more_loras=f"{lora}:1.0")  # several LoRAs, each with its strength
+        assert np.array_equal(both, full)
+
+        file, report = client.predict(source=lora, format="diffusers", precision="fp32", name="../../escape", api_name="/export")
         assert report.strip().endswith("OK"), report
         assert Path(file).name == "escape_diffusers.safetensors"
-        assert (tmp_path / "outputs" / "exports" / "escape_diffusers.safetensors").is_file()
-        # a bad request is a message, and the server stays up
-        with pytest.raises(Exception, match="rank"):
-            client.predict(json.dumps({"data_dir": str(data), "rank": 0}), api_name="/train")
+        assert (out / "exports" / "escape_diffusers.safetensors").is_file()
+        file, report = client.predict(source="", format="kohya", api_name="/export")  # empty = the last job's LoRA
+        assert Path(file).name == "demo_lora.safetensors" and report.strip().endswith("OK"), report
+
+        # a bad request is a readable message, and the server stays up
+        with pytest.raises(Exception, match="rank: must be at least 1"):
+            client.predict({"data_dir": str(data), "rank": 0}, api_name="/train")
+        with pytest.raises(Exception, match="not a JSON object"):
+            client.predict("{not json", api_name="/train")
+        with pytest.raises(Exception, match="unknown setting"):
+            client.predict({"data_dir": str(data), "rnak": 4}, api_name="/train")
+        with pytest.raises(Exception, match="not found"):
+            client.predict(lora=str(tmp_path / "missing.safetensors"), prompt="x", api_name="/generate")
+        with pytest.raises(Exception, match="No job 99"):
+            client.predict(99, api_name="/status")
         assert client.predict(api_name="/status")["state"] == "done"
 
+        # the server serves the output root and scanned dataset folders, nothing else
+        base_url = url.rstrip("/") + "/gradio_api/file="
+        assert _http_status(base_url + lora) == 200
+        outside = make_dataset(tmp_path / "elsewhere", n=1)
+        assert _http_status(base_url + str(outside / "img0.png")) == 403
+        assert _http_status(base_url + "/etc/passwd") == 403
+        service.scan(str(outside))
+        assert _http_status(base_url + str(outside / "img0.png")) == 200
 
-def test_open_binding_without_auth_warns():
-    settings, _ = parse_launch_args([])
-    assert settings.host == "127.0.0.1" and not settings.share and not settings.warnings
-    settings, _ = parse_launch_args(["--host", "0.0.0.0"])
-    assert settings.warnings and "without --auth" in settings.warnings[0]
-    settings, _ = parse_launch_args(["--host", "0.0.0.0", "--auth", "me:secret"])
+
+def test_open_binding_without_auth_warns(tmp_path):
+    settings = parse_launch_args([])
+    assert (settings.host, settings.port, settings.share, settings.auth, settings.warnings) == ("127.0.0.1", 7860, False, None, [])
+    assert parse_launch_args(["--host", "localhost"]).warnings == []
+    settings = parse_launch_args(["--host", "0.0.0.0"])
+    assert len(settings.warnings) == 1 and "without --auth" in settings.warnings[0]
+    assert parse_launch_args(["--host", "192.168.1.5"]).warnings
+    settings = parse_launch_args(["--host", "0.0.0.0", "--auth", "me:secret"])
     assert settings.warnings == [] and settings.auth == ("me", "secret")
-    settings, _ = parse_launch_args(["--share"])
-    assert any("public" in w for w in settings.warnings)
+    assert launch_kwargs(settings, Service(output_root=tmp_path, presets_dir=tmp_path))["auth"] == ("me", "secret")
+    assert any("public" in w for w in parse_launch_args(["--share"]).warnings)
+    with pytest.raises(SystemExit):
+        parse_launch_args(["--auth", "no-colon"])
 
 
 def test_allowed_paths_are_only_sdlora_folders(tmp_path):
-    service = Service(output_root=tmp_path / "out", presets_dir=tmp_path)
+    settings = parse_launch_args(["--output-root", str(tmp_path / "out")])
+    service = Service(output_root=Path(settings.output_root), presets_dir=tmp_path)
+    kwargs = launch_kwargs(settings, service)
+    assert kwargs["server_name"] == "127.0.0.1" and kwargs["share"] is False and kwargs["auth"] is None
+    allowed = kwargs["allowed_paths"]
+    assert sorted(allowed) == sorted([str((tmp_path / "out").resolve()), str(cache_dir().resolve())])
     data = make_dataset(tmp_path / "data")
-    allowed = service.allowed_paths()
-    assert str((tmp_path / "out").resolve()) in allowed and str(data.resolve()) not in allowed
     service.scan(str(data))
-    assert str(data.resolve()) in allowed  # the same list object Gradio holds
-    assert "/" not in allowed and str(Path.home()) not in allowed
+    assert allowed[-1] == str(data.resolve())  # the same list object Gradio holds
+    assert "/" not in allowed and str(Path.home()) not in allowed and str(tmp_path) not in allowed
+    with pytest.raises(DatasetError):
+        service.scan(str(tmp_path / "missing"))
+    assert len(allowed) == 3
 
 
-def test_output_names_cannot_escape():
+def test_output_names_cannot_escape(tmp_path):
     assert sanitize_name("../../x") == "x"
     assert sanitize_name("/etc/passwd") == "passwd"
     assert sanitize_name("..") == "lora"
+    assert sanitize_name("") == "lora"
     assert sanitize_name("my lora.safetensors") == "my lora"
-    assert "/" not in sanitize_name("a/../../b") and ".." not in sanitize_name("a..b")
+    assert sanitize_name("..\\..\\win") == "win"
+    for evil in ("a/../../b", "a..b", ".hidden", "x/..", "~/x"):
+        name = sanitize_name(evil)
+        assert "/" not in name and ".." not in name and not name.startswith(".")
+    service = Service(output_root=tmp_path / "out", presets_dir=tmp_path)
+    cfg = service.build_config({"data_dir": "d", "output_name": "../../evil", "output_dir": "/tmp/elsewhere"})
+    assert cfg.output_dir == str((tmp_path / "out" / "evil").resolve())
+    assert service.save_preset("../../p", form_to_config(config_to_form(make_config().model_dump()))) == tmp_path.resolve() / "p.toml"
+
+
+def test_start_checks_base_model_and_dataset_first(tmp_path):
+    from sdlora.models import ModelLoadError
+
+    service = Service(output_root=tmp_path / "out", presets_dir=tmp_path)
+    data = make_dataset(tmp_path / "data")
+    with pytest.raises(ModelLoadError, match="not found"):
+        service.start({"data_dir": str(data), "base_model": str(tmp_path / "missing.safetensors")})
+    with pytest.raises(ConfigError, match="not a folder"):
+        service.start({"data_dir": str(tmp_path / "nowhere")})
+    with pytest.raises(ConfigError, match="unknown option '--zz'"):
+        service.start({"data_dir": str(data), "sample_prompts": ["a cat --zz 3"]})
+    with pytest.raises(ConfigError, match="choose a dataset folder"):
+        service.start({"data_dir": " "})
+    assert service.queue.jobs() == []
 
 
 def test_caption_save_refuses_paths_outside_the_dataset(tmp_path):
     service = Service(output_root=tmp_path / "out", presets_dir=tmp_path)
     data = make_dataset(tmp_path / "data")
-    outside = tmp_path / "victim.png"
-    Image.new("RGB", (8, 8)).save(outside)
+    Image.new("RGB", (8, 8)).save(tmp_path / "victim.png")
+    (tmp_path / "victim.txt").write_text("original")
     with pytest.raises(ConfigError, match="outside the dataset folder"):
         service.save_caption(str(data), str(data / ".." / "victim.png"), "pwned")
-    assert not (tmp_path / "victim.txt").exists()
-    service.save_caption(str(data), str(data / "img0.png"), "fine")
+    with pytest.raises(ConfigError, match="outside the dataset folder"):
+        service.save_caption(str(data), str(data / "img0.png"), "pwned", caption_path=str(tmp_path / "victim.txt"))
+    (data / "link.png").symlink_to(tmp_path / "victim.png")
+    with pytest.raises(ConfigError, match="outside the dataset folder"):
+        service.save_caption(str(data), str(data / "link.png"), "pwned")
+    assert (tmp_path / "victim.txt").read_text() == "original"
+    thumb = service.thumbnail(data / "img0.png")
+    assert thumb.parent == service.output_root / ".thumbs" and Image.open(thumb).size == (64, 64)
+    service.save_caption(str(data), str(data / "img0.png"), "  fine  ")
     assert (data / "img0.txt").read_text().strip() == "fine"
+    assert service.bulk_edit(str(data), find="white", replace="black", prepend="sks", append="") == 4
+    assert (data / "img1.txt").read_text().strip() == "sks, a black square, color 1"
 
 
 def _zip(entries: dict[str, bytes]) -> bytes:
@@ -106,51 +199,81 @@ def _zip(entries: dict[str, bytes]) -> bytes:
 def test_zip_slip_and_size_limit(tmp_path):
     png = io.BytesIO()
     Image.new("RGB", (8, 8)).save(png, "PNG")
-    evil = tmp_path / "evil.zip"
-    evil.write_bytes(_zip({"ok.png": png.getvalue(), "../../escaped.txt": b"x"}))
-    dest = tmp_path / "dest"
-    dest.mkdir()
-    with pytest.raises(ConfigError, match="outside the upload folder"):
-        extract_zip(evil, dest)
-    assert not list(dest.iterdir()) and not (tmp_path / "escaped.txt").exists()
-    absolute = tmp_path / "abs.zip"
-    absolute.write_bytes(_zip({"/tmp/abs.png": png.getvalue()}))
-    with pytest.raises(ConfigError, match="outside"):
-        extract_zip(absolute, dest)
+    uploads = tmp_path / "out" / "uploads"
+    for name, entry in (("dotdot", "../../escaped.png"), ("absolute", "/tmp/abs.png"), ("drive", "C:/x.png"),
+                        ("backslash", "..\\..\\escaped.png")):
+        evil = tmp_path / f"{name}.zip"
+        evil.write_bytes(_zip({"ok.png": png.getvalue(), entry: png.getvalue()}))
+        with pytest.raises(ConfigError, match="outside the upload folder"):
+            import_uploads([str(evil)], uploads)
+    assert not (tmp_path / "escaped.png").exists()
+    assert not uploads.exists() or not any(uploads.iterdir())  # refused uploads leave nothing behind
     big = tmp_path / "big.zip"
     big.write_bytes(_zip({"a.png": b"\0" * 5000}))
     with pytest.raises(ConfigError, match="limit"):
-        extract_zip(big, dest, max_bytes=1000)
+        extract_zip(big, tmp_path, max_bytes=1000)
+    two = [tmp_path / "one.png", tmp_path / "two.png"]
+    for p in two:
+        p.write_bytes(b"\0" * 600)
+    with pytest.raises(ConfigError, match="limit"):
+        import_uploads([str(p) for p in two], uploads, max_bytes=1000)  # the limit is for the whole upload
     good = tmp_path / "good.zip"
-    good.write_bytes(_zip({"set/a.png": png.getvalue(), "set/a.txt": b"cap", "run.sh": b"rm -rf /"}))
-    folder = import_uploads([str(good)], tmp_path / "uploads")
-    assert sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file()) == ["set/a.png", "set/a.txt"]
-    assert folder.parent == tmp_path / "uploads"
+    good.write_bytes(_zip({"set/a.png": png.getvalue(), "set/a.txt": b"cap", "run.sh": b"rm -rf /",
+                           "__MACOSX/set/._a.png": b"junk"}))
+    folder = import_uploads([str(good)], uploads)
+    assert sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()) == ["set/a.png", "set/a.txt"]
+    assert folder.parent == uploads
+    with pytest.raises(ConfigError, match="neither an image"):
+        import_uploads([str(tmp_path / "run.sh")], uploads)
 
 
-def test_stop_then_resume_through_the_service(tmp_path, monkeypatch):
+def test_form_fields_map_to_a_config():
+    form = config_to_form(make_config(rank=8, alpha=4, targets=["attn2", "proj_in", "proj_out"], conv_rank=2, steps=30).model_dump())
+    assert form["layers"] == ["cross-attention q/k/v/out", "proj in/out", CONV_GROUP] and form["length"] == 30
+    values = form_to_config(form)
+    assert values["targets"] == ["attn2", "proj_in", "proj_out"] and values["conv_rank"] == 2 and values["steps"] == 30
+    make_config(**values)
+    form["layers"] = form["layers"][:-1]
+    assert form_to_config(form)["conv_rank"] == 0
+    with pytest.raises(ConfigError, match="length: enter a number"):
+        form_to_config(dict(form, length=None))
+    with pytest.raises(ConfigError, match="rank: use a whole number"):
+        form_to_config(dict(form, rank=2.5))
+    assert parse_lora_lines("/a/b.safetensors:0.5\n# note\n\n/c.safetensors") == [("/a/b.safetensors", 0.5), ("/c.safetensors", 1.0)]
+    assert parse_strengths("0, 0.5;1") == [0.0, 0.5, 1.0]
+    with pytest.raises(ConfigError, match="Strengths"):
+        parse_strengths("zero")
+
+
+def test_stop_queue_and_resume_through_the_service(tmp_path, monkeypatch):
     import sdlora.train as train_module
 
-    monkeypatch.setattr(train_module, "_STEP_DELAY", 0.05)
+    monkeypatch.setattr(train_module, "_STEP_DELAY", 0.1)
     service = Service(output_root=tmp_path / "out", presets_dir=tmp_path)
     data = make_dataset(tmp_path / "data")
-    values = {"data_dir": str(data), "base_model": "builtin:tiny", "steps": 40, "save_every": 5, "rank": 2, "resolution": 64,
-              "output_name": "resumable"}
+    values = {"data_dir": str(data), "steps": 16, "save_every": 4, "rank": 2, "resolution": 64, "output_name": "resumable"}
+    with pytest.raises(ConfigError, match="Nothing to resume"):
+        service.resume(values)
     job = service.start(values)
-    deadline = time.time() + 120
-    while job.step < 12 and time.time() < deadline:
+    deadline = time.time() + 240
+    while job.step < 5 and time.time() < deadline:
         time.sleep(0.05)
+    queued = service.start(dict(values, output_name="second", steps=2))
+    assert queued.state == "queued" and service.status()["queue"][-1]["state"] == "queued"
     assert service.stop()
     while job.state == "running" and time.time() < deadline:
-        time.sleep(0.1)
-    assert job.state == "stopped" and job.checkpoints
-    # a second start while one runs is queued, not run concurrently
-    resumed = service.resume(values)
-    queued = service.start(dict(values, output_name="second", steps=2))
-    assert queued.state == "queued"
-    while queued.state in ("queued", "running") and time.time() < deadline + 120:
-        assert not (resumed.state == "running" and queued.state == "running")
+        assert queued.state == "queued"  # never two at once
         time.sleep(0.05)
-    assert resumed.state == "done" and resumed.step == 40 and queued.state == "done"
-    assert resumed.losses[0][0] > 1  # continued from the checkpoint, not from step 1
+    assert job.state == "stopped" and job.checkpoints and Path(job.lora_path).is_file()
+    stopped_at = job.step
+    checkpoint = next(p for p in service.list_export_sources() if Path(p).parent.name == "checkpoints")  # newest first
+    assert Path(checkpoint).name == f"step{stopped_at:06d}"
+    path, report, ok = service.export(checkpoint, fmt="kohya", precision="fp16", name="from_checkpoint", base_spec="builtin:tiny")
+    assert ok and path == service.output_root / "exports" / "from_checkpoint.safetensors", report
+    resumed = service.resume(values)
+    while resumed.state in ("queued", "running") and time.time() < deadline:
+        assert not (queued.state == "running" and resumed.state == "running")
+        time.sleep(0.05)
+    assert queued.state == "done" and resumed.state == "done", (queued.error, resumed.error)
+    assert resumed.step == 16 and resumed.losses[0][0] == stopped_at + 1  # continued, not restarted
     assert Path(resumed.lora_path).is_file()

@@ -1,4 +1,8 @@
-"""Aspect-ratio buckets (kohya-style): sizes of about resolution² area in fixed steps, batches from one bucket."""
+"""Aspect-ratio buckets (kohya-style): sizes of about resolution² area in fixed steps, batches from one bucket.
+
+Training every image at its own aspect ratio (instead of centre-cropping everything square) keeps heads and
+feet in the picture; batches must come from a single bucket because a batch tensor has one shape.
+"""
 
 from __future__ import annotations
 
@@ -6,42 +10,50 @@ import math
 import random
 
 
-def make_buckets(resolution: int, *, step: int = 64, min_size: int = 256, max_size: int = 1024) -> list[tuple[int, int]]:
-    if resolution < 256:  # tiny models: finer steps so small resolutions still get several buckets
-        step = 8
-    min_size = min(min_size, resolution // 2 if resolution < 256 else min_size, resolution)
-    max_size = max(max_size, resolution)
+def make_buckets(resolution: int, *, step: int = 64, min_size: int | None = None, max_size: int | None = None) -> list[tuple[int, int]]:
+    """All maximal (w, h) buckets: w and h multiples of `step` within [min_size, max_size], w*h <= resolution².
+
+    min_size/max_size default to resolution/2 and 2*resolution (kohya's 256/1024 at 512). Below resolution 256 the
+    step drops to 8 so tiny test models still get several buckets. Sorted; includes the square bucket.
+    """
+    if resolution < 8:
+        raise ValueError(f"resolution must be at least 8 pixels, not {resolution}.")
+    if resolution < 256:
+        step = min(step, 8)
+    side = max(step, resolution // step * step)
+    min_size = min(side, max(step, -(-(min_size or resolution // 2) // step) * step))  # round up, at most the square side
+    max_size = max(side, (max_size or 2 * resolution) // step * step)
     area = resolution * resolution
-    buckets = set()
-    w = min_size
-    # Widths up to the square side, heights maximal for the area; the transposes give the tall buckets.
-    while w <= resolution:
-        h = min(max_size, (area // w) // step * step)
-        if h >= min_size:
-            buckets.add((w, h))
-            buckets.add((h, w))
-        w += step
-    buckets.add((resolution, resolution))
+    buckets = {(side, side)}
+    # The narrow side walks up to the square side; the long side is as large as the area allows. Transposes give
+    # the tall buckets.
+    for w in range(min_size, side + 1, step):
+        h = min(max_size, area // w // step * step)
+        buckets.add((w, h))
+        buckets.add((h, w))
     return sorted(buckets)
 
 
 def assign_bucket(width: int, height: int, buckets) -> tuple[int, int]:
-    target = math.log(width / height)
-    return min(buckets, key=lambda b: (abs(math.log(b[0] / b[1]) - target), -b[0] * b[1]))
+    """The bucket with the closest aspect ratio (distance of log ratios); ties go to the larger area."""
+    target = math.log(max(1, width) / max(1, height))
+    return tuple(min(buckets, key=lambda b: (abs(math.log(b[0] / b[1]) - target), -b[0] * b[1])))
 
 
 def bucket_batches(keys: list[tuple[int, int]], batch_size: int, *, rng: random.Random, drop_last: bool = False) -> list[list[int]]:
+    """Indices grouped into batches that each hold one bucket's samples; order shuffled by `rng` (deterministic).
+
+    The last batch of a bucket may be short unless drop_last."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, not {batch_size}.")
     by_key: dict[tuple[int, int], list[int]] = {}
     for i, k in enumerate(keys):
         by_key.setdefault(tuple(k), []).append(i)
     batches = []
     for k in sorted(by_key):
-        idx = by_key[k][:]
+        idx = by_key[k]
         rng.shuffle(idx)
-        for s in range(0, len(idx), batch_size):
-            chunk = idx[s: s + batch_size]
-            if len(chunk) < batch_size and drop_last:
-                continue
-            batches.append(chunk)
+        batches += [idx[s: s + batch_size] for s in range(0, len(idx), batch_size)
+                    if not drop_last or s + batch_size <= len(idx)]
     rng.shuffle(batches)
     return batches

@@ -3,88 +3,169 @@
 from __future__ import annotations
 
 import random
+import threading
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import ExifTags, Image, UnidentifiedImageError
 
-# Pillow's guard stops at ~89 MP; real photo sets contain panoramas and scans above that. Allow up to
-# 250 MP (decoded with draft()/reduce where possible), refuse beyond with a clear message.
+# Pillow refuses images above ~179 MP; photo sets hold panoramas and scans beyond that. We allow up to
+# 250 MP and refuse larger files with a message that says what to do.
 MAX_PIXELS = 250_000_000
-_WORK_SIZE = 4096  # big images are reduced to about this before any further work
+# Big images are reduced (by an integer factor, never below this side) before any further work.
+WORK_SIZE = 4096
+
+_PILLOW_LIMIT_LOCK = threading.Lock()
+_REDUCIBLE_MODES = {"L", "LA", "RGB", "RGBA", "CMYK", "YCbCr", "I", "F"}
+# EXIF orientation -> the transpose that shows the picture upright (as ImageOps.exif_transpose does).
+_UPRIGHT = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
+            5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
+            8: Image.Transpose.ROTATE_90}
 
 
 class ImageLoadError(ValueError):
-    pass
+    """A file that cannot be used as a training image. `reason` is the short why; the message names the file."""
+
+    def __init__(self, message: str, *, path=None, reason: str | None = None):
+        super().__init__(message)
+        self.path = Path(path) if path is not None else None
+        self.reason = reason or message
 
 
-def _open(path: Path) -> Image.Image:
-    old = Image.MAX_IMAGE_PIXELS
-    Image.MAX_IMAGE_PIXELS = MAX_PIXELS
+def _fail(path: Path, reason: str) -> ImageLoadError:
+    return ImageLoadError(f"Cannot use image '{path}': {reason}. Re-save it as PNG or JPEG, or remove it from the "
+                          "dataset folder.", path=path, reason=reason)
+
+
+def too_large_reason(width: int, height: int) -> str:
+    return (f"image {width}x{height} ({width * height / 1e6:.0f} megapixels) is larger than the "
+            f"{MAX_PIXELS // 1_000_000} megapixel limit; downscale it first")
+
+
+@contextmanager
+def _pillow_limit_raised():
+    # Pillow errors above 2x its limit and warns above 1x. Image.open reads headers only, and open_image checks
+    # MAX_PIXELS itself right after, so Pillow's error only catches the absurd. The limit is a global, hence the
+    # lock (other threads meanwhile still get a bomb check, at this higher limit).
+    with _PILLOW_LIMIT_LOCK:
+        old = Image.MAX_IMAGE_PIXELS
+        Image.MAX_IMAGE_PIXELS = MAX_PIXELS
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                yield
+        finally:
+            Image.MAX_IMAGE_PIXELS = old
+
+
+def open_image(path) -> Image.Image:
+    """Image.open (headers only) with every failure turned into an ImageLoadError, and the MAX_PIXELS limit."""
+    path = Path(path)
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            return Image.open(path)
+        with _pillow_limit_raised():
+            img = Image.open(path)
     except Image.DecompressionBombError:
-        raise ImageLoadError(f"{Path(path).name}: image is larger than {MAX_PIXELS // 1_000_000} megapixels; downscale it first.") from None
-    except OSError as exc:
-        raise ImageLoadError(f"{Path(path).name}: not a readable image ({exc}).") from None
-    finally:
-        Image.MAX_IMAGE_PIXELS = old
-
-
-def _to_rgb(img: Image.Image, background) -> Image.Image:
-    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
-        arr = np.asarray(img, dtype=np.float64)
-        peak = 65535.0 if img.mode.startswith("I;16") or arr.max() > 255 else 255.0
-        return Image.fromarray(np.clip(arr / peak * 255.0 + 0.5, 0, 255).astype(np.uint8), "L").convert("RGB")
-    if img.mode == "F":
-        arr = np.asarray(img, dtype=np.float64)
-        return Image.fromarray(np.clip(arr * (255.0 if arr.max() <= 1 else 1.0), 0, 255).astype(np.uint8), "L").convert("RGB")
-    if img.mode == "P":
-        img = img.convert("RGBA" if "transparency" in img.info else "RGB")
-    if img.mode in ("LA", "La", "PA"):
-        img = img.convert("RGBA")
-    if img.mode in ("RGBA", "RGBa"):
-        canvas = Image.new("RGB", img.size, tuple(background))
-        canvas.paste(img, mask=img.getchannel("A"))
-        return canvas
-    if img.mode != "RGB":
-        return img.convert("RGB")  # CMYK, L, YCbCr, 1 ...
+        raise _fail(path, f"image is far larger than the {MAX_PIXELS // 1_000_000} megapixel limit; downscale it first") from None
+    except UnidentifiedImageError:
+        raise _fail(path, "not an image (cannot identify image file)") from None
+    except PermissionError:
+        raise _fail(path, "unreadable (permission denied)") from None
+    except FileNotFoundError:
+        raise _fail(path, "file not found") from None
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+        raise _fail(path, f"truncated or corrupt image: {exc}") from None
+    w, h = img.size
+    if w * h > MAX_PIXELS:
+        img.close()
+        raise _fail(path, too_large_reason(w, h))
+    if w < 1 or h < 1:
+        img.close()
+        raise _fail(path, f"image has no pixels ({w}x{h})")
     return img
 
 
-def open_image_rgb(path, *, background=(255, 255, 255), max_side: int | None = _WORK_SIZE) -> Image.Image:
-    """Upright RGB: EXIF orientation applied, first frame of animations, transparency on `background`."""
-    path = Path(path)
-    img = _open(path)
+def exif_orientation(img: Image.Image, *, headers_only: bool = False) -> int:
+    """EXIF orientation 1..8 (1 when absent or unreadable). headers_only never decodes pixels: Pillow decodes a
+    whole PNG to look for an eXIf chunk stored after the image data, so such late chunks are then not seen."""
+    if headers_only and img.format == "PNG" and "exif" not in img.info:
+        return 1
     try:
-        if getattr(img, "n_frames", 1) > 1:
-            img.seek(0)
-        if max_side and img.format == "JPEG" and max(img.size) > 2 * max_side:
-            img.draft("RGB", (max_side, max_side))  # decode at 1/2..1/8 scale: no 12000x12000 buffer
-        img.load()
-        if max_side and max(img.size) > 2 * max_side:
-            factor = max(img.size) // max_side
-            img = img.reduce(max(1, factor))
-        img = ImageOps.exif_transpose(img)
-        return _to_rgb(img, background)
-    except ImageLoadError:
-        raise
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
-        raise ImageLoadError(f"{path.name}: truncated or corrupt image ({exc}).") from None
+        value = int(img.getexif().get(ExifTags.Base.Orientation, 1))
+    except Exception:  # noqa: BLE001 - malformed EXIF must not make an otherwise good picture unusable
+        return 1
+    return value if value in _UPRIGHT else 1
+
+
+def _to_rgb(img: Image.Image, background) -> Image.Image:
+    if img.mode.startswith("I;16") or (img.mode == "I" and img.getextrema()[1] > 255):
+        # 16-bit: scale 0..65535 to 0..255 (a plain convert("L") clips everything above 255 to white).
+        return img.point(lambda v: v / 257 + 0.5, "L").convert("RGB")
+    if img.mode == "P":
+        img = img.convert("RGBA" if "transparency" in img.info else "RGB")
+    elif img.mode in ("LA", "La", "PA", "RGBa"):
+        img = img.convert("RGBA")
+    if img.mode == "RGBA":
+        canvas = Image.new("RGB", img.size, tuple(background))
+        canvas.paste(img, mask=img.getchannel("A"))
+        return canvas
+    return img if img.mode == "RGB" else img.convert("RGB")  # CMYK, L, 1, I, YCbCr ...
+
+
+def open_image_rgb(path, *, background=(255, 255, 255), max_side: int | None = WORK_SIZE) -> Image.Image:
+    """Upright RGB: EXIF orientation applied, first frame of animations, transparency composited on `background`,
+    16-bit scaled to 8-bit. Images with a side above 2*max_side are reduced to between max_side and 2*max_side
+    (JPEGs are decoded at reduced scale, so a 12000x12000 photo never needs a full-size buffer)."""
+    path = Path(path)
+    img = open_image(path)
+    try:
+        w, h = img.size
+        if max_side and max(w, h) > 2 * max_side:
+            # JPEG only: decode at 1/2..1/8 scale. draft() scales by the smaller ratio of the two sides, so ask for
+            # the image's own aspect ratio or a panorama would not be reduced at all.
+            f = max(w, h) / max_side
+            img.draft(img.mode, (max(1, int(w / f)), max(1, int(h / f))))
+        img.load()  # first frame of an animation
+        orientation = exif_orientation(img)  # read before reducing: reduced copies carry no EXIF
+        out = img
+        if max_side and max(out.size) > 2 * max_side:
+            if out.mode not in _REDUCIBLE_MODES:
+                out = _to_rgb(out, background)
+            out = out.reduce(max(out.size) // max_side)
+        if orientation in _UPRIGHT:
+            out = out.transpose(_UPRIGHT[orientation])
+        out = _to_rgb(out, background)
+    except MemoryError:
+        img.close()
+        raise _fail(path, "not enough memory to decode it; downscale it first") from None
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+        img.close()
+        raise _fail(path, f"truncated or corrupt image: {exc}") from None
+    if out is img:  # still tied to the open file (animations keep it open): detach before closing
+        if getattr(img, "is_animated", False):
+            out = img.copy()
+            img.close()
+    else:
+        img.close()
+    return out
 
 
 def resize_and_crop(img: Image.Image, size: tuple[int, int], *, crop: str = "center", rng: random.Random | None = None):
-    """Scale so the image covers `size` (w, h), then crop. Returns (image, (left, top))."""
-    tw, th = size
+    """Scale so the image covers `size` (w, h) - small images are upscaled - then crop "center" or "random".
+
+    Returns (image, (left, top)) where (left, top) is the crop offset in the scaled image (SDXL-style crop
+    conditioning needs it)."""
+    if crop not in ("center", "random"):
+        raise ValueError(f"crop must be 'center' or 'random', not {crop!r}.")
+    tw, th = int(size[0]), int(size[1])
     w, h = img.size
     scale = max(tw / w, th / h)
     nw, nh = max(tw, round(w * scale)), max(th, round(h * scale))
     if (nw, nh) != (w, h):
-        img = img.resize((nw, nh), Image.LANCZOS)
+        # reducing_gap: Pillow first shrinks by an integer factor, then LANCZOS - same look, much faster for big inputs
+        img = img.resize((nw, nh), Image.Resampling.LANCZOS, reducing_gap=3.0)
     if crop == "random":
         rng = rng or random.Random()
         left, top = rng.randint(0, nw - tw), rng.randint(0, nh - th)
@@ -94,12 +175,13 @@ def resize_and_crop(img: Image.Image, size: tuple[int, int], *, crop: str = "cen
 
 
 def image_to_tensor(img: Image.Image) -> torch.Tensor:
+    """float32 3xHxW in [-1, 1], the range the VAE expects."""
     arr = np.asarray(img.convert("RGB"), dtype=np.float32) / 127.5 - 1.0
-    return torch.from_numpy(arr.copy()).permute(2, 0, 1).contiguous()
+    return torch.from_numpy(arr).permute(2, 0, 1).contiguous()
 
 
 def load_training_image(path, size, *, crop: str = "center", flip: bool = False, rng: random.Random | None = None) -> torch.Tensor:
     img, _ = resize_and_crop(open_image_rgb(path), tuple(size), crop=crop, rng=rng)
     if flip:
-        img = img.transpose(Image.FLIP_LEFT_RIGHT)
+        img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
     return image_to_tensor(img)

@@ -1,72 +1,109 @@
-"""Dataset tab: folder or upload, scan report, gallery with editable captions, bulk caption edits."""
+"""Dataset tab: folder or upload, scan report, gallery with editable captions, trigger word, bulk caption edits."""
 
 from __future__ import annotations
 
 import gradio as gr
 
-from .common import guard
+from .common import guard, user_message
+from .service import GALLERY_LIMIT
 from .uploads import import_uploads
 
 
-def build(service, ctx: dict) -> None:
-    with gr.Row():
-        folder = gr.Textbox(label="Dataset folder", value="builtin:demo", scale=4, elem_id="data-folder",
-                            info="A folder of images with same-named .txt captions (kohya 'N_name' subfolders set repeats), or builtin:demo")
+def _gallery(items: list[dict]) -> list[tuple[str, str]]:
+    return [(i["thumb"], (i["caption"] or "(no caption)")[:80]) for i in items[:GALLERY_LIMIT]]
+
+
+def build(service, ctx: dict, defaults: dict) -> None:
+    f = ctx["fields"]
+    gr.Markdown("Point sdlora at a folder of images with same-named `.txt` captions (kohya `N_name` subfolders set "
+                "repeats), or upload images / a `.zip`. `builtin:demo` is a small generated set for the offline demo.")
+    with gr.Row(equal_height=True):
+        f["data_dir"] = gr.Textbox(label="Dataset folder", value=defaults.get("data_dir") or "builtin:demo", scale=5,
+                                   elem_id="data-folder", placeholder="/path/to/images or builtin:demo")
         scan_btn = gr.Button("Scan", variant="primary", scale=1, elem_id="scan-btn")
-    upload = gr.File(label="…or upload images / a .zip", file_count="multiple", file_types=["image", ".zip", ".txt"], elem_id="upload")
-    report = gr.Textbox(label="Scan report", lines=6, interactive=False, elem_id="scan-report")
+    with gr.Accordion("…or upload images / a .zip (unpacked into the output folder)", open=False):
+        upload = gr.File(label="Images, caption .txt files or a .zip", file_count="multiple",
+                         file_types=["image", ".zip", ".txt", ".caption"], elem_id="upload")
+    report = gr.Textbox(label="Scan report", lines=4, max_lines=12, interactive=False, elem_id="scan-report")
     with gr.Row():
-        gallery = gr.Gallery(label="Images (click one to edit its caption)", columns=6, height=320, elem_id="data-gallery",
-                             allow_preview=False)
-        with gr.Column():
+        gallery = gr.Gallery(label="Images (click one to edit its caption)", columns=6, height=340, elem_id="data-gallery",
+                             allow_preview=False, object_fit="contain", scale=3)
+        with gr.Column(scale=2):
+            preview = gr.Image(label="Selected image", type="filepath", height=200, interactive=False, elem_id="caption-image",
+                               show_label=False)
             selected = gr.Textbox(label="Selected image", interactive=False, elem_id="caption-path")
-            caption = gr.Textbox(label="Caption", lines=3, elem_id="caption-edit")
+            caption = gr.Textbox(label="Caption", lines=3, elem_id="caption-edit", placeholder="select an image first")
             save_btn = gr.Button("Save caption", elem_id="caption-save")
             caption_msg = gr.Markdown(elem_id="caption-msg")
+    f["trigger_word"] = gr.Textbox(label="Trigger word (put at the front of every caption while training)",
+                                   value=defaults["trigger_word"], elem_id="trigger-word", placeholder="e.g. sks_style")
     with gr.Accordion("Edit all captions", open=False):
         with gr.Row():
-            find = gr.Textbox(label="Find")
-            replace = gr.Textbox(label="Replace with")
-            prepend = gr.Textbox(label="Prepend")
-            append = gr.Textbox(label="Append")
+            find = gr.Textbox(label="Find", elem_id="bulk-find")
+            replace = gr.Textbox(label="Replace with", elem_id="bulk-replace")
+            prepend = gr.Textbox(label="Prepend", elem_id="bulk-prepend")
+            append = gr.Textbox(label="Append", elem_id="bulk-append")
         bulk_btn = gr.Button("Apply to all captions", elem_id="bulk-btn")
     items_state = gr.State([])
 
+    def scan_outputs(folder: str, check_images: bool = True):
+        rep = service.scan(folder, check_images=check_images)
+        items = [{"path": str(i.path), "caption": i.caption, "caption_path": str(i.caption_path) if i.caption_path else "",
+                  "thumb": str(service.thumbnail(i.path)) if n < GALLERY_LIMIT else ""} for n, i in enumerate(rep.items)]
+        text = rep.summary()
+        if len(items) > GALLERY_LIMIT:
+            text += f"\n(the gallery shows the first {GALLERY_LIMIT} images)"
+        return text, _gallery(items), items, "", "", "", None
+
+    scan_outs = [report, gallery, items_state, selected, caption, caption_msg, preview]
+
     @guard
-    def do_scan(path):
-        rep = service.scan(path, check_images=True)
-        items = [(str(i.path), i.caption) for i in rep.items]
-        return rep.summary(), [(p, c or "(no caption)") for p, c in items], items
+    def do_scan(folder):
+        return scan_outputs(folder)
+
+    def do_scan_quiet(folder):
+        """On page load: show the dataset if it scans, say why not otherwise (no pop-up)."""
+        try:
+            return scan_outputs(folder, check_images=False)  # headers only: fast on every page load
+        except Exception as exc:  # noqa: BLE001 - shown in the report box
+            return f"⚠️ {user_message(exc)}", [], [], "", "", "", None
 
     @guard
     def do_upload(files):
-        dest = import_uploads([f if isinstance(f, str) else f.name for f in (files or [])], service.uploads_dir())
+        paths = [x if isinstance(x, str) else getattr(x, "name", str(x)) for x in (files or [])]
+        dest = import_uploads(paths, service.uploads_dir())
+        gr.Info(f"Unpacked into {dest}.")
         return str(dest)
 
     def do_select(items, evt: gr.SelectData):
-        if not items or evt.index is None or evt.index >= len(items):
-            return "", ""
-        path, cap = items[evt.index]
-        return path, cap
+        index = evt.index if isinstance(evt.index, int) else (evt.index or [None])[0]
+        if not items or index is None or index >= len(items):
+            return "", "", "", None
+        item = items[index]
+        return item["path"], item["caption"], "", item["path"]
 
     @guard
-    def do_save(path, image, text, items):
+    def do_save(folder, image, text, items):
         if not image:
             raise gr.Error("Select an image in the gallery first.")
-        written = service.save_caption(path, image, text)
-        items = [(p, text if p == image else c) for p, c in items]
-        return f"Saved `{written.name}`.", [(p, c or "(no caption)") for p, c in items], items
+        item = next((i for i in items if i["path"] == image), {})
+        written = service.save_caption(folder, image, text, item.get("caption_path") or None)
+        new_text = (text or "").replace("\x00", "").strip()
+        items = [dict(i, caption=new_text, caption_path=str(written)) if i["path"] == image else i for i in items]
+        return f"Saved `{written.name}`.", _gallery(items), items
 
     @guard
-    def do_bulk(path, f, r, p, a):
-        n = service.bulk_edit(path, find=f, replace=r, prepend=p, append=a)
+    def do_bulk(folder, fnd, rep, pre, app):
+        n = service.bulk_edit(folder, find=fnd, replace=rep, prepend=pre, append=app)
         gr.Info(f"{n} caption file(s) changed.")
-        return do_scan(path)
+        return scan_outputs(folder)
 
-    scan_btn.click(do_scan, folder, [report, gallery, items_state])
-    folder.submit(do_scan, folder, [report, gallery, items_state])
-    upload.upload(do_upload, upload, folder).then(do_scan, folder, [report, gallery, items_state])
-    gallery.select(do_select, items_state, [selected, caption])
-    save_btn.click(do_save, [folder, selected, caption, items_state], [caption_msg, gallery, items_state])
-    bulk_btn.click(do_bulk, [folder, find, replace, prepend, append], [report, gallery, items_state])
-    ctx["data_dir"] = folder
+    scan_btn.click(do_scan, f["data_dir"], scan_outs, api_visibility="private")
+    f["data_dir"].submit(do_scan, f["data_dir"], scan_outs, api_visibility="private")
+    upload.upload(do_upload, upload, f["data_dir"], api_visibility="private").success(
+        do_scan, f["data_dir"], scan_outs, api_visibility="private")
+    gallery.select(do_select, items_state, [selected, caption, caption_msg, preview], api_visibility="private")
+    save_btn.click(do_save, [f["data_dir"], selected, caption, items_state], [caption_msg, gallery, items_state],
+                   api_visibility="private")
+    bulk_btn.click(do_bulk, [f["data_dir"], find, replace, prepend, append], scan_outs, api_visibility="private")
+    ctx["on_load"].append((do_scan_quiet, f["data_dir"], scan_outs))

@@ -2,17 +2,25 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
+from ..config import ConfigError
 from ..lora import LAYER_GROUPS
 
 CONV_GROUP = "conv 3x3 (ResNet)"
 LAYER_CHOICES = list(LAYER_GROUPS) + [CONV_GROUP]
-# Form-only keys: they are turned into config fields by form_to_config.
+# Form-only keys: form_to_config turns them into config fields.
 FORM_ONLY = ("layers", "sample_prompts_text", "length_mode", "length")
+INT_FIELDS = ("rank", "conv_rank", "batch_size", "grad_accum", "resolution", "seed", "warmup_steps", "keep_tokens",
+              "sample_every", "save_every", "sample_steps")
+FLOAT_FIELDS = ("alpha", "conv_alpha", "lr", "noise_offset", "caption_dropout")
+# Expansion of the config's shorthands into the UI's layer-group names.
+_SHORTHANDS = {"attn": {"attn1", "attn2"},
+               "transformer": {"attn1", "attn2", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2"}}
 
 
-def layers_to_targets(layers: list[str]) -> list[str]:
+def layers_to_targets(layers: list[str] | None) -> list[str]:
     targets: list[str] = []
     for label in layers or []:
         targets += LAYER_GROUPS.get(label, [])
@@ -20,47 +28,69 @@ def layers_to_targets(layers: list[str]) -> list[str]:
 
 
 def targets_to_layers(targets: list[str], conv_rank: int) -> list[str]:
-    chosen = []
-    expanded = set()
-    for t in targets:
-        expanded |= {"attn1", "attn2"} if t == "attn" else {t}
-        if t == "transformer":
-            expanded |= {"attn1", "attn2", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2"}
-    for label, names in LAYER_GROUPS.items():
-        if set(names) <= expanded:
-            chosen.append(label)
+    expanded: set[str] = set()
+    for t in targets or []:
+        expanded |= _SHORTHANDS.get(t, {t})
+    chosen = [label for label, names in LAYER_GROUPS.items() if set(names) <= expanded]
     if conv_rank:
         chosen.append(CONV_GROUP)
     return chosen
 
 
+def _number(form: dict[str, Any], key: str, kind):
+    value = form.get(key)
+    if value is None or value == "":
+        raise ConfigError(f"{key}: enter a number.")
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{key}: '{value}' is not a number.") from None
+    if not math.isfinite(number):
+        raise ConfigError(f"{key}: '{value}' is not a finite number.")
+    if kind is int:
+        if number != int(number):
+            raise ConfigError(f"{key}: use a whole number (got {value}).")
+        return int(number)
+    return number
+
+
 def form_to_config(form: dict[str, Any]) -> dict[str, Any]:
+    """Form values -> TrainConfig fields (still to be validated by make_config)."""
     values = {k: v for k, v in form.items() if k not in FORM_ONLY}
     layers = form.get("layers") or []
     values["targets"] = layers_to_targets(layers)
     if CONV_GROUP not in layers:
         values["conv_rank"] = 0
-    if not values["targets"]:
-        values["targets"] = []  # the config refuses an empty list with a clear message
-    values["sample_prompts"] = [l.strip() for l in (form.get("sample_prompts_text") or "").splitlines() if l.strip()]
-    if form.get("length_mode") == "epochs":
-        values["epochs"], values["steps"] = int(form["length"]), None
-    else:
-        values["steps"], values["epochs"] = int(form["length"]), None
-    if not values.get("train_text_encoder"):
-        values["text_encoder_lr"] = None
-    elif not values.get("text_encoder_lr"):
-        values["text_encoder_lr"] = None
-    if values.get("min_snr_gamma") in (0, 0.0, None, ""):
-        values["min_snr_gamma"] = None
-    for key in ("rank", "conv_rank", "batch_size", "grad_accum", "resolution", "seed", "warmup_steps", "keep_tokens",
-                "sample_every", "save_every", "sample_steps"):
-        if key in values and values[key] is not None:
-            values[key] = int(values[key])
+    elif "conv_rank" in form:
+        if _number(form, "conv_rank", int) < 1:
+            raise ConfigError("conv_rank: 'conv 3x3' is ticked, so its rank must be at least 1.")
+        if not values["targets"]:
+            raise ConfigError("targets: tick at least one attention/projection/feed-forward group as well as conv 3x3.")
+    values["sample_prompts"] = [line.strip() for line in (form.get("sample_prompts_text") or "").splitlines() if line.strip()]
+    if "length" in form:
+        length = _number(form, "length", int)
+        if form.get("length_mode") == "epochs":
+            values["epochs"], values["steps"] = length, None
+        else:
+            values["steps"], values["epochs"] = length, None
+    for key in INT_FIELDS:
+        if key in values:
+            values[key] = _number(values, key, int)
+    for key in FLOAT_FIELDS:
+        if key in values:
+            values[key] = _number(values, key, float)
+    te_lr = values.get("text_encoder_lr")
+    values["text_encoder_lr"] = float(te_lr) if values.get("train_text_encoder") and te_lr else None
+    gamma = values.get("min_snr_gamma")
+    values["min_snr_gamma"] = float(gamma) if gamma else None
+    for key in ("data_dir", "base_model", "output_name", "trigger_word", "default_caption"):
+        if isinstance(values.get(key), str):
+            values[key] = values[key].strip()
     return values
 
 
 def config_to_form(cfg: dict[str, Any]) -> dict[str, Any]:
+    """TrainConfig fields -> form values."""
     form = dict(cfg)
     form["layers"] = targets_to_layers(cfg.get("targets", []), cfg.get("conv_rank", 0))
     form["sample_prompts_text"] = "\n".join(cfg.get("sample_prompts") or [])

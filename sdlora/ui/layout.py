@@ -1,83 +1,158 @@
-"""The page: six tabs over one Service, plus named API endpoints for gradio_client."""
+"""The page: six tabs over one Service, plus named API endpoints for gradio_client (train, status, stop, generate,
+strength_grid, export)."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import gradio as gr
 
 from ..config import config_from_preset, make_config
 from . import dataset_tab, export_tab, model_tab, run_tab, training_tab, try_tab
 from .common import guard
-from .fields import config_to_form, form_to_config
+from .fields import LAYER_CHOICES, config_to_form, form_to_config
 from .service import Service
 
 ROOT = Path(__file__).resolve().parents[2]
+CSS = """
+#progress { min-height: 3em; }
+#param-count, #lora-scale, #config-check { padding: 4px 0; }
+#previews .grid-container { --grid-cols: 3 !important; }
+#data-gallery .grid-container { --grid-cols: 6 !important; }
+#caption-image img { min-height: 160px !important; width: auto !important; object-fit: contain !important; }
+#try-image img { min-height: 256px !important; width: auto !important; object-fit: contain !important; }
+#grid-image img { min-height: 160px !important; width: auto !important; object-fit: contain !important; }
+"""
+INTRO = ("# sdlora — Stable Diffusion LoRA trainer\n"
+         "**1** pick images → **2** base model and LoRA shape → **3** training settings → **4** run and watch → "
+         "**5** try it at different strengths → **6** export one `.safetensors` file for AUTOMATIC1111 / Forge / ComfyUI / "
+         "diffusers. The offline demo (tiny built-in model, generated dataset) is preselected: open **4 · Run** and press "
+         "**Start training**.")
 
 
-def demo_defaults(presets_dir: Path) -> dict:
-    demo = presets_dir / "demo.toml"
-    cfg = config_from_preset(demo) if demo.is_file() else make_config(data_dir="builtin:demo", resolution=64)
+def demo_defaults(presets_dir: Path) -> dict[str, Any]:
+    """The form's first values: presets/demo.toml, so a fresh page trains the offline demo as is."""
+    demo = Path(presets_dir) / "demo.toml"
+    try:
+        cfg = config_from_preset(demo)
+    except Exception:  # noqa: BLE001 - a broken or missing demo preset must not stop the UI
+        cfg = make_config(base_model="builtin:tiny", data_dir="builtin:demo", resolution=64, steps=300, rank=8, alpha=8,
+                          lr=1e-3, batch_size=4, trigger_word="sdlora_mascot", sample_every=100, sample_steps=10,
+                          sample_prompts=["sdlora_mascot, a red circle --d 1"], output_name="demo_lora")
     return config_to_form(cfg.model_dump())
 
 
 def build_app(service: Service) -> gr.Blocks:
     defaults = demo_defaults(service.presets_dir)
-    ctx: dict = {"fields": {}, "on_load": []}
-    with gr.Blocks(title="sdlora — LoRA trainer") as demo:
-        gr.Markdown("# sdlora\nTrain a Stable Diffusion LoRA: dataset → model & LoRA → training → run → try → export. "
-                    "The demo (tiny built-in model, generated dataset) is preselected: press **Start** on the Run tab.")
-        with gr.Tab("1 · Dataset", elem_id="tab-dataset"):
-            dataset_tab.build(service, ctx)
-            ctx["fields"]["data_dir"] = ctx["data_dir"]
-        with gr.Tab("2 · Model & LoRA", elem_id="tab-model"):
-            model_tab.build(service, ctx, defaults)
-        with gr.Tab("3 · Training", elem_id="tab-training"):
-            training_tab.build(service, ctx, defaults)
-        with gr.Tab("4 · Run", elem_id="tab-run"):
-            run_tab.build(service, ctx)
-        with gr.Tab("5 · Try", elem_id="tab-try") as try_tab_el:
-            try_tab.build(service, ctx)
-        with gr.Tab("6 · Export", elem_id="tab-export") as export_tab_el:
-            export_tab.build(service, ctx)
+    ctx: dict[str, Any] = {"fields": {}, "on_load": []}
+    with gr.Blocks(title="sdlora — LoRA trainer", analytics_enabled=False) as demo:
+        gr.Markdown(INTRO, elem_id="intro")
+        with gr.Tabs(elem_id="tabs"):
+            with gr.Tab("1 · Dataset", elem_id="tab-dataset"):
+                dataset_tab.build(service, ctx, defaults)
+            with gr.Tab("2 · Model & LoRA", elem_id="tab-model"):
+                model_tab.build(service, ctx, defaults)
+            with gr.Tab("3 · Training", elem_id="tab-training"):
+                training_tab.build(service, ctx, defaults)
+            ctx["field_keys"] = list(ctx["fields"])
 
-        inputs = [ctx["fields"][k] for k in ctx["field_keys"]]
+            def form_values(*values) -> dict[str, Any]:
+                return dict(zip(ctx["field_keys"], values))
+
+            ctx["form_values"] = form_values
+            with gr.Tab("4 · Run", elem_id="tab-run"):
+                run_tab.build(service, ctx)
+            with gr.Tab("5 · Try", elem_id="tab-try") as try_tab_el:
+                try_tab.build(service, ctx, defaults)
+            with gr.Tab("6 · Export", elem_id="tab-export") as export_tab_el:
+                export_tab.build(service, ctx, defaults)
+
+        keys = ctx["field_keys"]
+        inputs = [ctx["fields"][k] for k in keys]
+        # The form is kept in the browser (localStorage, for as long as this server runs), so a reloaded page shows
+        # the settings it had, next to the job it re-attaches to.
+        saved = gr.BrowserState({}, storage_key="sdlora-form")
+
+        def check_and_remember(*values):
+            return ctx["validate"](*values), dict(zip(keys, values))
+
+        def restore(form):
+            if not isinstance(form, dict) or not form:
+                return [gr.skip()] * len(keys)
+            out = []
+            for key in keys:
+                value = form.get(key)
+                if key == "layers" and isinstance(value, list):
+                    value = [v for v in value if v in LAYER_CHOICES]
+                out.append(gr.skip() if value is None else value)
+            return out
+
         for comp in inputs:
-            comp.change(ctx["validate"], inputs, ctx["check"], show_progress="hidden")
+            comp.change(check_and_remember, inputs, [ctx["check"], saved], show_progress="hidden", trigger_mode="always_last",
+                        queue=False, api_visibility="private")
         preset, load_btn, preset_name, save_btn, do_load, do_save = ctx["preset_io"]
-        load_btn.click(do_load, [preset] + inputs, inputs)
-        save_btn.click(do_save, [preset_name] + inputs, preset)
+        load_btn.click(do_load, [preset] + inputs, inputs, api_visibility="private")
+        save_btn.click(do_save, [preset_name] + inputs, preset, api_visibility="private")
 
-        def latest_choices(current):
+        def try_choices(current):
             choices = service.list_loras()
-            return gr.update(choices=choices, value=current or (choices[0] if choices else None))
+            last = service.status().get("lora_path") or ""
+            return gr.update(choices=choices, value=current or last or (choices[0] if choices else ""))
 
-        try_tab_el.select(latest_choices, ctx["try_lora"], ctx["try_lora"])
-        export_tab_el.select(latest_choices, ctx["export_source"], ctx["export_source"])
+        def export_choices(current):
+            choices = service.list_export_sources()
+            value = current or service.status().get("lora_path") or (choices[0] if choices else "")
+            return gr.update(choices=choices, value=value)
+
+        try_tab_el.select(try_choices, ctx["try_lora"], ctx["try_lora"], api_visibility="private", queue=False)
+        export_tab_el.select(export_choices, ctx["export_source"], ctx["export_source"], api_visibility="private", queue=False)
+        restored = demo.load(restore, saved, inputs, api_visibility="private", show_progress="hidden", queue=False)
         for fn, ins, outs in ctx["on_load"]:
-            demo.load(fn, ins, outs)
+            restored.then(fn, ins, outs, api_visibility="private", show_progress="hidden")
+        restored.then(ctx["validate"], inputs, ctx["check"], api_visibility="private", show_progress="hidden", queue=False)
 
         @guard
-        def train(config_json: str) -> dict:
-            """Start (or queue) a training job. config_json: TrainConfig fields as JSON; unset fields take the demo preset's values."""
+        def train(config: dict) -> dict:
+            """Start a training job, or queue it behind the running one. `config`: TrainConfig fields as a dict (or a
+            JSON string); fields left out take the demo preset's values. The output folder is always
+            OUTPUT_ROOT/output_name. Returns job_id, state and output_dir."""
             values = form_to_config(dict(defaults))
-            values.update(json.loads(config_json or "{}"))
+            try:
+                given = json.loads(config or "{}") if isinstance(config, str) else dict(config or {})
+            except (ValueError, TypeError) as exc:
+                raise gr.Error(f"config is not a JSON object of TrainConfig fields ({exc}).") from None
+            if not isinstance(given, dict):
+                raise gr.Error("config must be an object of TrainConfig fields, e.g. {\"data_dir\": \"/data\", \"steps\": 500}.")
+            if "epochs" in given and "steps" not in given:
+                values["steps"] = None
+            values.update(given)
             job = service.start(values)
-            return {"job_id": job.id, "state": job.state, "output_dir": job.config.output_dir}
+            return {"job_id": job.id, "state": job.state, "output_dir": job.config.output_dir,
+                    "output_name": job.config.output_name}
 
-        def status() -> dict:
-            """The current (or last) job: state, step, losses, samples, log, LoRA path, and the queue."""
+        @guard
+        def status(job_id: int = 0) -> dict:
+            """A job's snapshot: state (queued/running/done/stopped/failed), step, total_steps, losses [[step, loss]],
+            samples [[step, path, prompt]], checkpoints, log, error, lora_path, it_per_s, eta_s, and the whole queue.
+            job_id 0 = the running job, else the newest one."""
+            if job_id:
+                job = service.queue.get(int(job_id))
+                if job is None:
+                    raise gr.Error(f"No job {job_id}.")
+                snap = service.status()
+                return dict(job.snapshot(), queue=snap["queue"])
             return service.status()
 
         @guard
         def stop() -> bool:
-            """Ask the running job to checkpoint and stop."""
+            """Ask the running job to save a checkpoint and its LoRA, then stop. False if nothing was running."""
             return service.stop()
 
-        gr.api(train, api_name="train")
-        gr.api(status, api_name="status")
-        gr.api(stop, api_name="stop")
+        gr.api(train, api_name="train", concurrency_limit=None)
+        gr.api(status, api_name="status", concurrency_limit=None)
+        gr.api(stop, api_name="stop", concurrency_limit=None)
     return demo
 
 

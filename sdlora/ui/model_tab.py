@@ -5,49 +5,70 @@ from __future__ import annotations
 import gradio as gr
 
 from .common import user_message
-from .fields import LAYER_CHOICES, layers_to_targets, CONV_GROUP
+from .fields import CONV_GROUP, LAYER_CHOICES, layers_to_targets
+
+
+def show_scale(rank, alpha, conv_rank=None, conv_alpha=None, layers=None) -> str:
+    try:
+        text = f"Effective scale alpha/rank = **{float(alpha) / float(rank):.3g}**"
+    except (TypeError, ValueError, ZeroDivisionError):
+        return "Effective scale: rank must be at least 1 and alpha a positive number."
+    if layers and CONV_GROUP in layers:
+        try:
+            text += f" · conv: **{float(conv_alpha) / float(conv_rank):.3g}**"
+        except (TypeError, ValueError, ZeroDivisionError):
+            text += " · conv: conv rank must be at least 1"
+    return text
 
 
 def build(service, ctx: dict, defaults: dict) -> None:
     f = ctx["fields"]
     with gr.Row():
-        f["base_model"] = gr.Textbox(label="Base model", value=defaults["base_model"], scale=3, elem_id="base-model",
-                                     info="builtin:tiny, a diffusers folder, an SD1.x/SD2.x .safetensors file, or a hub id")
-        f["prediction_type"] = gr.Dropdown(["auto", "epsilon", "v_prediction"], value=defaults["prediction_type"], label="Prediction type")
-    with gr.Row():
-        f["rank"] = gr.Number(label="Rank", value=defaults["rank"], precision=0, minimum=1, elem_id="rank")
-        f["alpha"] = gr.Number(label="Alpha", value=defaults["alpha"], minimum=0.0001, elem_id="alpha")
-        scale = gr.Markdown(elem_id="lora-scale")
+        f["base_model"] = gr.Dropdown(["builtin:tiny"], value=defaults["base_model"], label="Base model", scale=4,
+                                      allow_custom_value=True, filterable=True, elem_id="base-model",
+                                      info="builtin:tiny (offline demo), a diffusers folder, an SD1.x/SD2.x .safetensors/.ckpt "
+                                           "file, or a hub id such as stable-diffusion-v1-5/stable-diffusion-v1-5")
+        f["prediction_type"] = gr.Dropdown(["auto", "epsilon", "v_prediction"], value=defaults["prediction_type"],
+                                           label="Prediction type", scale=1)
+        f["allow_pickle"] = gr.Checkbox(label="Allow pickle (.ckpt files you trust only)", value=defaults["allow_pickle"],
+                                        scale=1, elem_id="allow-pickle")
+    with gr.Row(equal_height=True):
+        f["rank"] = gr.Number(label="Rank", value=defaults["rank"], precision=0, elem_id="rank")
+        f["alpha"] = gr.Number(label="Alpha", value=defaults["alpha"], elem_id="alpha")
+        scale = gr.Markdown(show_scale(defaults["rank"], defaults["alpha"], defaults["conv_rank"], defaults["conv_alpha"],
+                                       defaults["layers"]), elem_id="lora-scale")
     f["layers"] = gr.CheckboxGroup(LAYER_CHOICES, value=defaults["layers"], label="UNet layers to adapt", elem_id="layers")
     with gr.Row():
-        f["conv_rank"] = gr.Number(label="Conv rank (when conv 3x3 is on)", value=defaults["conv_rank"], precision=0, minimum=0)
-        f["conv_alpha"] = gr.Number(label="Conv alpha", value=defaults["conv_alpha"], minimum=0.0001)
+        f["conv_rank"] = gr.Number(label="Conv 3x3 rank (used when 'conv 3x3' is ticked)", value=defaults["conv_rank"],
+                                   precision=0, elem_id="conv-rank")
+        f["conv_alpha"] = gr.Number(label="Conv 3x3 alpha", value=defaults["conv_alpha"], elem_id="conv-alpha")
     with gr.Row():
-        f["train_text_encoder"] = gr.Checkbox(label="Train text-encoder LoRA", value=defaults["train_text_encoder"], elem_id="train-te")
-        f["text_encoder_lr"] = gr.Number(label="Text-encoder LR (0 = same as UNet LR)", value=defaults["text_encoder_lr"])
-    params = gr.Markdown(elem_id="param-count")
+        f["train_text_encoder"] = gr.Checkbox(label="Train a text-encoder LoRA too", value=defaults["train_text_encoder"],
+                                              elem_id="train-te")
+        f["text_encoder_lr"] = gr.Number(label="Text-encoder LR (0 = same as the UNet LR)", value=defaults["text_encoder_lr"], elem_id="te-lr")
+    params = gr.Markdown("Trainable parameters: …", elem_id="param-count")
 
-    def show_scale(rank, alpha):
-        try:
-            return f"Effective scale alpha/rank = **{float(alpha) / float(rank):.3g}**"
-        except (TypeError, ValueError, ZeroDivisionError):
-            return "Effective scale: rank must be at least 1"
-
-    def show_params(spec, layers, rank, conv_rank, train_te):
+    def show_params(spec, layers, rank, conv_rank, train_te, allow_pickle):
         try:
             targets = layers_to_targets(layers)
             conv = int(conv_rank or 0) if CONV_GROUP in (layers or []) else 0
             if not targets and not conv:
-                return "Choose at least one layer group."
-            n, nu, nt = service.count_parameters(spec, targets, int(rank or 1), conv, bool(train_te))
-            return f"Trainable parameters: **{n:,}** ({nu} UNet modules, {nt} text-encoder modules)"
+                return "⚠️ Choose at least one layer group."
+            if int(rank or 0) < 1:
+                return "⚠️ Rank must be at least 1."
+            n, n_unet, n_te = service.count_parameters(spec, targets, int(rank), conv, bool(train_te), bool(allow_pickle))
+            size = n * 2 / 1024
+            size_text = f"{size / 1024:.1f} MiB" if size >= 1024 else f"{size:.0f} KiB"
+            return (f"Trainable parameters: **{n:,}** ({n_unet} UNet modules, {n_te} text-encoder modules; "
+                    f"about {size_text} as an fp16 file)")
         except Exception as exc:  # noqa: BLE001 - shown next to the widgets
             return f"⚠️ {user_message(exc)}"
 
-    count_inputs = [f["base_model"], f["layers"], f["rank"], f["conv_rank"], f["train_text_encoder"]]
-    for comp in (f["rank"], f["alpha"]):
-        comp.change(show_scale, [f["rank"], f["alpha"]], scale)
+    scale_inputs = [f["rank"], f["alpha"], f["conv_rank"], f["conv_alpha"], f["layers"]]
+    for comp in scale_inputs:
+        comp.change(show_scale, scale_inputs, scale, show_progress="hidden", queue=False, api_visibility="private")
+    count_inputs = [f["base_model"], f["layers"], f["rank"], f["conv_rank"], f["train_text_encoder"], f["allow_pickle"]]
     for comp in count_inputs:
-        comp.change(show_params, count_inputs, params)
-    ctx["on_load"].append((show_scale, [f["rank"], f["alpha"]], scale))
+        comp.change(show_params, count_inputs, params, show_progress="minimal", trigger_mode="always_last",
+                    concurrency_id="params", concurrency_limit=1, api_visibility="private")
     ctx["on_load"].append((show_params, count_inputs, params))

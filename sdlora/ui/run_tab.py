@@ -1,42 +1,72 @@
-"""Run tab: start/stop/resume, progress, live loss plot, previews, log and the job queue. Polls the job queue,
-so a reloaded page shows the running job again."""
+"""Run tab: start/stop/resume, progress, live loss plot, previews, log tail and the job queue.
+
+The page polls the server's one job queue (gr.Timer), so a reloaded or reopened page shows the running job again.
+Outputs that did not change since the last poll are skipped, so an idle page costs almost nothing.
+"""
 
 from __future__ import annotations
 
 import gradio as gr
 
-from .common import guard
+from .common import guard, log
 from .fields import form_to_config
 from .service import progress_text
+
+LOG_LINES = 14
 
 
 def build(service, ctx: dict) -> None:
     with gr.Row():
-        start = gr.Button("Start", variant="primary", elem_id="start-btn")
-        stop = gr.Button("Stop", variant="stop", elem_id="stop-btn")
-        resume = gr.Button("Resume from last checkpoint", elem_id="resume-btn")
-    progress = gr.Markdown("No training job yet. Press **Start**.", elem_id="progress")
+        start = gr.Button("▶ Start training", variant="primary", elem_id="start-btn")
+        stop = gr.Button("■ Stop (saves a checkpoint)", variant="stop", elem_id="stop-btn")
+        resume = gr.Button("↻ Resume from last checkpoint", elem_id="resume-btn")
+    progress = gr.Markdown("No training job yet. Press **Start training**.", elem_id="progress")
     with gr.Row():
-        plot = gr.LinePlot(x="step", y="loss", color="series", title="Loss", height=280, elem_id="loss-plot")
-        previews = gr.Gallery(label="Previews", columns=4, height=280, elem_id="previews")
+        plot = gr.LinePlot(x="step", y="loss", color="series", title="Training loss (raw and smoothed)", height=300,
+                           elem_id="loss-plot", x_title="step", y_title="loss",
+                           color_map={"raw": "#9db4d6", "smoothed": "#e4572e"})
+        previews = gr.Gallery(label="Previews (newest first)", columns=3, height=300, elem_id="previews", object_fit="contain",
+                              preview=False)
     with gr.Row():
-        log = gr.Textbox(label="Log", lines=8, max_lines=8, interactive=False, autoscroll=True, elem_id="log")
-        queue = gr.Dataframe(headers=["job", "state", "name", "step", "of"], label="Job queue", interactive=False, elem_id="queue")
+        log_box = gr.Textbox(label="Log (latest lines)", lines=LOG_LINES, max_lines=LOG_LINES, interactive=False,
+                             elem_id="log", scale=3)
+        queue = gr.Dataframe(headers=["job", "state", "name", "step", "of"], label="Job queue", interactive=False,
+                             elem_id="queue", scale=2)
     timer = gr.Timer(1.0)
+    seen = gr.State("")  # signature of what this page shows, so unchanged polls send nothing
 
-    fields = ctx["fields"]
-    inputs = [fields[k] for k in ctx["field_keys"]]
+    inputs = [ctx["fields"][k] for k in ctx["field_keys"]]
+
+    def signature(snap) -> str:
+        jobs = ",".join(f"{j['id']}:{j['state']}" for j in snap["queue"])
+        return f"{snap['id']}|{snap['state']}|{snap['step']}|{len(snap['samples'])}|{len(snap['log'])}|{snap['error']}|{jobs}"
+
+    def refresh(last: str = ""):
+        try:
+            snap = service.status()
+        except Exception:  # noqa: BLE001 - polling must never break the page
+            log.exception("status poll failed")
+            return [gr.skip()] * 6
+        sig = signature(snap)
+        if sig == last:
+            return [gr.skip()] * 5 + [last]
+        samples = [(path, f"step {step}: {prompt[:48]}") for step, path, prompt in reversed(snap["samples"])]
+        rows = [[j["id"], j["state"] + (" (resume)" if j["resume"] else ""), j["output_name"], j["step"], j["total_steps"]]
+                for j in reversed(snap["queue"])]
+        plot_value = service.loss_table(snap) if snap["losses"] else None
+        return [progress_text(snap), plot_value, samples, "\n".join(snap["log"][-LOG_LINES:]), rows, sig]
 
     @guard
     def do_start(*values):
         job = service.start(form_to_config(ctx["form_values"](*values)))
-        gr.Info(f"Job {job.id} queued." if service.queue.current() is not job else f"Job {job.id} started.")
+        running = service.queue.current()
+        gr.Info(f"Job {job.id} started." if running is job else f"Job {job.id} queued: it starts when job {running.id} ends.")
         return refresh()
 
     @guard
     def do_resume(*values):
         job = service.resume(form_to_config(ctx["form_values"](*values)))
-        gr.Info(f"Job {job.id} resumes from the last checkpoint.")
+        gr.Info(f"Job {job.id} resumes '{job.config.output_name}' from its newest checkpoint.")
         return refresh()
 
     @guard
@@ -47,15 +77,10 @@ def build(service, ctx: dict) -> None:
             gr.Info("No job is running.")
         return refresh()
 
-    def refresh():
-        snap = service.status()
-        samples = [(path, f"step {step}: {prompt[:40]}") for step, path, prompt in reversed(snap["samples"])]
-        rows = [[j["id"], j["state"], j["output_name"], j["step"], j["total_steps"]] for j in snap["queue"]]
-        return (progress_text(snap), service.loss_table(snap), samples, "\n".join(snap["log"][-60:]), rows)
-
-    outputs = [progress, plot, previews, log, queue]
-    start.click(do_start, inputs, outputs)
-    resume.click(do_resume, inputs, outputs)
-    stop.click(do_stop, None, outputs)
-    timer.tick(refresh, None, outputs, show_progress="hidden")
-    ctx["on_load"].append((refresh, None, outputs))
+    outputs = [progress, plot, previews, log_box, queue, seen]
+    start.click(do_start, inputs, outputs, api_visibility="private", concurrency_limit=None)
+    resume.click(do_resume, inputs, outputs, api_visibility="private", concurrency_limit=None)
+    stop.click(do_stop, None, outputs, api_visibility="private", concurrency_limit=None)
+    # Polls skip the queue: they are cheap, and must not wait behind a long generate or export.
+    timer.tick(refresh, seen, outputs, show_progress="hidden", api_visibility="private", queue=False)
+    ctx["on_load"].append((refresh, seen, outputs))

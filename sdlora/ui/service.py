@@ -8,16 +8,20 @@ from __future__ import annotations
 
 import re
 import threading
-import time
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ..config import ConfigError, TrainConfig, make_config, save_preset
 from ..jobs import JobQueue, smooth
-from ..paths import cache_dir, resolve_data_dir
+from ..paths import DEMO_DATA, cache_dir, resolve_data_dir
 
 SAFE_NAME = re.compile(r"[^A-Za-z0-9._ -]+")
+MODEL_CACHE_SIZE = 2  # loaded base models kept for parameter counts, Try and verify (an SD1.5 is ~4 GB in fp32)
+GALLERY_LIMIT = 500  # images shown in the dataset gallery; the scan report still counts all of them
+PLOT_POINTS = 1500  # loss points per series sent to the browser
+THUMB_SIZE = 192  # gallery thumbnails, pixels on the long side
 
 
 def sanitize_name(name: str, *, default: str = "lora") -> str:
@@ -26,7 +30,7 @@ def sanitize_name(name: str, *, default: str = "lora") -> str:
     stem = SAFE_NAME.sub("_", stem).strip(" .")
     stem = stem.replace("..", "_")
     if stem.lower().endswith(".safetensors"):
-        stem = stem[: -len(".safetensors")]
+        stem = stem[: -len(".safetensors")].strip(" .")
     return stem[:100] or default
 
 
@@ -38,90 +42,199 @@ def is_inside(path: Path, root: Path) -> bool:
         return False
 
 
+def _too_broad(folder: Path) -> bool:
+    """Folders never handed to the web server whole: the filesystem root, the home folder and their parents."""
+    folder = folder.resolve()
+    return folder == Path(folder.anchor) or is_inside(Path.home(), folder)
+
+
+# Building torch modules is not thread-safe here: diffusers loads weights inside accelerate's init_empty_weights(),
+# which patches nn.Module globally, so a model built in another thread at the same moment gets parameters on the
+# "meta" device. Every model load or LoRA injection in this process (the UI's and a training job's set-up) holds
+# this lock.
+MODEL_BUILD_LOCK = threading.RLock()
+
+
+def run_training(config: TrainConfig, *, on_event=None, stop_event=None):
+    """sdlora.train.train(), with the set-up (model load, LoRA injection) under MODEL_BUILD_LOCK."""
+    from ..train import Trainer
+
+    trainer = Trainer(config, on_event=on_event, stop_event=stop_event)
+    with MODEL_BUILD_LOCK:
+        trainer.prepare()
+    return trainer.run()
+
+
 @dataclass
 class Service:
     output_root: Path
     presets_dir: Path
-    queue: JobQueue = field(default_factory=JobQueue)
-    dataset_roots: set[Path] = field(default_factory=set)
-    _models: dict[str, Any] = field(default_factory=dict)
+    queue: JobQueue = field(default_factory=lambda: JobQueue(runner=run_training))
+    _models: OrderedDict = field(default_factory=OrderedDict)
     _pipes: dict[str, Any] = field(default_factory=dict)
-    _lock: threading.Lock = field(default_factory=threading.Lock)
-    # The list handed to Gradio's launch(allowed_paths=...): Gradio reads it on every file request, so
-    # dataset folders scanned later are added to the same list object.
+    # Everything that touches a cached model (Try injects LoRAs into it, verify copies it) or builds one.
+    _model_lock: threading.RLock = field(default=MODEL_BUILD_LOCK)
+    # The list handed to Gradio's launch(allowed_paths=...). Gradio keeps this list object and reads it on every
+    # file request, so dataset folders scanned later are appended to the same list.
     _allowed: list[str] = field(default_factory=list)
 
     def __post_init__(self):
         self.output_root = Path(self.output_root).expanduser().resolve()
         self.output_root.mkdir(parents=True, exist_ok=True)
-        self.presets_dir = Path(self.presets_dir).resolve()
-        self._allowed[:] = [str(self.output_root), str(cache_dir().resolve())]
+        self.presets_dir = Path(self.presets_dir).expanduser().resolve()
+        self._allowed[:] = [str(self.output_root), str(cache_dir().expanduser().resolve())]
 
-    # folders the server may touch -----------------------------------------------------------------
+    # folders the server may serve -----------------------------------------------------------------
     def allowed_paths(self) -> list[str]:
         return self._allowed
 
-    def _allow(self, folder: Path) -> None:
-        folder = str(Path(folder).resolve())
-        if folder not in self._allowed:
-            self._allowed.append(folder)
+    def _allow(self, path: Path) -> None:
+        path = str(Path(path).resolve())
+        if path not in self._allowed:
+            self._allowed.append(path)
 
     def uploads_dir(self) -> Path:
         return self.output_root / "uploads"
 
     # dataset ---------------------------------------------------------------------------------------
+    def dataset_root(self, folder: str) -> Path:
+        folder = (folder or "").strip()
+        if not folder:
+            raise ConfigError(f"Dataset folder: enter the path of a folder of images, or {DEMO_DATA}.")
+        return resolve_data_dir(folder).expanduser().resolve()
+
     def scan(self, folder: str, *, check_images: bool = False):
         from ..data.scan import scan_dataset
 
-        root = resolve_data_dir(folder or "")
-        report = scan_dataset(root, check_images=check_images)
-        self.dataset_roots.add(report.root)
-        self._allow(report.root)
+        report = scan_dataset(self.dataset_root(folder), check_images=check_images)
+        if _too_broad(report.root):
+            for item in report.items[:GALLERY_LIMIT]:
+                self._allow(item.path)
+        else:
+            self._allow(report.root)
         return report
 
-    def save_caption(self, folder: str, image_path: str, text: str) -> Path:
+    def thumbnail(self, image: Path, size: int = THUMB_SIZE) -> Path:
+        """A small upright copy for the gallery, cached under OUTPUT/.thumbs (so big photos are not copied whole into
+        the web server's cache); the original path if it cannot be made."""
+        import hashlib
+
+        from ..data.images import open_image_rgb
+        from ..sampling import save_png_atomic
+
+        try:
+            st = image.stat()
+            key = hashlib.sha1(f"{image.resolve()}|{st.st_size}|{st.st_mtime_ns}|{size}".encode()).hexdigest()
+            thumb = self.output_root / ".thumbs" / f"{key}.png"
+            if not thumb.is_file():
+                img = open_image_rgb(image, max_side=size)
+                img.thumbnail((size, size))
+                save_png_atomic(img, thumb)
+            return thumb
+        except Exception:  # noqa: BLE001 - a thumbnail is a nicety; the scan report already names broken images
+            return image
+
+    def caption_file(self, folder: str, image_path: str, caption_path: str | None = None) -> tuple[Path, Path]:
+        """(dataset root, caption file) for an image, refusing anything outside the dataset folder."""
+        from ..data.captions import CAPTION_EXTENSIONS, caption_path_for
+
+        root = self.dataset_root(folder)
+        image = Path(image_path or "")
+        if not image_path or not is_inside(image, root):
+            raise ConfigError(f"Refusing to save a caption for '{image_path}': it is outside the dataset folder '{root}'.")
+        target = Path(caption_path) if caption_path else caption_path_for(image)
+        if target.suffix.lower() not in CAPTION_EXTENSIONS:
+            target = caption_path_for(image)  # e.g. the caption came from metadata.jsonl: a .txt takes precedence
+        if not is_inside(target, root):
+            raise ConfigError(f"Refusing to write caption '{target}': it is outside the dataset folder '{root}'.")
+        return root, target
+
+    def save_caption(self, folder: str, image_path: str, text: str, caption_path: str | None = None) -> Path:
         from ..data.captions import write_caption
 
-        root = resolve_data_dir(folder).resolve()
-        image = Path(image_path)
-        if not is_inside(image, root):
-            raise ConfigError(f"Refusing to save a caption for '{image}': it is outside the dataset folder '{root}'.")
-        return write_caption(image.with_suffix(".txt"), text, root=root)
+        root, target = self.caption_file(folder, image_path, caption_path)
+        try:
+            return write_caption(target, text or "", root=root)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
 
     def bulk_edit(self, folder: str, *, find: str, replace: str, prepend: str, append: str) -> int:
         from ..data.captions import bulk_edit_captions
 
+        if not (find or prepend.strip() or append.strip()):
+            raise ConfigError("Bulk edit: fill in Find (with Replace), Prepend or Append first.")
         report = self.scan(folder)
-        return bulk_edit_captions(report.items, find=find, replace=replace, prepend=prepend, append=append, root=report.root)
+        try:
+            return bulk_edit_captions(report.items, find=find, replace=replace, prepend=prepend, append=append, root=report.root)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
 
     # models ----------------------------------------------------------------------------------------
-    def base_model(self, spec: str):
+    def base_model(self, spec: str, *, allow_pickle: bool = False):
+        """Loaded once per spec and kept (the few most recent), for parameter counts, Try and verify."""
         from ..models import load_base_model
 
-        with self._lock:
-            if spec not in self._models:
-                self._models[spec] = load_base_model(spec)
-            return self._models[spec]
+        spec = (spec or "").strip()
+        key = f"{spec}|pickle={bool(allow_pickle)}"
+        with self._model_lock:
+            if key in self._models:
+                self._models.move_to_end(key)
+                return self._models[key]
+            base = load_base_model(spec, allow_pickle=allow_pickle)
+            self._models[key] = base
+            while len(self._models) > MODEL_CACHE_SIZE:
+                old, _ = self._models.popitem(last=False)
+                self._pipes.pop(old, None)
+            return base
 
-    def count_parameters(self, spec: str, targets: list[str], rank: int, conv_rank: int, train_te: bool) -> tuple[int, int, int]:
+    def _pipeline(self, spec: str, allow_pickle: bool = False):
+        key = f"{(spec or '').strip()}|pickle={bool(allow_pickle)}"
+        base = self.base_model(spec, allow_pickle=allow_pickle)
+        pipe = self._pipes.get(key)
+        if pipe is None:
+            pipe = base.make_pipeline()
+            pipe.set_progress_bar_config(disable=True)
+            self._pipes[key] = pipe
+        return base, pipe
+
+    def count_parameters(self, spec: str, targets: list[str], rank: int, conv_rank: int, train_te: bool,
+                         allow_pickle: bool = False) -> tuple[int, int, int]:
         """(trainable parameters, UNet modules, text-encoder modules) for these choices, without injecting anything."""
         from ..lora import count_lora_parameters, resolve_text_encoder_targets, resolve_unet_targets
 
-        base = self.base_model(spec)
-        unet_mods = resolve_unet_targets(base.unet, targets, conv_rank=conv_rank) if targets else []
-        te_mods = resolve_text_encoder_targets(base.text_encoder) if train_te else []
+        with self._model_lock:
+            base = self.base_model(spec, allow_pickle=allow_pickle)
+            unet_mods = resolve_unet_targets(base.unet, targets, conv_rank=conv_rank) if (targets or conv_rank) else []
+            te_mods = resolve_text_encoder_targets(base.text_encoder) if train_te else []
         total = count_lora_parameters(unet_mods, rank, conv_rank) + count_lora_parameters(te_mods, rank)
         return total, len(unet_mods), len(te_mods)
 
     # config, presets ---------------------------------------------------------------------------------
     def build_config(self, values: dict[str, Any]) -> TrainConfig:
+        """A validated TrainConfig whose output folder is always under the output root."""
         values = dict(values)
-        values["output_name"] = sanitize_name(values.get("output_name", "lora"))
-        out = values.get("output_dir") or str(self.output_root / values["output_name"])
-        if not is_inside(Path(out), self.output_root):
-            out = str(self.output_root / sanitize_name(Path(out).name))
-        values["output_dir"] = out
+        values["output_name"] = sanitize_name(values.get("output_name") or "lora")
+        values["output_dir"] = str(self.output_root / values["output_name"])
         return make_config(**values)
+
+    def checked_config(self, values: dict[str, Any]) -> TrainConfig:
+        """build_config plus the cheap checks that need the disk: the base model resolves, the dataset folder exists."""
+        from ..models import resolve_model_spec
+        from ..sampling import parse_prompt_line
+
+        cfg = self.build_config(values)
+        resolve_model_spec(cfg.base_model)
+        for line in cfg.sample_prompts:
+            try:
+                parse_prompt_line(line)
+            except ValueError as exc:
+                raise ConfigError(f"sample_prompts: {exc}") from None
+        if not cfg.data_dir.strip():
+            raise ConfigError(f"data_dir: choose a dataset folder on the Dataset tab (or {DEMO_DATA}).")
+        root = self.dataset_root(cfg.data_dir)
+        if not root.is_dir():
+            raise ConfigError(f"data_dir: '{cfg.data_dir}' is not a folder. Fix the path on the Dataset tab.")
+        return cfg
 
     def list_presets(self) -> list[str]:
         return sorted(p.stem for p in self.presets_dir.glob("*.toml"))
@@ -129,22 +242,31 @@ class Service:
     def load_preset(self, name: str) -> dict[str, Any]:
         from ..config import load_preset
 
-        path = self.presets_dir / f"{sanitize_name(name)}.toml"
+        path = self.presets_dir / f"{sanitize_name(name, default='demo')}.toml"
         values = load_preset(path)
         return make_config(**values).model_dump()
 
     def save_preset(self, name: str, values: dict[str, Any]) -> Path:
+        if not (name or "").strip():
+            raise ConfigError("Preset name: type a name for the preset first, e.g. my-style.")
         cfg = self.build_config(values)
         stem = sanitize_name(name, default="my-preset")
         return save_preset(cfg, self.presets_dir / f"{stem}.toml", header=f"{stem}: saved from the sdlora web UI")
 
     # jobs --------------------------------------------------------------------------------------------
     def start(self, values: dict[str, Any]):
-        return self.queue.submit(self.build_config(values))
+        return self.queue.submit(self.checked_config(values))
 
     def resume(self, values: dict[str, Any]):
-        values = dict(values, resume="latest")
-        return self.queue.submit(self.build_config(values))
+        """Queue the same settings with resume='latest': the run continues from the newest checkpoint of its output."""
+        from ..checkpoints import find_latest_checkpoint
+
+        cfg = self.checked_config(dict(values, resume="latest"))
+        pending = any(j.config.output_dir == cfg.output_dir and j.state in ("queued", "running") for j in self.queue.jobs())
+        if not pending and find_latest_checkpoint(Path(cfg.output_dir)) is None:
+            raise ConfigError(f"Nothing to resume: '{cfg.output_name}' has no checkpoint in {cfg.output_dir}/checkpoints. "
+                              "Press Start training (set 'Checkpoint every N steps' to be able to resume later).")
+        return self.queue.submit(cfg)
 
     def stop(self) -> bool:
         return self.queue.stop()
@@ -152,29 +274,55 @@ class Service:
     def status(self) -> dict[str, Any]:
         job = self.queue.current()
         snap = job.snapshot() if job else {"id": None, "state": "idle", "step": 0, "total_steps": 0, "losses": [], "samples": [],
-                                           "checkpoints": [], "log": [], "error": "", "lora_path": "", "it_per_s": None, "eta_s": None}
+                                           "checkpoints": [], "log": [], "error": "", "lora_path": "", "it_per_s": None,
+                                           "eta_s": None, "output_dir": "", "output_name": "", "base_model": ""}
         snap["queue"] = [{"id": j.id, "state": j.state, "output_name": j.config.output_name, "step": j.step,
-                          "total_steps": j.total_steps} for j in self.queue.jobs()]
+                          "total_steps": j.total_steps, "resume": bool(j.config.resume)} for j in self.queue.jobs()]
         return snap
 
     @staticmethod
-    def loss_table(snap: dict[str, Any]):
+    def loss_table(snap: dict[str, Any], max_points: int = PLOT_POINTS):
+        """Raw and smoothed loss as a long table for gr.LinePlot, thinned to at most max_points per series."""
         import pandas as pd
 
         steps = [s for s, _ in snap["losses"]]
         raw = [v for _, v in snap["losses"]]
-        rows = [{"step": s, "loss": v, "series": "raw"} for s, v in zip(steps, raw)]
-        rows += [{"step": s, "loss": v, "series": "smoothed"} for s, v in zip(steps, smooth(raw))]
-        return pd.DataFrame(rows, columns=["step", "loss", "series"])
+        smoothed = smooth(raw)
+        stride = max(1, -(-len(steps) // max_points))
+        keep = list(range(0, len(steps), stride))
+        if keep and keep[-1] != len(steps) - 1:
+            keep.append(len(steps) - 1)
+        # Typed columns even when empty: the plot takes its axis types from the first frame it sees.
+        return pd.DataFrame({
+            "step": pd.Series([steps[i] for i in keep] * 2, dtype="int64"),
+            "loss": pd.Series([raw[i] for i in keep] + [smoothed[i] for i in keep], dtype="float64"),
+            "series": pd.Series(["raw"] * len(keep) + ["smoothed"] * len(keep), dtype="str"),
+        })
+
+    def _safetensors_files(self) -> list[Path]:
+        found = [p for p in self.output_root.rglob("*.safetensors")
+                 if not any(part.startswith(".") for part in p.relative_to(self.output_root).parts)]
+        return _newest_first(found)
 
     def list_loras(self) -> list[str]:
-        found = [p for p in self.output_root.rglob("*.safetensors") if "cache" not in p.parts and not p.name.startswith(".")]
-        found.sort(key=lambda p: p.stat().st_mtime, reverse=True)
-        return [str(p) for p in found]
+        """Trained and exported LoRA files under the output root, newest first; checkpoint copies last."""
+        files = self._safetensors_files()
+        finals = [p for p in files if "checkpoints" not in p.parts]
+        checkpoints = [p for p in files if "checkpoints" in p.parts]
+        return [str(p) for p in finals + checkpoints]
+
+    def list_export_sources(self) -> list[str]:
+        """Final LoRAs, exports and checkpoint folders (each holds a lora.safetensors), newest first."""
+        from ..checkpoints import CHECKPOINT_DIR
+
+        files = [p for p in self._safetensors_files() if CHECKPOINT_DIR not in p.parts]
+        ckpts = _newest_first({p.parent for p in self.output_root.glob(f"*/{CHECKPOINT_DIR}/*/lora.safetensors")})
+        return [str(p) for p in files] + [str(p) for p in ckpts]
 
     # try ------------------------------------------------------------------------------------------------
-    def check_lora_path(self, path: str) -> Path:
-        p = Path(path).expanduser()
+    @staticmethod
+    def check_lora_path(path: str) -> Path:
+        p = Path(str(path).strip()).expanduser()
         if not p.is_file():
             raise ConfigError(f"LoRA file '{path}' not found. Pick one from the list or give a full path.")
         if p.suffix.lower() != ".safetensors":
@@ -184,49 +332,69 @@ class Service:
     def generate(self, spec: str, loras: list[tuple[str, float]], prompt: str, *, negative: str = "", seed: int = 0,
                  steps: int = 20, cfg: float = 7.0, width: int | None = None, height: int | None = None,
                  grid_strengths: list[float] | None = None, prompts: list[str] | None = None):
-        """One image, or a strength grid (one row per prompt) when grid_strengths is given."""
+        """One image, or a strength grid (one row per prompt, one column per strength) when grid_strengths is given."""
         from ..inference import load_loras, set_strengths, strength_grid
         from ..sampling import SamplePrompt, generate
 
-        base = self.base_model(spec)
+        if int(steps) < 1 or int(steps) > 200:
+            raise ConfigError("Steps: use 1 to 200 sampling steps.")
+        for name, value in (("Width", width), ("Height", height)):
+            if value and (int(value) < 64 or int(value) % 8 or int(value) > 2048):
+                raise ConfigError(f"{name}: use a multiple of 8 between 64 and 2048, or 0 for the model's default.")
         paths = [(self.check_lora_path(p), float(s)) for p, s in loras]
-        with self._lock:
-            pipe = self._pipes.get(spec)
-            if pipe is None:
-                pipe = base.make_pipeline()
-                pipe.set_progress_bar_config(disable=True)
-                self._pipes[spec] = pipe
-            # Fresh adapters every call: files may have been re-exported since the last one.
-            if getattr(pipe.unet, "peft_config", None):
+
+        def sample(text: str) -> SamplePrompt:
+            return SamplePrompt(prompt=text, negative=negative or "", width=int(width or 0) or None,
+                                height=int(height or 0) or None, seed=int(seed), cfg=float(cfg), steps=int(steps))
+
+        with self._model_lock:
+            base, pipe = self._pipeline(spec)
+            # Fresh adapters every call: files may have been re-trained or re-exported since the last one.
+            if getattr(pipe.unet, "peft_config", None) or getattr(pipe.text_encoder, "peft_config", None):
                 pipe.unload_lora_weights()
             names = load_loras(pipe, paths)
-            sample = SamplePrompt(prompt=prompt, negative=negative, width=width or None, height=height or None, seed=int(seed),
-                                  cfg=float(cfg), steps=int(steps))
             if grid_strengths:
-                all_prompts = [SamplePrompt(prompt=p, negative=negative, width=width or None, height=height or None, seed=int(seed),
-                                            cfg=float(cfg), steps=int(steps)) for p in (prompts or [prompt])]
-                return strength_grid(pipe, names, all_prompts, grid_strengths, default_size=base.default_resolution,
-                                     default_steps=int(steps), seed=int(seed))
+                return strength_grid(pipe, names, [sample(p) for p in (prompts or [prompt])], grid_strengths,
+                                     default_size=base.default_resolution, default_steps=int(steps), seed=int(seed))
             if names:
                 set_strengths(pipe, names, [s for _, s in paths])
-            return generate(pipe, sample, default_size=base.default_resolution, default_steps=int(steps), default_seed=int(seed))
+            return generate(pipe, sample(prompt), default_size=base.default_resolution, default_steps=int(steps),
+                            default_seed=int(seed))
 
     # export ------------------------------------------------------------------------------------------------
     def export(self, source: str, *, fmt: str, precision: str, name: str, base_spec: str) -> tuple[Path, str, bool]:
+        """Re-export a LoRA (file or checkpoint folder) into OUTPUT/exports, then verify it against the base model."""
         from ..convert import reexport
         from ..verify import verify_lora
 
-        src = Path(source)
-        if not src.exists():
-            raise ConfigError(f"Nothing to export: '{source}' does not exist. Train first, or pick a LoRA file.")
-        target = self.output_root / "exports" / f"{sanitize_name(name)}{'_diffusers' if fmt == 'diffusers' else ''}.safetensors"
-        out = reexport(src, target, fmt=fmt, precision=precision, base_model=base_spec)
-        report = verify_lora(out, self.base_model(base_spec))
+        if fmt not in ("kohya", "diffusers"):
+            raise ConfigError(f"Format: choose kohya or diffusers (got '{fmt}').")
+        if precision not in ("fp16", "bf16", "fp32"):
+            raise ConfigError(f"Precision: choose fp16, bf16 or fp32 (got '{precision}').")
+        src = Path(str(source or "").strip()).expanduser()
+        if not str(source or "").strip() or not src.exists():
+            raise ConfigError(f"Nothing to export: '{source}' does not exist. Train first, or pick a LoRA file or checkpoint.")
+        suffix = "_diffusers" if fmt == "diffusers" else ""
+        target = self.output_root / "exports" / f"{sanitize_name(name)}{suffix}.safetensors"
+        with self._model_lock:
+            out = reexport(src, target, fmt=fmt, precision=precision, base_model=base_spec)
+            report = verify_lora(out, self.base_model(base_spec))
         return out, report.summary(), report.ok
 
 
+def _newest_first(paths) -> list[Path]:
+    """Sorted by modification time, newest first; files deleted meanwhile (old checkpoints are pruned) are dropped."""
+    stamped = []
+    for p in paths:
+        try:
+            stamped.append((p.stat().st_mtime, p))
+        except OSError:
+            continue
+    return [p for _, p in sorted(stamped, key=lambda t: t[0], reverse=True)]
+
+
 def parse_lora_lines(text: str, default_strength: float = 1.0) -> list[tuple[str, float]]:
-    """`path:strength` per line (strength optional)."""
+    """`path:strength` per line (strength optional); blank lines and # comments are ignored."""
     from ..inference import parse_lora_arg
 
     out = []
@@ -235,33 +403,47 @@ def parse_lora_lines(text: str, default_strength: float = 1.0) -> list[tuple[str
         if not line or line.startswith("#"):
             continue
         path, strength = parse_lora_arg(line)
-        if ":" not in line.rsplit("/", 1)[-1]:
+        if str(path) == line or not re.search(r":-?[\d.]+$", line):
             strength = default_strength
-        out.append((str(path), strength))
+        out.append((str(path), float(strength)))
     return out
+
+
+def parse_strengths(text: str) -> list[float]:
+    try:
+        values = [float(x) for x in re.split(r"[,;\s]+", text or "") if x.strip()]
+    except ValueError:
+        raise ConfigError("Strengths: numbers separated by commas, e.g. 0, 0.5, 1.") from None
+    if not values:
+        raise ConfigError("Strengths: give at least one number, e.g. 0, 0.5, 1.")
+    if len(values) > 12:
+        raise ConfigError("Strengths: at most 12 columns per grid.")
+    return values
 
 
 def format_eta(seconds: float | None) -> str:
     if seconds is None:
         return "–"
     seconds = int(seconds)
+    if seconds >= 3600:
+        return f"{seconds // 3600}h {seconds % 3600 // 60:02d}m"
     return f"{seconds // 60}m {seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
 
 
 def progress_text(snap: dict[str, Any]) -> str:
     state = snap["state"]
     if state == "idle":
-        return "No training job yet. Press **Start**."
+        return "No training job yet. Press **Start training**."
     loss = f"{snap['losses'][-1][1]:.4f}" if snap["losses"] else "–"
     speed = f"{snap['it_per_s']:.2f} it/s" if snap.get("it_per_s") else "– it/s"
-    text = (f"**Job {snap['id']}: {state}** — step {snap['step']}/{snap['total_steps'] or '?'} · loss {loss} · {speed} · "
+    total = snap["total_steps"] or "?"
+    text = (f"**Job {snap['id']}: {state}** — step {snap['step']}/{total} · loss {loss} · {speed} · "
             f"time left {format_eta(snap.get('eta_s'))}")
+    waiting = [j for j in snap.get("queue", []) if j["state"] == "queued"]
+    if waiting:
+        text += f" · {len(waiting)} job(s) waiting"
     if snap.get("error"):
         text += f"\n\n**Error:** {snap['error']}"
     if snap.get("lora_path"):
         text += f"\n\nLoRA: `{snap['lora_path']}`"
     return text
-
-
-def now() -> float:
-    return time.time()

@@ -1,93 +1,111 @@
-"""Training tab: every optimisation, data and preview setting, presets to load and save, validation."""
+"""Training tab: every optimisation, data and preview setting, presets to load and save, live validation."""
 
 from __future__ import annotations
 
 import gradio as gr
 
 from .common import guard, user_message
-from .fields import config_to_form, form_to_config
+from .fields import config_to_form, form_to_config, layers_to_targets
+
+SCHEDULERS = ["constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial"]
 
 
 def build(service, ctx: dict, defaults: dict) -> None:
     f = ctx["fields"]
+    presets = service.list_presets()
+    with gr.Row(equal_height=True):
+        preset = gr.Dropdown(presets, value="demo" if "demo" in presets else None, label="Preset", elem_id="preset", scale=2)
+        load_btn = gr.Button("Load preset", elem_id="preset-load", scale=1)
+        preset_name = gr.Textbox(label="Save current settings as", placeholder="my-preset", elem_id="preset-name", scale=2)
+        save_btn = gr.Button("Save preset", elem_id="preset-save", scale=1)
+    gr.Markdown("**Length and optimiser**")
     with gr.Row():
-        preset = gr.Dropdown(service.list_presets(), value="demo" if "demo" in service.list_presets() else None, label="Preset",
-                             elem_id="preset")
-        load_btn = gr.Button("Load preset")
-        preset_name = gr.Textbox(label="Save current settings as", placeholder="my-preset")
-        save_btn = gr.Button("Save preset")
-    with gr.Row():
-        f["length_mode"] = gr.Radio(["steps", "epochs"], value=defaults["length_mode"], label="Train for")
-        f["length"] = gr.Number(label="Steps / epochs", value=defaults["length"], precision=0, minimum=1, elem_id="length")
-        f["batch_size"] = gr.Number(label="Batch size", value=defaults["batch_size"], precision=0, minimum=1)
-        f["grad_accum"] = gr.Number(label="Gradient accumulation", value=defaults["grad_accum"], precision=0, minimum=1)
+        f["length_mode"] = gr.Radio(["steps", "epochs"], value=defaults["length_mode"], label="Train for", elem_id="length-mode")
+        f["length"] = gr.Number(label="Steps / epochs", value=defaults["length"], precision=0, elem_id="length")
+        f["batch_size"] = gr.Number(label="Batch size", value=defaults["batch_size"], precision=0, elem_id="batch-size")
+        f["grad_accum"] = gr.Number(label="Gradient accumulation", value=defaults["grad_accum"], precision=0,
+                                    elem_id="grad-accum")
     with gr.Row():
         f["lr"] = gr.Number(label="Learning rate", value=defaults["lr"], elem_id="lr")
-        f["lr_scheduler"] = gr.Dropdown(["constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial"],
-                                        value=defaults["lr_scheduler"], label="LR scheduler")
-        f["warmup_steps"] = gr.Number(label="Warm-up steps", value=defaults["warmup_steps"], precision=0, minimum=0)
-        f["optimizer"] = gr.Dropdown(["adamw", "adamw8bit", "prodigy"], value=defaults["optimizer"], label="Optimizer")
+        f["lr_scheduler"] = gr.Dropdown(SCHEDULERS, value=defaults["lr_scheduler"], label="LR scheduler", elem_id="lr-scheduler")
+        f["warmup_steps"] = gr.Number(label="Warm-up steps", value=defaults["warmup_steps"], precision=0,
+                                      elem_id="warmup")
+        f["optimizer"] = gr.Dropdown(["adamw", "adamw8bit", "prodigy"], value=defaults["optimizer"], label="Optimizer",
+                                     elem_id="optimizer")
     with gr.Row():
         f["resolution"] = gr.Number(label="Resolution", value=defaults["resolution"], precision=0, elem_id="resolution")
-        f["mixed_precision"] = gr.Dropdown(["no", "bf16", "fp16"], value=defaults["mixed_precision"], label="Mixed precision")
-        f["gradient_checkpointing"] = gr.Checkbox(label="Gradient checkpointing", value=defaults["gradient_checkpointing"])
-        f["seed"] = gr.Number(label="Seed", value=defaults["seed"], precision=0)
+        f["mixed_precision"] = gr.Dropdown(["no", "bf16", "fp16"], value=defaults["mixed_precision"], label="Mixed precision",
+                                           elem_id="precision")
+        f["gradient_checkpointing"] = gr.Checkbox(label="Gradient checkpointing (less memory, slower)",
+                                                  value=defaults["gradient_checkpointing"], elem_id="grad-ckpt")
+        f["seed"] = gr.Number(label="Seed", value=defaults["seed"], precision=0, elem_id="seed")
     with gr.Row():
-        f["min_snr_gamma"] = gr.Number(label="Min-SNR gamma (0 = off)", value=defaults["min_snr_gamma"])
-        f["noise_offset"] = gr.Number(label="Noise offset", value=defaults["noise_offset"], minimum=0)
-        f["enable_buckets"] = gr.Checkbox(label="Aspect-ratio buckets", value=defaults["enable_buckets"])
-        f["random_flip"] = gr.Checkbox(label="Random flip", value=defaults["random_flip"])
+        f["min_snr_gamma"] = gr.Number(label="Min-SNR gamma (0 = off, 5 is usual)", value=defaults["min_snr_gamma"],
+                                       elem_id="min-snr")
+        f["noise_offset"] = gr.Number(label="Noise offset", value=defaults["noise_offset"], elem_id="noise-offset")
+        f["enable_buckets"] = gr.Checkbox(label="Aspect-ratio buckets", value=defaults["enable_buckets"], elem_id="buckets")
+        f["random_flip"] = gr.Checkbox(label="Random horizontal flip", value=defaults["random_flip"], elem_id="flip")
+    gr.Markdown("**Captions** (the trigger word is on the Dataset tab)")
     with gr.Row():
-        f["trigger_word"] = gr.Textbox(label="Trigger word", value=defaults["trigger_word"], elem_id="trigger-word")
-        f["shuffle_tags"] = gr.Checkbox(label="Shuffle tags", value=defaults["shuffle_tags"])
-        f["keep_tokens"] = gr.Number(label="Keep first N tags", value=defaults["keep_tokens"], precision=0, minimum=0)
-        f["caption_dropout"] = gr.Number(label="Caption dropout", value=defaults["caption_dropout"], minimum=0, maximum=0.99)
-    f["sample_prompts_text"] = gr.Textbox(label="Sample prompts (one per line; --n --w --h --d --l --s options)", lines=3,
-                                          value=defaults["sample_prompts_text"], elem_id="sample-prompts")
+        f["shuffle_tags"] = gr.Checkbox(label="Shuffle tags", value=defaults["shuffle_tags"], elem_id="shuffle-tags")
+        f["keep_tokens"] = gr.Number(label="Keep first N tags in place", value=defaults["keep_tokens"], precision=0,
+                                     elem_id="keep-tokens")
+        f["caption_dropout"] = gr.Number(label="Caption dropout (probability)", value=defaults["caption_dropout"], elem_id="caption-dropout")
+        f["default_caption"] = gr.Textbox(label="Caption for images without one", value=defaults["default_caption"],
+                                          elem_id="default-caption")
+    gr.Markdown("**Previews, checkpoints, output**")
+    f["sample_prompts_text"] = gr.Textbox(label="Sample prompts (one per line; options --n negative --w --h --d seed --l cfg --s steps)",
+                                          lines=2, value=defaults["sample_prompts_text"], elem_id="sample-prompts")
     with gr.Row():
-        f["sample_every"] = gr.Number(label="Preview every N steps", value=defaults["sample_every"], precision=0, minimum=0, elem_id="sample-every")
-        f["sample_steps"] = gr.Number(label="Preview sampling steps", value=defaults["sample_steps"], precision=0, minimum=1, elem_id="sample-steps")
-        f["save_every"] = gr.Number(label="Checkpoint every N steps", value=defaults["save_every"], precision=0, minimum=0)
+        f["sample_every"] = gr.Number(label="Preview every N steps (0 = at the end)", value=defaults["sample_every"], precision=0, elem_id="sample-every")
+        f["sample_steps"] = gr.Number(label="Preview sampling steps", value=defaults["sample_steps"], precision=0,
+                                      elem_id="sample-steps")
+        f["save_every"] = gr.Number(label="Checkpoint every N steps (0 = off)", value=defaults["save_every"], precision=0, elem_id="save-every")
         f["output_name"] = gr.Textbox(label="Output name", value=defaults["output_name"], elem_id="output-name")
     with gr.Row():
-        f["save_precision"] = gr.Dropdown(["fp16", "bf16", "fp32"], value=defaults["save_precision"], label="Save precision")
-        f["format"] = gr.Dropdown(["kohya", "diffusers"], value=defaults["format"], label="Export format")
+        f["save_precision"] = gr.Dropdown(["fp16", "bf16", "fp32"], value=defaults["save_precision"], label="Save precision",
+                                          elem_id="save-precision")
+        f["format"] = gr.Dropdown([("kohya (A1111 / Forge / ComfyUI)", "kohya"), ("diffusers", "diffusers")],
+                                  value=defaults["format"], label="LoRA file format", elem_id="format")
     check = gr.Markdown(elem_id="config-check")
-
-    keys = list(f)
-    ctx["field_keys"] = keys
-
-    def form_values(*values):
-        form = dict(zip(ctx["field_keys"], values))
-        form["data_dir"] = form.pop("data_dir", None) or "builtin:demo"
-        return form
-
-    ctx["form_values"] = form_values
 
     def validate(*values):
         try:
-            service.build_config(form_to_config(form_values(*values)))
-            return "✅ Settings are valid."
-        except Exception as exc:  # noqa: BLE001
+            cfg = service.checked_config(form_to_config(ctx["form_values"](*values)))
+            return f"✔ Settings are valid. Output: `{cfg.output_dir}`"
+        except Exception as exc:  # noqa: BLE001 - shown under the form
             return f"⚠️ {user_message(exc)}"
 
     @guard
     def do_load(name, *current):
         if not name:
             raise gr.Error("Pick a preset first.")
-        form = config_to_form(service.load_preset(name))
-        out = []
-        for key, value in zip(ctx["field_keys"], current):
-            out.append(value if key in ("data_dir", "base_model") else form.get(key, value))
-        gr.Info(f"Loaded preset {name}.")
-        return out
+        cfg = service.load_preset(name)
+        form = config_to_form(cfg)
+        keys = ctx["field_keys"]
+        if sorted(layers_to_targets(form["layers"])) != sorted(_expand(cfg.get("targets", []))):
+            gr.Warning(f"Preset {name}: its targets {cfg.get('targets')} are shown as the nearest layer groups.")
+        gr.Info(f"Loaded preset {name} (dataset and base model kept).")
+        return [value if key in ("data_dir", "base_model") else form.get(key, value) for key, value in zip(keys, current)]
 
     @guard
     def do_save(name, *values):
-        path = service.save_preset(name, form_to_config(form_values(*values)))
-        gr.Info(f"Saved {path.name}.")
+        path = service.save_preset(name, form_to_config(ctx["form_values"](*values)))
+        gr.Info(f"Saved {path}.")
         return gr.update(choices=service.list_presets(), value=path.stem)
 
     ctx["validate"] = validate
     ctx["check"] = check
     ctx["preset_io"] = (preset, load_btn, preset_name, save_btn, do_load, do_save)
+
+
+def _expand(targets: list[str]) -> list[str]:
+    out: set[str] = set()
+    for t in targets:
+        if t == "attn":
+            out |= {"attn1", "attn2"}
+        elif t == "transformer":
+            out |= {"attn1", "attn2", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2"}
+        else:
+            out.add(t)
+    return sorted(out)

@@ -1,63 +1,78 @@
-"""Try tab: generate with one or several LoRAs at chosen strengths, and strength grids."""
+"""Try tab: generate with one or several LoRAs at chosen strengths, and strength grids (same seed per row)."""
 
 from __future__ import annotations
 
 import gradio as gr
 
 from .common import guard
-from .service import parse_lora_lines
+from .service import parse_lora_lines, parse_strengths
 
 
-def build(service, ctx: dict) -> None:
+def build(service, ctx: dict, defaults: dict) -> None:
+    with gr.Row(equal_height=True):
+        lora = gr.Dropdown(service.list_loras(), value="", label="LoRA (trained here, or type a path)", allow_custom_value=True,
+                           scale=5, elem_id="try-lora")
+        refresh = gr.Button("↻ Refresh list", scale=1, elem_id="try-refresh")
+        strength = gr.Slider(0, 1.5, value=1.0, step=0.05, label="Strength", scale=3, elem_id="try-strength")
+    more = gr.Textbox("", label="More LoRAs at once: one `path:strength` per line", lines=2, elem_id="try-more",
+                      placeholder="/path/to/style.safetensors:0.6")
+    sample_lines = defaults.get("sample_prompts_text", "").splitlines()
+    first_prompt = sample_lines[0].split(" --")[0].strip() if sample_lines else ""
     with gr.Row():
-        lora = gr.Dropdown(service.list_loras(), label="LoRA", allow_custom_value=True, scale=4, elem_id="try-lora")
-        refresh = gr.Button("↻", scale=0, elem_id="try-refresh")
-        strength = gr.Slider(0, 1.5, value=1.0, step=0.05, label="Strength", elem_id="try-strength")
-    extra = gr.Textbox(label="More LoRAs (one `path:strength` per line)", lines=2, elem_id="try-extra")
-    prompt = gr.Textbox(label="Prompt", value="sdlora_mascot, a red circle", lines=2, elem_id="try-prompt")
-    negative = gr.Textbox(label="Negative prompt", elem_id="try-negative")
+        prompt = gr.Textbox(label="Prompt", value=first_prompt, lines=2, elem_id="try-prompt", scale=3)
+        negative = gr.Textbox("", label="Negative prompt", lines=2, elem_id="try-negative", scale=2)
     with gr.Row():
         seed = gr.Number(label="Seed", value=1, precision=0, elem_id="try-seed")
-        steps = gr.Number(label="Steps", value=10, precision=0, minimum=1, elem_id="try-steps")
-        cfg = gr.Number(label="CFG", value=7.0, elem_id="try-cfg")
+        steps = gr.Number(label="Steps", value=20, precision=0, elem_id="try-steps")
+        cfg = gr.Number(label="CFG scale", value=7.0, elem_id="try-cfg")
         width = gr.Number(label="Width (0 = model default)", value=0, precision=0, elem_id="try-width")
         height = gr.Number(label="Height (0 = model default)", value=0, precision=0, elem_id="try-height")
-    generate = gr.Button("Generate", variant="primary", elem_id="try-generate")
-    image = gr.Image(label="Result", type="pil", format="png", elem_id="try-image", height=320)
-    with gr.Accordion("Strength grid", open=True):
-        strengths = gr.Textbox(label="Strengths", value="0, 0.25, 0.5, 0.75, 1.0", elem_id="grid-strengths")
-        grid_prompts = gr.Textbox(label="Prompts for the grid (one per line; empty = the prompt above)", lines=2)
-        grid_btn = gr.Button("Render grid", elem_id="grid-btn")
-        grid = gr.Image(label="Strength grid (same seed per row)", type="pil", format="png", elem_id="grid-image")
+    generate_btn = gr.Button("Generate", variant="primary", elem_id="try-generate")
+    image = gr.Image(label="Result", type="pil", format="png", elem_id="try-image", height=320, interactive=False)
+    with gr.Accordion("Strength grid: the same seed at several strengths, side by side", open=True):
+        with gr.Row():
+            strengths = gr.Textbox(label="Strengths", value="0, 0.25, 0.5, 0.75, 1.0", elem_id="grid-strengths", scale=2)
+            grid_prompts = gr.Textbox("", label="Prompts, one per row (empty = the prompt above)", lines=2, elem_id="grid-prompts",
+                                      scale=3)
+        grid_btn = gr.Button("Render strength grid", elem_id="grid-btn")
+        grid = gr.Image(label="Strength grid (columns: strengths, rows: prompts)", type="pil", format="png",
+                        elem_id="grid-image", interactive=False)
 
     base = ctx["fields"]["base_model"]
 
-    def _loras(lora_path, strength_value, extra_text):
-        loras = [(lora_path, float(strength_value))] if lora_path else []
-        return loras + parse_lora_lines(extra_text)
+    def lora_list(lora_path, lora_strength, more_text):
+        loras = [(lora_path.strip(), float(lora_strength))] if lora_path and lora_path.strip() else []
+        return loras + parse_lora_lines(more_text)
 
     @guard
-    def do_generate(spec, lora_path, strength_value, extra_text, p, n, s, st, c, w, h):
-        return service.generate(spec, _loras(lora_path, strength_value, extra_text), p, negative=n, seed=int(s), steps=int(st),
-                                cfg=float(c), width=int(w or 0), height=int(h or 0))
+    def generate(base_model: str, lora: str, strength: float, more_loras: str, prompt: str, negative_prompt: str,
+                 seed: int, steps: int, cfg: float, width: int, height: int):
+        """One image from the base model with the LoRA at `strength` (0 = the base model alone), plus any
+        `path:strength` lines in more_loras. width/height 0 = the model's default size."""
+        return service.generate(base_model, lora_list(lora, strength, more_loras), prompt, negative=negative_prompt,
+                                seed=int(seed or 0), steps=int(steps or 20), cfg=float(cfg), width=int(width or 0),
+                                height=int(height or 0))
 
     @guard
-    def do_grid(spec, lora_path, extra_text, p, n, s, st, c, w, h, strengths_text, prompts_text):
-        try:
-            values = [float(x) for x in strengths_text.replace(";", ",").split(",") if x.strip()]
-        except ValueError:
-            raise gr.Error("Strengths must be numbers separated by commas, e.g. 0, 0.5, 1.") from None
-        if not values:
-            raise gr.Error("Give at least one strength.")
-        loras = _loras(lora_path, 1.0, extra_text)
+    def strength_grid(base_model: str, lora: str, more_loras: str, prompt: str, negative_prompt: str, seed: int, steps: int,
+                      cfg: float, width: int, height: int, strengths: str, prompts: str):
+        """A grid: one column per strength (all LoRAs scaled together), one row per prompt line, the same seed."""
+        values = parse_strengths(strengths)
+        loras = lora_list(lora, 1.0, more_loras)
         if not loras:
-            raise gr.Error("Pick a LoRA first.")
-        prompts = [l.strip() for l in (prompts_text or "").splitlines() if l.strip()] or [p]
-        return service.generate(spec, loras, p, negative=n, seed=int(s), steps=int(st), cfg=float(c), width=int(w or 0),
-                                height=int(h or 0), grid_strengths=values, prompts=prompts)
+            raise gr.Error("Pick a LoRA first (or add `path:strength` lines).")
+        rows = [line.strip() for line in (prompts or "").splitlines() if line.strip()] or [prompt]
+        if len(rows) * len(values) > 48:
+            raise gr.Error("That grid has more than 48 images; use fewer prompts or strengths.")
+        return service.generate(base_model, loras, prompt, negative=negative_prompt, seed=int(seed or 0),
+                                steps=int(steps or 20), cfg=float(cfg), width=int(width or 0), height=int(height or 0),
+                                grid_strengths=values, prompts=rows)
 
     common = [prompt, negative, seed, steps, cfg, width, height]
-    generate.click(do_generate, [base, lora, strength, extra] + common, image, api_name="generate")
-    grid_btn.click(do_grid, [base, lora, extra] + common + [strengths, grid_prompts], grid, api_name="strength_grid")
-    refresh.click(lambda: gr.update(choices=service.list_loras()), None, lora)
+    generate_btn.click(generate, [base, lora, strength, more] + common, image, api_name="generate", concurrency_id="model",
+                       concurrency_limit=1)
+    grid_btn.click(strength_grid, [base, lora, more] + common + [strengths, grid_prompts], grid, api_name="strength_grid",
+                   concurrency_id="model", concurrency_limit=1)
+    refresh.click(lambda current: gr.update(choices=service.list_loras(), value=current), lora, lora,
+                  api_visibility="private", queue=False)
     ctx["try_lora"] = lora
