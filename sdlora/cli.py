@@ -185,6 +185,7 @@ def cmd_train(args) -> int:
 
 
 def cmd_generate(args) -> int:
+    from .config import ConfigError
     from .inference import load_loras, parse_lora_arg, strength_grid
     from .models import load_base_model
     from .sampling import SamplePrompt, generate, save_png_atomic
@@ -197,7 +198,10 @@ def cmd_generate(args) -> int:
     prompt = SamplePrompt(prompt=args.prompt, negative=args.negative_prompt, width=args.width, height=args.height,
                           seed=args.seed, cfg=args.cfg, steps=args.steps)
     if args.grid:
-        strengths = [float(s) for s in args.grid.split(",")]
+        try:
+            strengths = [float(s) for s in args.grid.split(",") if s.strip()]
+        except ValueError:
+            raise ConfigError(f"--grid '{args.grid}': give strengths as numbers separated by commas, e.g. 0,0.5,1.") from None
         img = strength_grid(pipe, names, [prompt], strengths, default_size=base.default_resolution, default_steps=args.steps, seed=args.seed)
     else:
         img = generate(pipe, prompt, default_size=base.default_resolution, default_steps=args.steps, default_seed=args.seed)

@@ -48,30 +48,17 @@ def unet_kohya_prefix(module_path: str) -> str:
 
 
 def _unet_kohya_names(unet) -> dict[str, str]:
-    """UNet module path -> kohya prefix, through diffusers' PEFT->kohya converter (checked against our own rule)."""
+    """UNet module path -> kohya prefix. Our rule, confirmed against diffusers' PEFT->kohya converter, which is
+    right for SD UNet names; fail loudly if a future release changes that."""
     from diffusers.utils.state_dict_utils import convert_state_dict_to_kohya
 
-    probe = {f"unet.{name}.lora_A.weight": torch.zeros(1) for name, *_ in lora_modules(unet)}
-    converted = convert_state_dict_to_kohya(probe)
-    names = {}
-    for key in converted:
-        if key.endswith(".lora_down.weight"):
-            prefix = key[: -len(".lora_down.weight")]
-            path = _path_from_probe(prefix, probe)
-            names[path] = prefix
+    paths = [name for name, *_ in lora_modules(unet)]
+    converted = convert_state_dict_to_kohya({f"unet.{p}.lora_A.weight": torch.zeros(1) for p in paths})
+    names = {p: unet_kohya_prefix(p) for p in paths}
     for path, prefix in names.items():
-        # diffusers' converter is right for SD UNet names; fail loudly if a future release changes that.
-        if prefix != unet_kohya_prefix(path):
-            raise ExportError(f"Unexpected kohya name '{prefix}' for UNet module '{path}'.")
+        if f"{prefix}.lora_down.weight" not in converted:
+            raise ExportError(f"diffusers' kohya converter does not name UNet module '{path}' '{prefix}'.")
     return names
-
-
-def _path_from_probe(prefix: str, probe: dict) -> str:
-    for key in probe:
-        path = key[len("unet."): -len(".lora_A.weight")]
-        if unet_kohya_prefix(path) == prefix:
-            return path
-    raise ExportError(f"Could not match converted key '{prefix}' to a UNet module.")
 
 
 def kohya_state_dict(unet, text_encoder=None, *, dtype: torch.dtype = torch.float16) -> dict[str, torch.Tensor]:

@@ -104,11 +104,10 @@ def smooth(values: list[float], weight: float = 0.9) -> list[float]:
 class JobQueue:
     """One worker thread runs jobs in order. `submit` never blocks; `stop` asks the running job to checkpoint and stop."""
 
-    def __init__(self, runner=None):
+    def __init__(self):
         self._queue: queue.Queue[Job] = queue.Queue()
         self._jobs: list[Job] = []
         self._lock = threading.Lock()
-        self._runner = runner
         self._worker = threading.Thread(target=self._work, name="sdlora-train", daemon=True)
         self._worker.start()
 
@@ -149,10 +148,9 @@ class JobQueue:
             job.state = "running"
             job.started = time.time()
             try:
-                runner = self._runner
-                if runner is None:
-                    from .train import train as runner
-                result = runner(job.config, on_event=job.handle, stop_event=job.stop_event)
+                from .train import train
+
+                result = train(job.config, on_event=job.handle, stop_event=job.stop_event)
                 job.state = "stopped" if getattr(result, "stopped_early", False) else "done"
             except Exception as exc:  # the worker must survive any job
                 from .errors import USER_ERRORS

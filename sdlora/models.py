@@ -15,6 +15,7 @@ import os
 import re
 import shutil
 import tempfile
+import threading
 import warnings
 from collections import Counter
 from dataclasses import dataclass
@@ -672,8 +673,21 @@ def _finish(comps: dict, *, spec: str, kind: str, name: str, model_hash: str, pr
                      default_resolution=resolution, model_hash=model_hash, name=name)
 
 
+# Building torch modules is not thread-safe: diffusers loads weights inside accelerate's init_empty_weights(),
+# which patches nn.Module globally, so a model built in another thread at the same moment gets parameters on the
+# "meta" device. Every model load, and every LoRA injection into a shared model, holds this lock.
+MODEL_LOCK = threading.RLock()
+
+
 def load_base_model(spec: str, *, dtype: torch.dtype = torch.float32, allow_pickle: bool = False,
                     prediction_type: str | None = None, config_dir: str | os.PathLike | None = None) -> BaseModel:
+    with MODEL_LOCK:
+        return _load_base_model(spec, dtype=dtype, allow_pickle=allow_pickle, prediction_type=prediction_type,
+                                config_dir=config_dir)
+
+
+def _load_base_model(spec: str, *, dtype: torch.dtype, allow_pickle: bool, prediction_type: str | None,
+                     config_dir: str | os.PathLike | None) -> BaseModel:
     """Load a base model offline. `spec`: builtin:tiny, a diffusers folder, a single .safetensors/.ckpt file in the
     original SD layout, or a hub id. UNet and text encoder are cast to `dtype`, the VAE stays float32.
     `prediction_type` overrides what the model's config says (or, for SD2 single files, what a test pass finds).

@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 from PIL import Image, ImageDraw
 
+from .config import ConfigError
 from .fileio import atomic_path
 
 
@@ -20,6 +21,14 @@ class SamplePrompt:
     seed: int | None = None
     cfg: float = 7.0
     steps: int | None = None
+
+    def __post_init__(self):
+        for name in ("width", "height"):
+            value = getattr(self, name)
+            if value is not None and (value < 8 or value % 8):
+                raise ConfigError(f"{name} {value}: image sizes must be multiples of 8 (e.g. 512), or unset for the model's size.")
+        if self.steps is not None and self.steps < 1:
+            raise ConfigError(f"steps {self.steps}: sampling needs at least 1 step.")
 
 
 _OPTIONS = {"n": "negative", "w": "width", "h": "height", "d": "seed", "l": "cfg", "s": "steps"}
@@ -34,7 +43,7 @@ def parse_prompt_line(line: str) -> SamplePrompt:
         value = value.strip()
         field = _OPTIONS.get(key)
         if field is None:
-            raise ValueError(f"Sample prompt '{line}': unknown option '--{key}' (use --n --w --h --d --l --s).")
+            raise ConfigError(f"Sample prompt '{line}': unknown option '--{key}' (use --n --w --h --d --l --s).")
         try:
             if field in ("width", "height", "seed", "steps"):
                 parsed = int(value)
@@ -43,9 +52,9 @@ def parse_prompt_line(line: str) -> SamplePrompt:
             else:
                 parsed = value
         except ValueError:
-            raise ValueError(f"Sample prompt '{line}': --{key} needs a number, got '{value}'.") from None
+            raise ConfigError(f"Sample prompt '{line}': --{key} needs a number, got '{value}'.") from None
         if field in ("width", "height") and (parsed < 8 or parsed % 8):
-            raise ValueError(f"Sample prompt '{line}': --{key} must be a multiple of 8.")
+            raise ConfigError(f"Sample prompt '{line}': --{key} must be a multiple of 8.")
         sample = replace(sample, **{field: parsed})
     return sample
 

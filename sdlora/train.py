@@ -39,10 +39,6 @@ class TrainingError(RuntimeError):
     """A failure with a message meant for the user."""
 
 
-class TrainingStopped(Exception):
-    pass
-
-
 @dataclass
 class TrainResult:
     lora_path: Path | None
@@ -115,7 +111,7 @@ class Trainer:
         from accelerate import Accelerator
         from accelerate.utils import set_seed
 
-        from .models import load_base_model, resolve_model_spec
+        from .models import MODEL_LOCK, load_base_model, resolve_model_spec
 
         cfg = self.config
         # Cheap checks first: a bad folder or model path fails before any model is loaded.
@@ -148,8 +144,10 @@ class Trainer:
 
         # Seed right before injection: LoRA init must not depend on what loading the model consumed.
         set_seed(cfg.seed)
-        self.unet_modules = inject_unet_lora(base.unet, cfg.targets, cfg.rank, cfg.alpha, conv_rank=cfg.conv_rank, conv_alpha=cfg.conv_alpha)
-        self.te_modules = inject_text_encoder_lora(base.text_encoder, cfg.rank, cfg.alpha) if cfg.train_text_encoder else []
+        with MODEL_LOCK:  # new LoRA layers are modules too: not while another thread is loading a model
+            self.unet_modules = inject_unet_lora(base.unet, cfg.targets, cfg.rank, cfg.alpha, conv_rank=cfg.conv_rank,
+                                                 conv_alpha=cfg.conv_alpha)
+            self.te_modules = inject_text_encoder_lora(base.text_encoder, cfg.rank, cfg.alpha) if cfg.train_text_encoder else []
         n_params = count_lora_parameters(self.unet_modules, cfg.rank, cfg.conv_rank) + count_lora_parameters(self.te_modules, cfg.rank)
         self.emit("status", message=f"LoRA on {len(self.unet_modules)} UNet and {len(self.te_modules)} text-encoder modules: {n_params:,} trainable parameters")
 

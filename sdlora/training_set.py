@@ -107,10 +107,13 @@ class LatentCache:
         self.dtype = dtype
         self.memory: dict[tuple[int, bool], torch.Tensor] = {}
         self.hits = 0
+        self._digests: dict[Path, str] = {}
         self.encoded = 0
 
     def key(self, path: Path, size, flip: bool) -> str:
-        return hashlib.sha256(f"{file_digest(path)}|{size[0]}x{size[1]}|{int(flip)}|{self.vae_id}".encode()).hexdigest()[:32]
+        if path not in self._digests:  # read each file once, not once per flip variant
+            self._digests[path] = file_digest(path)
+        return hashlib.sha256(f"{self._digests[path]}|{size[0]}x{size[1]}|{int(flip)}|{self.vae_id}".encode()).hexdigest()[:32]
 
     @torch.no_grad()
     def encode(self, pixels: torch.Tensor) -> torch.Tensor:
@@ -173,13 +176,10 @@ class TextEmbeddingCache:
         self.text_encoder = text_encoder
         self.device = device
         self.memory: dict[str, torch.Tensor] = {}
-        self.truncated: set[str] = set()
 
     def tokenize(self, captions: list[str]) -> torch.Tensor:
+        # Over-long captions are truncated to CLIP's 77 positions; the dataset scan already warned about them.
         max_len = self.tokenizer.model_max_length
-        for c in captions:
-            if c not in self.truncated and len(self.tokenizer(c).input_ids) > max_len:
-                self.truncated.add(c)
         return self.tokenizer(captions, padding="max_length", max_length=max_len, truncation=True, return_tensors="pt").input_ids
 
     def encode(self, captions: list[str]) -> torch.Tensor:

@@ -15,6 +15,7 @@ from typing import Any
 
 from ..config import ConfigError, TrainConfig, make_config, save_preset
 from ..jobs import JobQueue, smooth
+from ..models import MODEL_LOCK
 from ..paths import DEMO_DATA, cache_dir, resolve_data_dir
 
 SAFE_NAME = re.compile(r"[^A-Za-z0-9._ -]+")
@@ -48,32 +49,15 @@ def _too_broad(folder: Path) -> bool:
     return folder == Path(folder.anchor) or is_inside(Path.home(), folder)
 
 
-# Building torch modules is not thread-safe here: diffusers loads weights inside accelerate's init_empty_weights(),
-# which patches nn.Module globally, so a model built in another thread at the same moment gets parameters on the
-# "meta" device. Every model load or LoRA injection in this process (the UI's and a training job's set-up) holds
-# this lock.
-MODEL_BUILD_LOCK = threading.RLock()
-
-
-def run_training(config: TrainConfig, *, on_event=None, stop_event=None):
-    """sdlora.train.train(), with the set-up (model load, LoRA injection) under MODEL_BUILD_LOCK."""
-    from ..train import Trainer
-
-    trainer = Trainer(config, on_event=on_event, stop_event=stop_event)
-    with MODEL_BUILD_LOCK:
-        trainer.prepare()
-    return trainer.run()
-
-
 @dataclass
 class Service:
     output_root: Path
     presets_dir: Path
-    queue: JobQueue = field(default_factory=lambda: JobQueue(runner=run_training))
+    queue: JobQueue = field(default_factory=JobQueue)
     _models: OrderedDict = field(default_factory=OrderedDict)
     _pipes: dict[str, Any] = field(default_factory=dict)
     # Everything that touches a cached model (Try injects LoRAs into it, verify copies it) or builds one.
-    _model_lock: threading.RLock = field(default=MODEL_BUILD_LOCK)
+    _model_lock: threading.RLock = field(default=MODEL_LOCK)
     # The list handed to Gradio's launch(allowed_paths=...). Gradio keeps this list object and reads it on every
     # file request, so dataset folders scanned later are appended to the same list.
     _allowed: list[str] = field(default_factory=list)
