@@ -150,6 +150,11 @@ class Trainer:
             self.te_modules = inject_text_encoder_lora(base.text_encoder, cfg.rank, cfg.alpha) if cfg.train_text_encoder else []
         n_params = count_lora_parameters(self.unet_modules, cfg.rank, cfg.conv_rank) + count_lora_parameters(self.te_modules, cfg.rank)
         self.emit("status", message=f"LoRA on {len(self.unet_modules)} UNet and {len(self.te_modules)} text-encoder modules: {n_params:,} trainable parameters")
+        # On CUDA the frozen VAE and text encoder leave the GPU once what they produce is cached (previews bring them back).
+        on_cuda = self.device.type == "cuda"
+        self.vae_leaves_device = on_cuda and cfg.cache_latents
+        self.te_leaves_device = on_cuda and not cfg.train_text_encoder and not cfg.shuffle_tags
+        self._check_memory(n_params)
 
         # Frozen weights in the compute dtype, LoRA weights in fp32; the VAE stays fp32 (fp16 VAEs overflow to NaN).
         base.unet.to(self.device, dtype=self.weight_dtype)
@@ -183,9 +188,8 @@ class Trainer:
                                        device=self.device)
             flips = (False, True) if cfg.random_flip else (False,)
             self.latents.build(self.dataset, flips=flips)
-            if self.device.type == "cuda":
-                base.vae.to("cpu")  # free device memory for training; previews bring it back
-        self._check_memory(n_params)
+            if self.vae_leaves_device:
+                base.vae.to("cpu")
         self.text_cache = TextEmbeddingCache(base.tokenizer, base.text_encoder, self.device)
         if not cfg.train_text_encoder and not cfg.shuffle_tags:
             # Every caption the run can see is known now (fixed, or "" under dropout): encode them once and
@@ -193,7 +197,7 @@ class Trainer:
             captions = sorted({self.dataset.fixed_caption(i) for i in range(len(self.dataset.items))} | {""})
             for start in range(0, len(captions), 16):
                 self.text_cache.get(captions[start: start + 16])
-            if self.device.type == "cuda":
+            if self.te_leaves_device:
                 base.text_encoder.to("cpu")
         self._encoder = LatentCache(base.vae, vae_id="", cache_dir=None, device=self.device)
         self._loader = ThreadPoolExecutor(max_workers=max(1, cfg.num_workers), thread_name_prefix="sdlora-data")
@@ -222,9 +226,14 @@ class Trainer:
     def _check_memory(self, n_params: int) -> None:
         from .memory import estimate_training_memory
 
-        est = estimate_training_memory(unet=self.base.unet, text_encoder=self.base.text_encoder, vae=self.base.vae,
-                                       lora_params=n_params, config=self.config, device=self.device,
-                                       vae_on_device=self.base.vae.device == self.device)
+        try:
+            est = estimate_training_memory(unet=self.base.unet, text_encoder=self.base.text_encoder, vae=self.base.vae,
+                                           lora_params=n_params, config=self.config, device=self.device,
+                                           vae_on_device=not self.vae_leaves_device, text_encoder_on_device=not self.te_leaves_device)
+        except Exception as exc:  # an estimate must never stop a run
+            self.memory_estimate = None
+            self.emit("status", message=f"No memory estimate for this model ({type(exc).__name__}: {exc}).")
+            return
         self.memory_estimate = est
         if est.fits():
             self.emit("status", message=est.describe())

@@ -1,0 +1,136 @@
+"""The memory estimate: the meta-device trace of a step against the same step run for real on the CPU."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from sdlora.config import make_config
+from sdlora.lora import inject_text_encoder_lora, inject_unet_lora, make_lora_params_fp32
+from sdlora.memory import LiveTensorBytes, estimate_training_memory, trace_step_bytes
+from sdlora.models import load_base_model
+
+
+def _cfg(**over):
+    values = dict(base_model="builtin:tiny", data_dir="x", rank=4, alpha=4.0, targets=["transformer"], resolution=64,
+                  batch_size=2, steps=10)
+    values.update(over)
+    return make_config(**values)
+
+
+def _dtype(cfg):
+    return {"bf16": torch.bfloat16}.get(cfg.mixed_precision, torch.float32)
+
+
+def _real_step_bytes(cfg, res: int) -> int:
+    """One real training step on the CPU (frozen weights in the compute dtype, LoRA fp32, autocast), counted by the
+    same live-bytes counter."""
+    base = load_base_model("builtin:tiny")
+    unet, te = base.unet, base.text_encoder
+    unet.requires_grad_(False)
+    te.requires_grad_(False)
+    inject_unet_lora(unet, cfg.targets, cfg.rank, cfg.alpha, conv_rank=cfg.conv_rank, conv_alpha=cfg.conv_alpha)
+    if cfg.train_text_encoder:
+        inject_text_encoder_lora(te, cfg.rank, cfg.alpha)
+    unet.to(dtype=_dtype(cfg))
+    make_lora_params_fp32(unet)
+    if cfg.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+    unet.train()
+    te.train()
+    b = cfg.batch_size
+    latents = torch.randn(b, 4, res // 8, res // 8, dtype=_dtype(cfg))
+    t = torch.randint(0, 1000, (b,))
+    ids = base.tokenizer(["a photo of a thing"] * b, padding="max_length", max_length=77, return_tensors="pt").input_ids
+    with torch.no_grad():
+        frozen_hidden = te(ids)[0].to(_dtype(cfg))
+    weights = [x for m in (unet, te) for x in (*m.parameters(), *m.buffers())]
+    counter = LiveTensorBytes(*weights, latents, t, ids, frozen_hidden)
+    with counter:
+        with torch.autocast("cpu", dtype=_dtype(cfg), enabled=cfg.mixed_precision != "no"):
+            hidden = te(ids)[0] if cfg.train_text_encoder else frozen_hidden
+            pred = unet(latents, t, hidden).sample
+        loss = F.mse_loss(pred.float(), torch.zeros_like(pred))
+        loss.backward()
+        del pred, loss, hidden
+    return counter.peak
+
+
+@pytest.mark.parametrize("over", [
+    {},
+    {"gradient_checkpointing": True},
+    {"batch_size": 1, "resolution": 128, "conv_rank": 2},
+    {"train_text_encoder": True},
+    {"mixed_precision": "bf16"},
+    {"mixed_precision": "bf16", "gradient_checkpointing": True, "batch_size": 1},
+], ids=["plain", "checkpointing", "conv-128px", "text-encoder", "bf16", "bf16-checkpointing"])
+def test_trace_matches_a_real_cpu_step(over):
+    cfg = _cfg(**over)
+    base = load_base_model("builtin:tiny")
+    traced = trace_step_bytes(base.unet, config=cfg, compute_dtype=_dtype(cfg), height=cfg.resolution, width=cfg.resolution,
+                              text_encoder=base.text_encoder)
+    real = _real_step_bytes(cfg, cfg.resolution)
+    assert real > 0
+    assert abs(traced - real) <= 0.05 * real, (traced, real)
+
+
+def test_trace_scales_with_batch_and_resolution_and_checkpointing_saves():
+    base = load_base_model("builtin:tiny")
+
+    def traced(**over):
+        cfg = _cfg(**over)
+        return trace_step_bytes(base.unet, config=cfg, compute_dtype=torch.float32, height=cfg.resolution, width=cfg.resolution)
+
+    one, two = traced(batch_size=1), traced(batch_size=2)
+    assert 1.7 * one < two < 2.3 * one
+    assert traced(batch_size=1, resolution=128) > 3 * one
+    assert traced(batch_size=1, gradient_checkpointing=True) < 0.8 * one
+    bf16 = _cfg(batch_size=1)
+    assert trace_step_bytes(base.unet, config=bf16, compute_dtype=torch.bfloat16, height=64, width=64) < 0.7 * one
+
+
+def test_trace_leaves_the_real_model_alone():
+    base = load_base_model("builtin:tiny")
+    before = {n: p.clone() for n, p in base.unet.named_parameters()}
+    trace_step_bytes(base.unet, config=_cfg(), compute_dtype=torch.float32, height=64, width=64)
+    after = dict(base.unet.named_parameters())
+    assert before.keys() == after.keys()  # no LoRA added to the real UNet
+    assert all(torch.equal(before[n], after[n]) for n in before)
+
+
+def test_estimate_counts_what_stays_on_the_device(monkeypatch):
+    import sdlora.memory as memory
+
+    base = load_base_model("builtin:tiny")
+    cfg = _cfg(optimizer="adamw")
+    kwargs = dict(unet=base.unet, text_encoder=base.text_encoder, vae=base.vae, lora_params=1000, config=cfg,
+                  device=torch.device("cpu"))
+    everything = estimate_training_memory(**kwargs, vae_on_device=True, text_encoder_on_device=True)
+    cached = estimate_training_memory(**kwargs, vae_on_device=False, text_encoder_on_device=False)
+    vae_bytes = sum(p.numel() for p in base.vae.parameters()) * 4
+    te_bytes = sum(p.numel() for p in base.text_encoder.parameters()) * 4
+    assert everything.weights - cached.weights == vae_bytes + te_bytes
+    assert everything.trainable == 1000 * 16
+    eight_bit = estimate_training_memory(**{**kwargs, "config": _cfg(optimizer="adamw8bit")}, vae_on_device=False)
+    assert eight_bit.trainable == 1000 * 10
+
+    monkeypatch.setattr(memory, "available_memory", lambda device: cached.total // 2)
+    tight = estimate_training_memory(**kwargs, vae_on_device=False, text_encoder_on_device=False)
+    assert not tight.fits()
+    assert "GiB available" in tight.describe()
+
+
+def test_training_warns_before_the_first_step_when_memory_is_short(monkeypatch, tmp_path, demo_dataset):
+    import sdlora.memory as memory
+    from sdlora.train import Trainer
+
+    monkeypatch.setattr(memory, "available_memory", lambda device: 1 << 20)
+    events = []
+    cfg = make_config(base_model="builtin:tiny", data_dir=str(demo_dataset), output_dir=str(tmp_path), rank=4, steps=1,
+                      resolution=64)
+    trainer = Trainer(cfg, on_event=events.append)
+    trainer.prepare()
+    warnings = [e.data["message"] for e in events if e.kind == "warning"]
+    assert any("may not fit" in w and "gradient_checkpointing" in w for w in warnings), warnings
+    assert trainer.memory_estimate.activations > 0
