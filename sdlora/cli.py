@@ -54,6 +54,7 @@ _TRAIN_SWITCHES = [
     ("--shuffle-tags", "shuffle_tags"),
     ("--random-flip", "random_flip"),
     ("--buckets", "enable_buckets"),
+    ("--bucket-no-upscale", "bucket_no_upscale"),
     ("--allow-pickle", "allow_pickle"),
     ("--compile", "compile"),
 ]

@@ -72,6 +72,8 @@ class TrainConfig(BaseModel):
     center_crop: bool = True
     random_flip: bool = False
     enable_buckets: bool = False
+    bucket_no_upscale: bool = Field(False, description="with buckets: an image smaller than resolution² keeps its own size "
+                                                       "(sides rounded down to the bucket step) instead of being upscaled")
     upscale_small: bool = Field(True, description="upscale images smaller than the resolution (else skip them)")
     default_caption: str = ""
     trigger_word: str = ""
@@ -190,6 +192,8 @@ class TrainConfig(BaseModel):
     def _cross_field(self) -> "TrainConfig":
         if self.text_encoder_lr is not None and not self.train_text_encoder:
             raise ValueError("text_encoder_lr is set but train_text_encoder is off: turn on train_text_encoder or remove text_encoder_lr")
+        if self.bucket_no_upscale and not self.enable_buckets:
+            raise ValueError("bucket_no_upscale needs aspect-ratio buckets: turn on enable_buckets (--buckets) or remove bucket_no_upscale")
         if self.steps is None and self.epochs is None:
             object.__setattr__(self, "steps", 500)
         if self.warmup_steps and self.steps and self.warmup_steps >= self.steps:

@@ -66,7 +66,7 @@ def _make_optimizer(config: TrainConfig, groups: list[dict]):
         try:
             import bitsandbytes as bnb
         except ImportError:
-            raise TrainingError("optimizer 'adamw8bit' needs bitsandbytes: pip install bitsandbytes (CUDA only), or use --optimizer adamw.") from None
+            raise TrainingError("optimizer 'adamw8bit' needs bitsandbytes: pip install -r requirements.txt, or use --optimizer adamw.") from None
         return bnb.optim.AdamW8bit(groups, lr=config.lr, weight_decay=config.weight_decay)
     if config.optimizer == "prodigy":
         from prodigyopt import Prodigy
@@ -175,7 +175,7 @@ class Trainer:
             self.report.items, resolution=cfg.resolution, enable_buckets=cfg.enable_buckets,
             center_crop=cfg.center_crop or cfg.cache_latents, random_flip=cfg.random_flip, seed=cfg.seed,
             trigger_word=cfg.trigger_word, shuffle_tags=cfg.shuffle_tags, keep_tokens=cfg.keep_tokens,
-            caption_dropout=cfg.caption_dropout, default_caption=cfg.default_caption,
+            caption_dropout=cfg.caption_dropout, default_caption=cfg.default_caption, bucket_no_upscale=cfg.bucket_no_upscale,
         )
         if cfg.cache_latents and not cfg.center_crop:
             self.emit("warning", message="Random crop is off while latents are cached (each image is encoded once, centre-cropped). Set cache_latents = false for random crops.")

@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .fileio import atomic_path
-from .data.buckets import assign_bucket, bucket_batches, make_buckets
+from .data.buckets import assign_bucket, bucket_batches, make_buckets, own_size_bucket
 from .data.captions import build_caption
 from .data.images import load_training_image
 
@@ -33,7 +33,7 @@ class Entry:
 class TrainingSet:
     def __init__(self, items, *, resolution: int, enable_buckets: bool, center_crop: bool, random_flip: bool, seed: int,
                  trigger_word: str = "", shuffle_tags: bool = False, keep_tokens: int = 0, caption_dropout: float = 0.0,
-                 default_caption: str = ""):
+                 default_caption: str = "", bucket_no_upscale: bool = False):
         self.items = items
         self.seed = seed
         self.center_crop = center_crop
@@ -44,7 +44,12 @@ class TrainingSet:
         buckets = make_buckets(resolution) if enable_buckets else None
         self.entries: list[Entry] = []
         for i, item in enumerate(items):
-            size = assign_bucket(item.width, item.height, buckets) if buckets else (resolution, resolution)
+            if not buckets:
+                size = (resolution, resolution)
+            elif bucket_no_upscale and item.width * item.height < resolution * resolution:
+                size = own_size_bucket(item.width, item.height, resolution)
+            else:
+                size = assign_bucket(item.width, item.height, buckets)
             self.entries.extend(Entry(i, size) for _ in range(max(1, item.repeats)))
 
     def __len__(self) -> int:

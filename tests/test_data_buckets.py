@@ -89,3 +89,48 @@ def test_drop_last_keeps_only_full_batches():
     assert sum(len(b) for b in batches) == sum(c // 4 * 4 for c in counts.values())
     with pytest.raises(ValueError, match="batch_size"):
         bucket_batches(keys, 0, rng=random.Random(0))
+
+
+@pytest.mark.parametrize("size, resolution, expect", [
+    ((300, 200), 512, (256, 192)),     # small: its own size, sides rounded down to 64
+    ((450, 550), 512, (448, 512)),     # small (247k px < 512² = 262k): rounded down, never up
+    ((500, 700), 512, (384, 576)),     # 350k px: shrunk to 433x606 first
+    ((1000, 1000), 512, (512, 512)),   # large: shrunk to the area first
+    ((2048, 1024), 512, (704, 320)),   # large and wide: aspect kept (724x362), rounded down
+    ((40, 30), 512, (64, 64)),         # below one step: one step
+    ((61, 45), 64, (56, 40)),          # below resolution 256 the step is 8
+])
+def test_own_size_bucket(size, resolution, expect):
+    from sdlora.data.buckets import own_size_bucket
+
+    assert own_size_bucket(*size, resolution) == expect
+
+
+def test_no_upscale_buckets_never_exceed_the_image(tmp_path):
+    from types import SimpleNamespace
+
+    from sdlora.training_set import TrainingSet
+
+    sizes = [(300, 200), (200, 300), (512, 512), (900, 600), (128, 640), (1024, 256)]
+    items = [SimpleNamespace(width=w, height=h, repeats=1, caption="", path=tmp_path / f"{i}.png") for i, (w, h) in enumerate(sizes)]
+    upscaling = TrainingSet(items, resolution=512, enable_buckets=True, center_crop=True, random_flip=False, seed=0)
+    keeping = TrainingSet(items, resolution=512, enable_buckets=True, center_crop=True, random_flip=False, seed=0,
+                          bucket_no_upscale=True)
+    assert upscaling.entries[0].size[0] > 300  # the plain buckets upscale a 300x200 image
+    for entry in keeping.entries:
+        item = items[entry.item_index]
+        w, h = entry.size
+        assert w % 64 == 0 and h % 64 == 0 and w * h <= 512 * 512
+        # a side larger than the image's would mean upscaling (one 64 px step of slack for very small images)
+        assert w <= max(64, item.width) and h <= max(64, item.height), (item.width, item.height, entry.size)
+    # images at or above resolution² use the same buckets either way
+    assert keeping.entries[2].size == upscaling.entries[2].size == (512, 512)
+    assert keeping.entries[3].size == upscaling.entries[3].size
+
+
+def test_no_upscale_needs_buckets():
+    from sdlora.config import ConfigError, make_config
+
+    with pytest.raises(ConfigError, match="bucket_no_upscale needs aspect-ratio buckets"):
+        make_config(data_dir="x", bucket_no_upscale=True)
+    assert make_config(data_dir="x", bucket_no_upscale=True, enable_buckets=True).bucket_no_upscale

@@ -289,3 +289,17 @@ def test_v_prediction_training_and_metadata(tmp_path, demo_dataset):
     result = train(_config(tmp_path, demo_dataset, steps=4, prediction_type="v_prediction", min_snr_gamma=5.0))
     _, md = read_lora(result.lora_path)
     assert md["modelspec.prediction_type"] == "v" and md["ss_prediction_type"] == "v_prediction"
+
+
+def test_bucket_no_upscale_trains_small_images_at_their_own_size(tmp_path):
+    """Images smaller than resolution² are encoded at their own (step-rounded) size, larger ones in the usual buckets."""
+    data = _mixed_aspect_dataset(tmp_path / "mixed")  # 64x64 .. 128x64, all below 128² px
+    trainer = Trainer(_config(tmp_path / "out", data, resolution=128, enable_buckets=True, bucket_no_upscale=True, steps=2,
+                              batch_size=1))
+    trainer.prepare()
+    sizes = {trainer.report.items[e.item_index].path.name: e.size for e in trainer.dataset.entries}
+    assert sizes == {"im0.png": (96, 64), "im1.png": (64, 96), "im2.png": (64, 64), "im3.png": (128, 64), "im4.png": (64, 128)}
+    for e in trainer.dataset.entries:
+        w, h = e.size
+        assert trainer.latents.get(e.item_index, False).shape == (4, h // 8, w // 8)
+    assert trainer.run().steps == 2

@@ -10,6 +10,11 @@ import math
 import random
 
 
+def bucket_step(resolution: int) -> int:
+    """64 px, kohya's step; 8 px below resolution 256 so tiny test models still get several buckets."""
+    return 8 if resolution < 256 else 64
+
+
 def make_buckets(resolution: int, *, step: int = 64, min_size: int | None = None, max_size: int | None = None) -> list[tuple[int, int]]:
     """All maximal (w, h) buckets: w and h multiples of `step` within [min_size, max_size], w*h <= resolution².
 
@@ -18,8 +23,7 @@ def make_buckets(resolution: int, *, step: int = 64, min_size: int | None = None
     """
     if resolution < 8:
         raise ValueError(f"resolution must be at least 8 pixels, not {resolution}.")
-    if resolution < 256:
-        step = min(step, 8)
+    step = min(step, bucket_step(resolution))
     side = max(step, resolution // step * step)
     min_size = min(side, max(step, -(-(min_size or resolution // 2) // step) * step))  # round up, at most the square side
     max_size = max(side, (max_size or 2 * resolution) // step * step)
@@ -38,6 +42,17 @@ def assign_bucket(width: int, height: int, buckets) -> tuple[int, int]:
     """The bucket with the closest aspect ratio (distance of log ratios); ties go to the larger area."""
     target = math.log(max(1, width) / max(1, height))
     return tuple(min(buckets, key=lambda b: (abs(math.log(b[0] / b[1]) - target), -b[0] * b[1])))
+
+
+def own_size_bucket(width: int, height: int, resolution: int) -> tuple[int, int]:
+    """kohya's "no upscale" bucket: the image's own size, shrunk (aspect kept) only if it is larger than resolution²,
+    then each side rounded down to the bucket step. Every side is at most the image's, so nothing is upscaled."""
+    step = bucket_step(resolution)
+    w, h = max(1, width), max(1, height)
+    if w * h > resolution * resolution:
+        scale = math.sqrt(resolution * resolution / (w * h))
+        w, h = w * scale, h * scale
+    return max(step, int(w) // step * step), max(step, int(h) // step * step)
 
 
 def bucket_batches(keys: list[tuple[int, int]], batch_size: int, *, rng: random.Random, drop_last: bool = False) -> list[list[int]]:

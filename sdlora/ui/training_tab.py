@@ -44,6 +44,8 @@ def build(service, ctx: dict, defaults: dict) -> None:
                                        elem_id="min-snr")
         f["noise_offset"] = gr.Number(label="Noise offset", value=defaults["noise_offset"], elem_id="noise-offset")
         f["enable_buckets"] = gr.Checkbox(label="Aspect-ratio buckets", value=defaults["enable_buckets"], elem_id="buckets")
+        f["bucket_no_upscale"] = gr.Checkbox(label="Buckets: never upscale small images", value=defaults["bucket_no_upscale"],
+                                             elem_id="bucket-no-upscale")
         f["random_flip"] = gr.Checkbox(label="Random horizontal flip", value=defaults["random_flip"], elem_id="flip")
     gr.Markdown("**Captions** (the trigger word is on the Dataset tab)")
     with gr.Row():

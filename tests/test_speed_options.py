@@ -1,0 +1,56 @@
+"""Speed and memory options end to end on builtin:tiny: 8-bit AdamW (bitsandbytes) and torch.compile."""
+
+from __future__ import annotations
+
+import threading
+
+import torch
+
+from sdlora.config import make_config
+from sdlora.export import read_lora
+from sdlora.train import Trainer, train
+
+
+def _config(out, data, **over):
+    values = dict(base_model="builtin:tiny", data_dir=str(data), output_dir=str(out), output_name="t", rank=64, alpha=32.0,
+                  targets=["attn"], steps=6, batch_size=2, lr=1e-3, resolution=64, seed=11, save_precision="fp32")
+    values.update(over)
+    return make_config(**values)
+
+
+def test_adamw8bit_trains_keeps_8bit_state_and_resumes_exactly(tmp_path, demo_dataset):
+    trainer = Trainer(_config(tmp_path / "full", demo_dataset, optimizer="adamw8bit", save_every=3))
+    trainer.prepare()
+    before = {n: p.detach().clone() for n, p in trainer.base.unet.named_parameters() if p.requires_grad}
+    full = trainer.run()
+    inner = trainer.optimizer.optimizer
+    assert type(inner).__name__ == "AdamW8bit"
+    states = list(inner.state.values())
+    # bitsandbytes keeps 8-bit moments for tensors of 4096+ elements (rank 64 x 64 channels here), fp32 below that.
+    assert any(s.get("state1") is not None and s["state1"].dtype == torch.uint8 for s in states)
+    after = dict(trainer.base.unet.named_parameters())
+    assert any(not torch.equal(before[n], after[n]) for n in before)
+    assert full.final_loss is not None and torch.isfinite(torch.tensor(full.final_loss))
+
+    stop = threading.Event()
+    part = train(_config(tmp_path / "part", demo_dataset, optimizer="adamw8bit", save_every=3), stop_event=stop,
+                 on_event=lambda e: stop.set() if e.kind == "checkpoint" and e.step == 3 else None)
+    assert part.stopped_early and part.steps == 3
+    resumed = train(_config(tmp_path / "part", demo_dataset, optimizer="adamw8bit", save_every=3, resume="latest"))
+    a, _ = read_lora(full.lora_path)
+    b, _ = read_lora(resumed.lora_path)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=1e-5, msg=k)
+
+
+def test_compiled_unet_trains_like_eager_and_exports_the_same_keys(tmp_path, demo_dataset):
+    """torch.compile on the CPU (inductor, C++): the slowest test here, about two minutes of compiling."""
+    common = dict(rank=4, alpha=4.0, steps=3)
+    eager = train(_config(tmp_path / "eager", demo_dataset, **common))
+    compiled = train(_config(tmp_path / "compiled", demo_dataset, compile=True, **common))
+    a, _ = read_lora(eager.lora_path)
+    b, _ = read_lora(compiled.lora_path)
+    assert a.keys() == b.keys()  # no "_orig_mod." in the exported names
+    assert abs(eager.final_loss - compiled.final_loss) < 1e-3
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-4, rtol=1e-3, msg=k)
