@@ -88,7 +88,8 @@ class Bench:
         config = make_config(base_model="builtin:tiny", data_dir=str(data), output_dir=str(self.tmp / "out"), rank=args.rank,
                              alpha=args.rank, targets=["attn"], resolution=args.resolution, batch_size=1, steps=10_000,
                              lr=1e-4, mixed_precision="no" if args.precision == "fp32" else args.precision,
-                             gradient_checkpointing=args.gradient_checkpointing, cache_latents=True)
+                             gradient_checkpointing=args.gradient_checkpointing, cache_latents=True, optimizer=args.optimizer,
+                             compile=args.compile)
         t0 = time.perf_counter()
         self.trainer = Trainer(config, base=self.base)
         self.trainer.prepare()
@@ -106,6 +107,10 @@ class Bench:
         self.floor_opt = torch.optim.AdamW(params, lr=1e-4)
         self.naive_opt = torch.optim.AdamW(params, lr=1e-4)
         self.sched = self.base.noise_scheduler
+        if "naive" in args.loops:
+            # The naive loop encodes every step, so its VAE and text encoder live on the device (sdlora moves them off).
+            self.base.vae.to(self.device)
+            self.base.text_encoder.to(self.device)
 
     def _unet_step(self, latents, hidden, opt):
         noise = torch.randn_like(latents)
@@ -190,6 +195,9 @@ def run_timing(args) -> dict:
         "device": args.device, "precision": args.precision, "resolution": args.resolution, "rank": args.rank, "batch": 1,
         "steps_measured": args.steps, "seconds_per_step": mean, "seconds_per_step_mean": {n: sum(v) / len(v) for n, v in times.items()}, "steps_per_second": {n: 1 / m for n, m in mean.items()},
         "sdlora_over_floor": mean["sdlora"] / mean["floor"], "naive_over_sdlora": mean["naive"] / mean["sdlora"],
+        # The fastest step of each loop: least disturbed by other work on a shared machine.
+        "seconds_per_step_min": {n: min(v) for n, v in times.items()},
+        "sdlora_over_floor_min": min(times["sdlora"]) / min(times["floor"]),
         "build_model_s": bench.build_s, "sdlora_prepare_s": bench.prepare_s, "time_to_first_sdlora_step_s": first_step_sdlora,
         "all_step_times": times,
     }
@@ -231,9 +239,13 @@ class RssSampler:
 
 
 def run_memory_only(args, loop: str) -> dict:
-    """One loop alone for a few steps (after one warm-up) in its own process: peak RSS during the steps, peak CUDA."""
+    """One loop alone for a few steps (after one warm-up) in its own process: peak RSS during the steps, peak CUDA,
+    and for sdlora its memory estimate next to what the step really allocated."""
     import gc
 
+    from sdlora.memory import LiveTensorBytes
+
+    args.loops = [loop]
     bench = Bench(args)
     getattr(bench, loop)()
     gc.collect()
@@ -245,6 +257,17 @@ def run_memory_only(args, loop: str) -> dict:
     out = {"loop": loop, "peak_rss_mib": rss.peak / 2 ** 20, "process_peak_rss_mib": peak_rss_mib()}
     if args.device == "cuda":
         out["peak_cuda_mib"] = torch.cuda.max_memory_allocated() / 2 ** 20
+    if loop == "sdlora" and bench.trainer.memory_estimate is not None:
+        est = bench.trainer.memory_estimate
+        out["estimate_total_mib"] = est.total / 2 ** 20
+        out["estimate_step_mib"] = est.activations / 2 ** 20
+        # The same step again, with every tensor it creates counted (slow: a Python call per op).
+        unet = bench.trainer.accelerator.unwrap_model(bench.trainer.unet)
+        opt_state = [t for st in bench.trainer.optimizer.optimizer.state.values() for t in st.values() if torch.is_tensor(t)]
+        counter = LiveTensorBytes(*unet.parameters(), *unet.buffers(), *opt_state)
+        with counter:
+            bench.sdlora()
+        out["measured_step_mib"] = counter.peak / 2 ** 20
     return out
 
 
@@ -256,11 +279,14 @@ def main(argv=None) -> int:
     p.add_argument("--rank", type=int, default=16)
     p.add_argument("--steps", type=int, default=4, help="measured steps per loop (after one warm-up step each)")
     p.add_argument("--gradient-checkpointing", action="store_true")
+    p.add_argument("--optimizer", choices=["adamw", "adamw8bit", "prodigy"], default="adamw", help="sdlora's optimizer")
+    p.add_argument("--compile", action="store_true", help="torch.compile sdlora's UNet (the floor and naive loops share it)")
     p.add_argument("--no-memory", dest="memory", action="store_false", help="skip the per-loop memory subprocesses")
     p.add_argument("--no-mfu", dest="mfu", action="store_false")
     p.add_argument("--json", help="also write the results here")
     p.add_argument("--memory-only", choices=["floor", "sdlora", "naive"], help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    args.loops = ["floor", "sdlora", "naive"]
     args.resolution = args.resolution or (512 if args.device == "cuda" else 256)
     args.precision = args.precision or ("bf16" if args.device == "cuda" else "fp32")
     os.environ.setdefault("SDLORA_CACHE", str(Path(tempfile.gettempdir()) / "sdlora-bench-cache"))
@@ -276,6 +302,7 @@ def main(argv=None) -> int:
         for loop in ("floor", "sdlora", "naive"):
             cmd = [sys.executable, __file__, "--device", args.device, "--resolution", str(args.resolution), "--precision",
                    args.precision, "--rank", str(args.rank), "--memory-only", loop]
+            cmd += ["--optimizer", args.optimizer] + (["--compile"] if args.compile else [])
             if args.gradient_checkpointing:
                 cmd.append("--gradient-checkpointing")
             out = subprocess.run(cmd, capture_output=True, text=True, check=True)
@@ -296,8 +323,13 @@ def print_table(r: dict) -> None:
         print(f"{name:<8} {r['seconds_per_step'][name]:>9.3f} {r['steps_per_second'][name]:>9.3f} "
               f"{mem.get('peak_rss_mib', float('nan')):>13.0f} {mem.get('peak_cuda_mib', float('nan')):>14.0f}")
     print("* median seconds per step")
-    print(f"sdlora/floor = {r['sdlora_over_floor']:.3f}   naive/sdlora = {r['naive_over_sdlora']:.3f}   "
+    print(f"sdlora/floor = {r['sdlora_over_floor']:.3f} (fastest steps: {r['sdlora_over_floor_min']:.3f})   "
+          f"naive/sdlora = {r['naive_over_sdlora']:.3f}   "
           f"time to first sdlora step = {r['time_to_first_sdlora_step_s']:.1f} s (model build {r['build_model_s']:.1f} s)")
+    est = r.get("peak_memory", {}).get("sdlora", {})
+    if "estimate_step_mib" in est:
+        print(f"memory estimate: one step {est['estimate_step_mib']:.0f} MiB traced vs {est['measured_step_mib']:.0f} MiB "
+              f"allocated by a real step; whole run {est['estimate_total_mib']:.0f} MiB estimated")
     if "mfu_sdlora" in r:
         print(f"UNet fwd+bwd = {r['unet_fwd_bwd_tflop']:.2f} TFLOP, matmul rate {r['matmul_tflops']:.2f} TFLOP/s, "
               f"sdlora MFU = {100 * r['mfu_sdlora']:.1f}%")
