@@ -81,7 +81,14 @@ class Bench:
         self.device = args.device
         self.dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.precision]
         t0 = time.perf_counter()
-        self.base = build_sd15_random(self.device, self.dtype)
+        if args.model == "tiny":  # the same loops on builtin:tiny: keeps this script tested (tests/test_bench.py)
+            from sdlora.models import load_base_model
+
+            self.base = load_base_model("builtin:tiny")
+            self.base.unet.to(self.device, self.dtype)
+            self.base.text_encoder.to(self.device, self.dtype)
+        else:
+            self.base = build_sd15_random(self.device, self.dtype)
         self.build_s = time.perf_counter() - t0
         self.tmp = Path(tempfile.mkdtemp(prefix="sdlora-bench-"))
         data = make_images(self.tmp / "data", 4, args.resolution)
@@ -100,8 +107,8 @@ class Bench:
         # Precomputed inputs for the floor loop, and the raw files for the naive loop.
         ds = self.trainer.dataset
         self.latents = self.trainer.latents.get(0, False).unsqueeze(0).to(self.device)
-        with torch.no_grad():
-            self.hidden = self.trainer.text_cache.encode([ds.fixed_caption(0)]).detach()
+        # From sdlora's text cache: on CUDA its frozen text encoder has left the GPU by now.
+        self.hidden = self.trainer.text_cache.get([ds.fixed_caption(0)]).to(self.device)
         self.items = self.trainer.report.items
         params = [p for p in self.base.unet.parameters() if p.requires_grad]
         self.floor_opt = torch.optim.AdamW(params, lr=1e-4)
@@ -192,7 +199,7 @@ def run_timing(args) -> dict:
     # Median: on a shared 2-core machine single steps jump by 20%; the median is the steady-state step.
     mean = {n: statistics.median(v) for n, v in times.items()}
     result = {
-        "device": args.device, "precision": args.precision, "resolution": args.resolution, "rank": args.rank, "batch": 1,
+        "model": args.model, "device": args.device, "precision": args.precision, "resolution": args.resolution, "rank": args.rank, "batch": 1,
         "steps_measured": args.steps, "seconds_per_step": mean, "seconds_per_step_mean": {n: sum(v) / len(v) for n, v in times.items()}, "steps_per_second": {n: 1 / m for n, m in mean.items()},
         "sdlora_over_floor": mean["sdlora"] / mean["floor"], "naive_over_sdlora": mean["naive"] / mean["sdlora"],
         # The fastest step of each loop: least disturbed by other work on a shared machine.
@@ -276,6 +283,7 @@ def main(argv=None) -> int:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--resolution", type=int, default=None, help="default: 256 on CPU, 512 on CUDA")
     p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default=None, help="default: fp32 on CPU, bf16 on CUDA")
+    p.add_argument("--model", choices=["sd15", "tiny"], default="sd15", help="tiny: builtin:tiny, to check the script quickly")
     p.add_argument("--rank", type=int, default=16)
     p.add_argument("--steps", type=int, default=4, help="measured steps per loop (after one warm-up step each)")
     p.add_argument("--gradient-checkpointing", action="store_true")
@@ -287,7 +295,7 @@ def main(argv=None) -> int:
     p.add_argument("--memory-only", choices=["floor", "sdlora", "naive"], help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     args.loops = ["floor", "sdlora", "naive"]
-    args.resolution = args.resolution or (512 if args.device == "cuda" else 256)
+    args.resolution = args.resolution or (64 if args.model == "tiny" else 512 if args.device == "cuda" else 256)
     args.precision = args.precision or ("bf16" if args.device == "cuda" else "fp32")
     os.environ.setdefault("SDLORA_CACHE", str(Path(tempfile.gettempdir()) / "sdlora-bench-cache"))
     from sdlora.models import quiet_libraries
@@ -300,7 +308,7 @@ def main(argv=None) -> int:
     if args.memory:
         result["peak_memory"] = {}
         for loop in ("floor", "sdlora", "naive"):
-            cmd = [sys.executable, __file__, "--device", args.device, "--resolution", str(args.resolution), "--precision",
+            cmd = [sys.executable, __file__, "--model", args.model, "--device", args.device, "--resolution", str(args.resolution), "--precision",
                    args.precision, "--rank", str(args.rank), "--memory-only", loop]
             cmd += ["--optimizer", args.optimizer] + (["--compile"] if args.compile else [])
             if args.gradient_checkpointing:
@@ -315,7 +323,7 @@ def main(argv=None) -> int:
 
 
 def print_table(r: dict) -> None:
-    print(f"\nSD1.5-shaped UNet, {r['device']} {r['precision']}, {r['resolution']} px, batch 1, rank {r['rank']}, "
+    print(f"\n{'SD1.5-shaped' if r['model'] == 'sd15' else 'builtin:tiny'} UNet, {r['device']} {r['precision']}, {r['resolution']} px, batch 1, rank {r['rank']}, "
           f"{r['steps_measured']} interleaved steps after warm-up")
     print(f"{'loop':<8} {'s/step*':>9} {'steps/s':>9} {'peak RSS MiB':>13} {'peak CUDA MiB':>14}")
     for name in ("floor", "sdlora", "naive"):

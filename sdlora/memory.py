@@ -30,19 +30,22 @@ class MemoryEstimate:
     weights: int            # every module on the training device, in the dtype it will have there
     trainable: int          # LoRA parameters, their gradients and optimizer state (fp32)
     activations: int        # the traced step's peak beyond the weights
-    available: int | None
+    available: int | None   # free on the device now
     device: str
+    resident: int = 0       # of `weights`, what is already on the device (so not in `available`)
 
     @property
     def total(self) -> int:
         return self.weights + self.trainable + self.activations
 
     def fits(self) -> bool:
-        return self.available is None or self.total <= (1 - _HEADROOM) * self.available
+        return self.available is None or self.total - self.resident <= (1 - _HEADROOM) * self.available
 
     def describe(self) -> str:
         gib = 1024 ** 3
         avail = f"{self.available / gib:.1f} GiB available" if self.available is not None else "availability unknown"
+        if self.available is not None and self.resident:
+            avail += f" besides the {self.resident / gib:.2f} GiB of weights already there"
         return (f"estimated peak memory on {self.device}: {self.total / gib:.2f} GiB (weights {self.weights / gib:.2f}, "
                 f"LoRA+optimizer {self.trainable / gib:.3f}, one step {self.activations / gib:.2f}); {avail}")
 
@@ -175,21 +178,27 @@ def _param_bytes(module, dtype_bytes: int) -> int:
     return sum(p.numel() for n, p in module.named_parameters() if "lora_" not in n) * dtype_bytes
 
 
+def _is_on(module, device: torch.device) -> bool:
+    d = next(module.parameters()).device
+    return d.type == device.type and (device.index is None or d.index == device.index)
+
+
 def estimate_training_memory(*, unet, text_encoder, vae, lora_params: int, config, device: torch.device,
                              vae_on_device: bool, text_encoder_on_device: bool = True) -> MemoryEstimate:
     """Peak device memory of the run: frozen weights that stay on the device, LoRA state, one traced step."""
     compute_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(config.mixed_precision, torch.float32)
     wbytes = torch.finfo(compute_dtype).bits // 8
-    weights = _param_bytes(unet, wbytes)
-    if config.train_text_encoder:
-        weights += _param_bytes(text_encoder, 4)
-    elif text_encoder_on_device:
-        weights += _param_bytes(text_encoder, wbytes)
+    staying = [(unet, wbytes)]
+    if config.train_text_encoder or text_encoder_on_device:
+        staying.append((text_encoder, 4 if config.train_text_encoder else wbytes))
     if vae_on_device:
-        weights += _param_bytes(vae, 4)
+        staying.append((vae, 4))
+    weights = sum(_param_bytes(m, b) for m, b in staying)
+    # Weights loaded straight onto the device (always, on CPU) are not in its free memory any more.
+    resident = sum(_param_bytes(m, m.dtype.itemsize if hasattr(m, "dtype") else 4) for m, _ in staying if _is_on(m, device))
     trainable = lora_params * (4 + 4 + _OPTIMIZER_STATE_BYTES.get(config.optimizer, 8))
     step = trace_step_bytes(unet, config=config, compute_dtype=compute_dtype, height=config.resolution,
                             width=config.resolution, text_encoder=text_encoder,
                             tokens=getattr(text_encoder.config, "max_position_embeddings", 77))
     return MemoryEstimate(weights=int(weights), trainable=int(trainable), activations=int(step),
-                          available=available_memory(device), device=str(device))
+                          available=available_memory(device), device=str(device), resident=int(resident))

@@ -115,10 +115,18 @@ def test_estimate_counts_what_stays_on_the_device(monkeypatch):
     eight_bit = estimate_training_memory(**{**kwargs, "config": _cfg(optimizer="adamw8bit")}, vae_on_device=False)
     assert eight_bit.trainable == 1000 * 10
 
-    monkeypatch.setattr(memory, "available_memory", lambda device: cached.total // 2)
+    # On the CPU the loaded weights are already in RAM: only the rest must fit in what is still available.
+    assert cached.resident == cached.weights
+    to_come = cached.total - cached.resident
+    monkeypatch.setattr(memory, "available_memory", lambda device: int(to_come / 0.9) + 1)
+    assert estimate_training_memory(**kwargs, vae_on_device=False, text_encoder_on_device=False).fits()
+    monkeypatch.setattr(memory, "available_memory", lambda device: to_come)
     tight = estimate_training_memory(**kwargs, vae_on_device=False, text_encoder_on_device=False)
     assert not tight.fits()
-    assert "GiB available" in tight.describe()
+    assert "GiB available besides the" in tight.describe()
+    on_meta = estimate_training_memory(**{**kwargs, "device": torch.device("meta")}, vae_on_device=False,
+                                       text_encoder_on_device=False)
+    assert on_meta.resident == 0
 
 
 def test_training_warns_before_the_first_step_when_memory_is_short(monkeypatch, tmp_path, demo_dataset):

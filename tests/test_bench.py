@@ -1,0 +1,26 @@
+"""The speed benchmark runs end to end (on builtin:tiny) and reports what README and bench/RESULTS.md describe."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from conftest import ROOT, subprocess_env
+
+
+def test_train_speed_benchmark_runs_and_reports(tmp_path):
+    out = tmp_path / "r.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "train_speed.py"), "--model", "tiny", "--steps", "2",
+                           "--json", str(out)], capture_output=True, text=True, env=subprocess_env(), timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "sdlora/floor =" in proc.stdout and "memory estimate: one step" in proc.stdout
+    r = json.loads(Path(out).read_text())
+    loops = ("floor", "sdlora", "naive")
+    assert all(len(r["all_step_times"][n]) == 2 and r["seconds_per_step"][n] > 0 for n in loops)
+    assert r["sdlora_over_floor"] > 0 and r["naive_over_sdlora"] > 0
+    assert set(r["peak_memory"]) == set(loops)
+    sd = r["peak_memory"]["sdlora"]
+    assert abs(sd["estimate_step_mib"] - sd["measured_step_mib"]) <= 0.05 * sd["measured_step_mib"]
+    assert 0 < r["mfu_sdlora"] < 1
