@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import sdlora  # noqa: E402,F401  (first: it quiets libraries that log on import)
 
 
 def main() -> int:

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+import sdlora  # noqa: E402,F401  (first: it quiets libraries that log on import)
 
 
 def build_sd15_random(device: str, dtype: torch.dtype):
