@@ -53,7 +53,8 @@ class MemoryEstimate:
 class LiveTensorBytes(TorchDispatchMode):
     """Adds up the storage bytes of tensors created inside it while they are alive; `peak` is the high-water mark.
 
-    Tensors that existed before (weights, inputs) are passed in and not counted, nor are views of them."""
+    Tensors that existed before (weights, inputs, optimizer state) are passed in and not counted, nor are views of
+    them; one not passed in is counted from the first op that returns it, in-place ops included."""
 
     def __init__(self, *existing: torch.Tensor):
         super().__init__()
@@ -135,7 +136,7 @@ def trace_step_bytes(unet, *, config, compute_dtype: torch.dtype, height: int, w
     if config.gradient_checkpointing:
         meta_unet.enable_gradient_checkpointing()
         if meta_te is not None:
-            meta_te.gradient_checkpointing_enable()
+            meta_te.activation_checkpointing_enable()
     for m in (meta_unet, meta_te):
         if m is not None:
             m.train()

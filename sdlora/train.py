@@ -109,6 +109,7 @@ class Trainer:
     # set-up ------------------------------------------------------------------
     def prepare(self) -> None:
         from accelerate import Accelerator
+        from accelerate.state import AcceleratorState
         from accelerate.utils import set_seed
 
         from .models import MODEL_LOCK, load_base_model, resolve_model_spec
@@ -126,6 +127,9 @@ class Trainer:
         if cfg.mixed_precision == "fp16" and not torch.cuda.is_available():
             raise ConfigError("mixed_precision: fp16 needs a CUDA GPU; on CPU use 'bf16' or 'no'.")
 
+        # accelerate keeps one process-wide state that refuses a second precision; the web UI trains many runs in one
+        # process, so each run starts a fresh one (the process group, if launched distributed, is kept).
+        AcceleratorState._reset_state(reset_partial_state=False)
         self.accelerator = Accelerator(mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=1)
         acc = self.accelerator
         self.emit("status", message=self.report.summary())
@@ -165,7 +169,7 @@ class Trainer:
         if cfg.gradient_checkpointing:
             base.unet.enable_gradient_checkpointing()
             if cfg.train_text_encoder:
-                base.text_encoder.gradient_checkpointing_enable()
+                base.text_encoder.activation_checkpointing_enable()
         if self.device.type == "cuda":
             base.unet.to(memory_format=torch.channels_last)
         if cfg.compile:

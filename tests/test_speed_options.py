@@ -54,3 +54,42 @@ def test_compiled_unet_trains_like_eager_and_exports_the_same_keys(tmp_path, dem
     assert abs(eager.final_loss - compiled.final_loss) < 1e-3
     for k in a:
         torch.testing.assert_close(a[k], b[k], atol=1e-4, rtol=1e-3, msg=k)
+
+
+def test_gradient_checkpointing_gives_the_same_training(tmp_path, demo_dataset):
+    """Checkpointing recomputes activations in backward: less memory, same numbers (UNet and text encoder)."""
+    common = dict(rank=4, alpha=4.0, steps=3, train_text_encoder=True, targets=["transformer"])
+    plain = train(_config(tmp_path / "plain", demo_dataset, **common))
+    ckpt = train(_config(tmp_path / "ckpt", demo_dataset, gradient_checkpointing=True, **common))
+    a, _ = read_lora(plain.lora_path)
+    b, _ = read_lora(ckpt.lora_path)
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=1e-4, msg=k)
+
+
+def test_bf16_mixed_precision_keeps_lora_fp32_and_vae_fp32(tmp_path, demo_dataset):
+    """The CUDA recipe, run on the CPU: frozen UNet in bf16 under autocast, fp32 LoRA weights, fp32 VAE."""
+    from sdlora.verify import verify_lora
+    from sdlora.models import load_base_model
+
+    trainer = Trainer(_config(tmp_path, demo_dataset, rank=4, alpha=4.0, steps=4, mixed_precision="bf16",
+                              gradient_checkpointing=True))
+    trainer.prepare()
+    unet = trainer.base.unet
+    frozen = {p.dtype for n, p in unet.named_parameters() if "lora_" not in n}
+    lora = {p.dtype for n, p in unet.named_parameters() if "lora_" in n}
+    assert frozen == {torch.bfloat16} and lora == {torch.float32}
+    assert trainer.base.vae.dtype == torch.float32
+    before = {n: p.detach().clone() for n, p in unet.named_parameters() if "lora_B" in n}
+    result = trainer.run()
+    assert result.final_loss is not None and 0 < result.final_loss < 10
+    assert any(not torch.equal(before[n], p) for n, p in unet.named_parameters() if "lora_B" in n)
+    assert verify_lora(result.lora_path, load_base_model("builtin:tiny")).ok
+
+
+def test_precision_can_change_between_runs_in_one_process(tmp_path, demo_dataset):
+    """The web UI trains many runs in one process: a bf16 run after an fp32 one (and back) must not be refused."""
+    for i, precision in enumerate(["no", "bf16", "no"]):
+        result = train(_config(tmp_path / str(i), demo_dataset, rank=4, steps=1, mixed_precision=precision))
+        assert result.steps == 1
