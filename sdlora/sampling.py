@@ -68,7 +68,7 @@ def generate(pipe, sample: SamplePrompt, *, default_size: int, default_steps: in
              device: str | torch.device = "cpu") -> Image.Image:
     seed = sample.seed if sample.seed is not None else default_seed
     generator = torch.Generator(device="cpu").manual_seed(seed)
-    result = pipe(
+    latents = pipe(
         prompt=sample.prompt,
         negative_prompt=sample.negative or None,
         width=sample.width or default_size,
@@ -76,9 +76,19 @@ def generate(pipe, sample: SamplePrompt, *, default_size: int, default_steps: in
         num_inference_steps=sample.steps or default_steps,
         guidance_scale=sample.cfg,
         generator=generator,
-        output_type="pil",
-    )
-    return result.images[0]
+        output_type="latent",
+    ).images
+    return decode_latents(pipe, latents)[0]
+
+
+@torch.no_grad()
+def decode_latents(pipe, latents: torch.Tensor) -> list[Image.Image]:
+    """Decode in the VAE's own precision even inside a training run's fp16/bf16 autocast: an SD VAE decoding in
+    fp16 can overflow into black (NaN) images, which is why sdlora keeps the VAE in fp32."""
+    vae = pipe.vae
+    with torch.autocast(latents.device.type, enabled=False):
+        images = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor, return_dict=False)[0]
+    return pipe.image_processor.postprocess(images, output_type="pil", do_denormalize=[True] * images.shape[0])
 
 
 def label_image(img: Image.Image, text: str) -> Image.Image:

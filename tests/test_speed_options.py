@@ -93,3 +93,19 @@ def test_precision_can_change_between_runs_in_one_process(tmp_path, demo_dataset
     for i, precision in enumerate(["no", "bf16", "no"]):
         result = train(_config(tmp_path / str(i), demo_dataset, rank=4, steps=1, mixed_precision=precision))
         assert result.steps == 1
+
+
+def test_previews_decode_in_fp32_under_mixed_precision(tmp_path, demo_dataset):
+    """The UNet samples under the run's bf16 autocast; the VAE decodes in fp32 (fp16 VAEs overflow to black)."""
+    trainer = Trainer(_config(tmp_path, demo_dataset, rank=4, steps=1, mixed_precision="bf16",
+                              sample_prompts=["sdlora_mascot, a red circle --s 2"]))
+    trainer.prepare()
+    seen = []
+    conv = trainer.base.vae.decoder.conv_in
+    hook = conv.register_forward_hook(lambda m, args, out: seen.append(out.dtype))
+    try:
+        result = trainer.run()
+    finally:
+        hook.remove()
+    assert seen and set(seen) == {torch.float32}
+    assert result.samples and result.samples[0].is_file()
