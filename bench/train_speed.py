@@ -105,6 +105,7 @@ class Bench:
         self.trainer.unet.train()
         self.trainer.position_at(0)
         self.step_no = 0
+        self.data_waits: list[float] = []  # seconds each sdlora step waited for its batch
         # Precomputed inputs for the floor loop, and the raw files for the naive loop.
         ds = self.trainer.dataset
         self.latents = self.trainer.latents.get(0, False).unsqueeze(0).to(self.device)
@@ -137,7 +138,9 @@ class Bench:
 
     def sdlora(self):
         self.step_no += 1
-        return self.trainer.train_step(self.step_no)
+        loss = self.trainer.train_step(self.step_no)
+        self.data_waits.append(self.trainer.data_seconds)
+        return loss
 
     def naive(self):
         from sdlora.data.images import load_training_image
@@ -206,6 +209,7 @@ def run_timing(args) -> dict:
         # The fastest step of each loop: least disturbed by other work on a shared machine.
         "seconds_per_step_min": {n: min(v) for n, v in times.items()},
         "sdlora_over_floor_min": min(times["sdlora"]) / min(times["floor"]),
+        "sdlora_data_wait_s_median": statistics.median(bench.data_waits[1:]),
         "build_model_s": bench.build_s, "sdlora_prepare_s": bench.prepare_s, "time_to_first_sdlora_step_s": first_step_sdlora,
         "all_step_times": times,
     }
@@ -335,6 +339,7 @@ def print_table(r: dict) -> None:
     print(f"sdlora/floor = {r['sdlora_over_floor']:.3f} (fastest steps: {r['sdlora_over_floor_min']:.3f})   "
           f"naive/sdlora = {r['naive_over_sdlora']:.3f}   "
           f"time to first sdlora step = {r['time_to_first_sdlora_step_s']:.1f} s (model build {r['build_model_s']:.1f} s)")
+    print(f"sdlora waited {1000 * r['sdlora_data_wait_s_median']:.2f} ms per step for its batch (median)")
     est = r.get("peak_memory", {}).get("sdlora", {})
     if "estimate_step_mib" in est:
         print(f"memory estimate: one step {est['estimate_step_mib']:.0f} MiB traced vs {est['measured_step_mib']:.0f} MiB "

@@ -339,8 +339,11 @@ class Trainer:
         """One optimizer step (with gradient accumulation). Returns the loss, or None if it was NaN/inf and skipped."""
         cfg, acc = self.config, self.accelerator
         step_loss = 0.0
+        self.data_seconds = 0.0  # time the step waited for its batch: near zero unless data loading starves it
         for micro in range(cfg.grad_accum):
+            t0 = time.perf_counter()
             latents, hidden = self._next_batch(step, micro)
+            self.data_seconds += time.perf_counter() - t0
             last_micro = micro == cfg.grad_accum - 1
             # Under DDP, only the last micro-batch all-reduces gradients.
             with contextlib.nullcontext() if last_micro else acc.no_sync(self.unet):
@@ -398,7 +401,7 @@ class Trainer:
             seconds, t_prev = now - t_prev, now
             lr = self.scheduler.get_last_lr()[0]
             self._log(log_path, step, loss, lr, seconds, self.epoch)
-            self.emit("step", step=step, loss=loss, lr=lr, seconds=seconds, epoch=self.epoch)
+            self.emit("step", step=step, loss=loss, lr=lr, seconds=seconds, data_seconds=self.data_seconds, epoch=self.epoch)
             if cfg.sample_every and step % cfg.sample_every == 0 and step < self.total_steps:
                 self._sample(step)
                 t_prev = time.perf_counter()  # previews are not training time
@@ -411,7 +414,8 @@ class Trainer:
         if not self.accelerator.is_main_process:
             return
         with open(path, "a", encoding="utf-8") as fh:
-            fh.write(json.dumps({"step": step, "loss": loss, "lr": lr, "seconds": round(seconds, 5), "epoch": epoch}) + "\n")
+            fh.write(json.dumps({"step": step, "loss": loss, "lr": lr, "seconds": round(seconds, 5),
+                                 "data_seconds": round(self.data_seconds, 5), "epoch": epoch}) + "\n")
 
     # previews, checkpoints, export ---------------------------------------------
     def _sample(self, step: int) -> list[Path]:

@@ -20,6 +20,7 @@ def test_train_speed_benchmark_runs_and_reports(tmp_path):
     loops = ("floor", "sdlora", "naive")
     assert all(len(r["all_step_times"][n]) == 2 and r["seconds_per_step"][n] > 0 for n in loops)
     assert r["sdlora_over_floor"] > 0 and r["naive_over_sdlora"] > 0
+    assert 0 <= r["sdlora_data_wait_s_median"] < r["seconds_per_step"]["sdlora"]
     assert set(r["peak_memory"]) == set(loops)
     sd = r["peak_memory"]["sdlora"]
     assert abs(sd["estimate_step_mib"] - sd["measured_step_mib"]) <= 0.05 * sd["measured_step_mib"]

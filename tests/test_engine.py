@@ -283,6 +283,11 @@ def test_uncached_random_crop_buckets_accumulation_resume(tmp_path):
     b, _ = read_lora(resumed.lora_path)
     for k in a:
         torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=1e-5, msg=k)
+    # Each step logs how long it waited for data (decoded ahead in worker threads, VAE-encoded in the step).
+    log = [json.loads(line) for line in (tmp_path / "full" / "train_log.jsonl").read_text().splitlines()]
+    assert all(0 <= r["data_seconds"] <= r["seconds"] for r in log)
+    steps = [e for e in events if e.kind == "step"]
+    assert all("data_seconds" in e.data for e in steps)
 
 
 def test_v_prediction_training_and_metadata(tmp_path, demo_dataset):
