@@ -99,7 +99,9 @@ class Bench:
                              gradient_checkpointing=args.gradient_checkpointing, cache_latents=True, optimizer=args.optimizer,
                              compile=args.compile)
         t0 = time.perf_counter()
-        self.trainer = Trainer(config, base=self.base)
+        # Alone (its memory process), sdlora owns its model as `python -m sdlora train` does and frees what it no
+        # longer needs; interleaved with the naive loop, the model is shared.
+        self.trainer = Trainer(config, base=self.base, owns_base=args.loops == ["sdlora"])
         self.trainer.prepare()
         self.prepare_s = time.perf_counter() - t0
         self.trainer.unet.train()

@@ -65,12 +65,16 @@ def sample_filename(step: int, index: int) -> str:
 
 @torch.no_grad()
 def generate(pipe, sample: SamplePrompt, *, default_size: int, default_steps: int = 20, default_seed: int = 0,
-             device: str | torch.device = "cpu") -> Image.Image:
+             device: str | torch.device = "cpu", prompt_embeds: tuple[torch.Tensor, torch.Tensor] | None = None) -> Image.Image:
+    """One image. `prompt_embeds` (prompt, negative), already encoded, replace the text encoder when given."""
     seed = sample.seed if sample.seed is not None else default_seed
     generator = torch.Generator(device="cpu").manual_seed(seed)
+    if prompt_embeds is None:
+        text = dict(prompt=sample.prompt, negative_prompt=sample.negative or None)
+    else:
+        text = dict(prompt_embeds=prompt_embeds[0], negative_prompt_embeds=prompt_embeds[1])
     latents = pipe(
-        prompt=sample.prompt,
-        negative_prompt=sample.negative or None,
+        **text,
         width=sample.width or default_size,
         height=sample.height or default_size,
         num_inference_steps=sample.steps or default_steps,

@@ -89,9 +89,11 @@ class Trainer:
     """Holds the prepared run; `run()` executes it. Built by `train()`."""
 
     def __init__(self, config: TrainConfig, on_event: Callable[[TrainEvent], None] | None = None,
-                 stop_event: threading.Event | None = None, base=None):
+                 stop_event: threading.Event | None = None, base=None, owns_base: bool | None = None):
         self.config = config
         self._given_base = base
+        # A model loaded for this run may lose the parts the run no longer needs; a shared one (the web UI's) may not.
+        self.owns_base = base is None if owns_base is None else owns_base
         self.on_event = on_event or (lambda e: None)
         self.stop_event = stop_event or threading.Event()
         self.out_dir = config.output_path()
@@ -154,10 +156,12 @@ class Trainer:
             self.te_modules = inject_text_encoder_lora(base.text_encoder, cfg.rank, cfg.alpha) if cfg.train_text_encoder else []
         n_params = count_lora_parameters(self.unet_modules, cfg.rank, cfg.conv_rank) + count_lora_parameters(self.te_modules, cfg.rank)
         self.emit("status", message=f"LoRA on {len(self.unet_modules)} UNet and {len(self.te_modules)} text-encoder modules: {n_params:,} trainable parameters")
-        # On CUDA the frozen VAE and text encoder leave the GPU once what they produce is cached (previews bring them back).
+        # Once latents and captions are cached, the VAE encoder and a frozen text encoder are idle. An owned model drops
+        # them (previews use cached prompt embeddings and the VAE decoder); on CUDA what is kept leaves the GPU until
+        # previews bring it back.
         on_cuda = self.device.type == "cuda"
-        self.vae_leaves_device = on_cuda and cfg.cache_latents
-        self.te_leaves_device = on_cuda and not cfg.train_text_encoder and not cfg.shuffle_tags
+        self.vae_leaves_device = cfg.cache_latents and (on_cuda or self.owns_base)
+        self.te_leaves_device = not cfg.train_text_encoder and not cfg.shuffle_tags and (on_cuda or self.owns_base)
         self._check_memory(n_params)
 
         # Frozen weights in the compute dtype, LoRA weights in fp32; the VAE stays fp32 (fp16 VAEs overflow to NaN).
@@ -193,16 +197,23 @@ class Trainer:
             flips = (False, True) if cfg.random_flip else (False,)
             self.latents.build(self.dataset, flips=flips)
             if self.vae_leaves_device:
+                if self.owns_base:
+                    base.vae.encoder = base.vae.quant_conv = None  # only decoding is left to do
                 base.vae.to("cpu")
         self.text_cache = TextEmbeddingCache(base.tokenizer, base.text_encoder, self.device)
         if not cfg.train_text_encoder and not cfg.shuffle_tags:
-            # Every caption the run can see is known now (fixed, or "" under dropout): encode them once and
-            # let the frozen text encoder leave the GPU until previews.
-            captions = sorted({self.dataset.fixed_caption(i) for i in range(len(self.dataset.items))} | {""})
+            # Every caption the run can see is known now (fixed, or "" under dropout), and so are the preview prompts:
+            # encode them once.
+            captions = {self.dataset.fixed_caption(i) for i in range(len(self.dataset.items))} | {""}
+            captions |= {p.prompt for p in self.sample_prompts} | {p.negative for p in self.sample_prompts}
+            captions = sorted(captions)
             for start in range(0, len(captions), 16):
                 self.text_cache.get(captions[start: start + 16])
             if self.te_leaves_device:
-                base.text_encoder.to("cpu")
+                if self.owns_base:
+                    base.text_encoder = self.text_cache.text_encoder = None
+                else:
+                    base.text_encoder.to("cpu")
         self._encoder = LatentCache(base.vae, vae_id="", cache_dir=None, device=self.device)
         self._loader = ThreadPoolExecutor(max_workers=max(1, cfg.num_workers), thread_name_prefix="sdlora-data")
         self._epoch_batches, self._prefetched = {}, {}
@@ -426,22 +437,26 @@ class Trainer:
         unet = acc.unwrap_model(self.unet)
         was_training = unet.training
         unet.eval()
-        vae_device, te_device = self.base.vae.device, self.base.text_encoder.device
+        te = self.base.text_encoder  # None once dropped: then the prompts' cached embeddings stand in
+        vae_device, te_device = self.base.vae.device, te.device if te is not None else None
         self.base.vae.to(self.device)
-        self.base.text_encoder.to(self.device)
-        pipe = self.base.make_pipeline(unet=unet, text_encoder=acc.unwrap_model(self.text_encoder))
+        if te is not None:
+            te.to(self.device)
+        pipe = self.base.make_pipeline(unet=unet, text_encoder=acc.unwrap_model(self.text_encoder) if te is not None else None)
         pipe.set_progress_bar_config(disable=True)
         paths = []
         try:
             for i, sample in enumerate(self.sample_prompts):
+                embeds = None if te is not None else (self.text_cache.get([sample.prompt]), self.text_cache.get([sample.negative]))
                 with acc.autocast():
                     img = generate(pipe, sample, default_size=self.config.resolution, default_steps=self.config.sample_steps,
-                                   default_seed=self.config.seed + i)
+                                   default_seed=self.config.seed + i, prompt_embeds=embeds)
                 path = save_png_atomic(img, self.out_dir / "samples" / sample_filename(step, i))
                 paths.append(path)
         finally:
             self.base.vae.to(vae_device)
-            self.base.text_encoder.to(te_device)
+            if te is not None:
+                te.to(te_device)
             if was_training:
                 unet.train()
         self.samples.extend(paths)

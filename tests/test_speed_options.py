@@ -109,3 +109,34 @@ def test_previews_decode_in_fp32_under_mixed_precision(tmp_path, demo_dataset):
         hook.remove()
     assert seen and set(seen) == {torch.float32}
     assert result.samples and result.samples[0].is_file()
+
+
+def test_owned_model_drops_idle_encoders_and_previews_stay_the_same(tmp_path, demo_dataset):
+    """A run that loaded its own model frees the VAE encoder and the frozen text encoder once latents and captions are
+    cached; previews from cached prompt embeddings match those of a run on a shared model that keeps both."""
+    import numpy as np
+    from PIL import Image
+
+    from sdlora.models import load_base_model
+
+    prompts = ["sdlora_mascot, a red circle --s 3 --n blurry", "a blue square --s 3 --l 1"]
+    owned = Trainer(_config(tmp_path / "owned", demo_dataset, rank=4, steps=2, sample_prompts=prompts))
+    owned.prepare()
+    assert owned.base.text_encoder is None and owned.base.vae.encoder is None
+    assert owned.base.vae.decoder is not None
+    owned_result = owned.run()
+
+    shared_base = load_base_model("builtin:tiny")
+    shared = Trainer(_config(tmp_path / "shared", demo_dataset, rank=4, steps=2, sample_prompts=prompts), base=shared_base)
+    shared.prepare()
+    assert shared_base.text_encoder is not None and shared_base.vae.encoder is not None
+    shared_result = shared.run()
+
+    assert len(owned_result.samples) == len(shared_result.samples) == 2
+    for a, b in zip(owned_result.samples, shared_result.samples):
+        pa, pb = np.asarray(Image.open(a), dtype=np.int16), np.asarray(Image.open(b), dtype=np.int16)
+        assert np.abs(pa - pb).max() <= 1, (a, b)
+    a, _ = read_lora(owned_result.lora_path)
+    b, _ = read_lora(shared_result.lora_path)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], msg=k)
