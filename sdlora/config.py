@@ -220,13 +220,14 @@ def format_validation_error(exc: ValidationError) -> str:
     """Turn pydantic's error list into sentences that name each field."""
     lines = []
     for err in exc.errors():
-        field = ".".join(str(p) for p in err.get("loc", ())) or "config"
+        loc = ".".join(str(p) for p in err.get("loc", ()))
+        field = loc or "config"
         msg = err.get("msg", "invalid value")
         msg = msg.removeprefix("Value error, ")
         if err.get("type") == "extra_forbidden":
             known = ", ".join(sorted(TrainConfig.model_fields))
             msg = f"unknown setting (known settings: {known})"
-        elif "input" in err and err.get("type") not in ("missing",):
+        elif "input" in err and err.get("type") not in ("missing",) and loc:  # a cross-field rule names its fields itself
             msg = f"{msg} (got {err['input']!r})"
         lines.append(f"{field}: {msg}")
     return "Invalid configuration — " + "; ".join(lines)

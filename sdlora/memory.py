@@ -42,12 +42,15 @@ class MemoryEstimate:
         return self.available is None or self.total - self.resident <= (1 - _HEADROOM) * self.available
 
     def describe(self) -> str:
-        gib = 1024 ** 3
-        avail = f"{self.available / gib:.1f} GiB available" if self.available is not None else "availability unknown"
+        avail = f"{_size(self.available)} available" if self.available is not None else "availability unknown"
         if self.available is not None and self.resident:
-            avail += f" besides the {self.resident / gib:.2f} GiB of weights already there"
-        return (f"estimated peak memory on {self.device}: {self.total / gib:.2f} GiB (weights {self.weights / gib:.2f}, "
-                f"LoRA+optimizer {self.trainable / gib:.3f}, one step {self.activations / gib:.2f}); {avail}")
+            avail += f" besides the {_size(self.resident)} of weights already there"
+        return (f"estimated peak memory on {self.device}: {_size(self.total)} (weights {_size(self.weights)}, "
+                f"LoRA+optimizer {_size(self.trainable)}, one step {_size(self.activations)}); {avail}")
+
+
+def _size(n: int) -> str:
+    return f"{n / 1024 ** 3:.2f} GiB" if n >= 1024 ** 3 else f"{n / 1024 ** 2:.1f} MiB"
 
 
 class LiveTensorBytes(TorchDispatchMode):
