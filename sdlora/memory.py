@@ -136,13 +136,11 @@ def trace_step_bytes(unet, *, config, compute_dtype: torch.dtype, height: int, w
         if m is not None:  # only the LoRA weights train, as in the run
             for name, p in m.named_parameters():
                 p.requires_grad_("lora_" in name)
+            m.train()
     if config.gradient_checkpointing:
         meta_unet.enable_gradient_checkpointing()
         if meta_te is not None:
             meta_te.activation_checkpointing_enable()
-    for m in (meta_unet, meta_te):
-        if m is not None:
-            m.train()
 
     b, cfg = config.batch_size, meta_unet.config
     with FakeTensorMode():
