@@ -189,7 +189,7 @@ def estimate_training_memory(*, unet, text_encoder, vae, lora_params: int, confi
                              vae_on_device: bool, text_encoder_on_device: bool = True) -> MemoryEstimate:
     """Peak device memory of the run: frozen weights that stay on the device, LoRA state, one traced step."""
     compute_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(config.mixed_precision, torch.float32)
-    wbytes = torch.finfo(compute_dtype).bits // 8
+    wbytes = compute_dtype.itemsize
     staying = [(unet, wbytes)]
     if config.train_text_encoder or text_encoder_on_device:
         staying.append((text_encoder, 4 if config.train_text_encoder else wbytes))
@@ -197,7 +197,7 @@ def estimate_training_memory(*, unet, text_encoder, vae, lora_params: int, confi
         staying.append((vae, 4))
     weights = sum(_param_bytes(m, b) for m, b in staying)
     # Weights loaded straight onto the device (always, on CPU) are not in its free memory any more.
-    resident = sum(_param_bytes(m, m.dtype.itemsize if hasattr(m, "dtype") else 4) for m, _ in staying if _is_on(m, device))
+    resident = sum(_param_bytes(m, m.dtype.itemsize) for m, _ in staying if _is_on(m, device))
     trainable = lora_params * (4 + 4 + _OPTIMIZER_STATE_BYTES.get(config.optimizer, 8))
     step = trace_step_bytes(unet, config=config, compute_dtype=compute_dtype, height=config.resolution,
                             width=config.resolution, text_encoder=text_encoder,

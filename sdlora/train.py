@@ -92,7 +92,7 @@ class Trainer:
                  stop_event: threading.Event | None = None, base=None, owns_base: bool | None = None):
         self.config = config
         self._given_base = base
-        # A model loaded for this run may lose the parts the run no longer needs; a shared one (the web UI's) may not.
+        # A model loaded for this run may lose the parts the run no longer needs; one handed in by the caller may not.
         self.owns_base = base is None if owns_base is None else owns_base
         self.on_event = on_event or (lambda e: None)
         self.stop_event = stop_event or threading.Event()
