@@ -1,6 +1,6 @@
 """Component configs for the base models sdlora loads from single files, so no hub access is needed.
 
-A downloaded SD1.5/SD2 `.safetensors` carries weights only; diffusers needs the component configs and a
+A downloaded SD1.5/SD2/SDXL `.safetensors` carries weights only; diffusers needs the component configs and a
 tokenizer next to it. These are the published values of the reference diffusers folders, written out
 into a cache folder on first use (`write_config_folder`).
 """
@@ -52,6 +52,28 @@ _CLIP_L = {
 _OPENCLIP_H = dict(_CLIP_L, hidden_act="gelu", hidden_size=1024, intermediate_size=4096, num_attention_heads=16,
                    num_hidden_layers=23, projection_dim=512)
 
+# SDXL 1.0 base, as published in its diffusers folder.
+_UNET_SDXL = {
+    "_class_name": "UNet2DConditionModel", "act_fn": "silu", "addition_embed_type": "text_time",
+    "addition_embed_type_num_heads": 64, "addition_time_embed_dim": 256, "attention_head_dim": [5, 10, 20],
+    "block_out_channels": [320, 640, 1280], "center_input_sample": False, "cross_attention_dim": 2048,
+    "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"], "downsample_padding": 1,
+    "flip_sin_to_cos": True, "freq_shift": 0, "in_channels": 4, "layers_per_block": 2, "mid_block_scale_factor": 1,
+    "mid_block_type": "UNetMidBlock2DCrossAttn", "norm_eps": 1e-05, "norm_num_groups": 32, "out_channels": 4,
+    "projection_class_embeddings_input_dim": 2816, "sample_size": 128, "transformer_layers_per_block": [1, 2, 10],
+    "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"], "use_linear_projection": True,
+}
+# SDXL's VAE has the SD layout with another scaling factor; it overflows in fp16 (force_upcast), sdlora keeps it fp32.
+_VAE_SDXL = dict(_VAE, sample_size=1024, scaling_factor=0.13025, force_upcast=True)
+_OPENCLIP_BIGG = dict(_CLIP_L, architectures=["CLIPTextModelWithProjection"], hidden_act="gelu", hidden_size=1280,
+                      intermediate_size=5120, num_attention_heads=20, num_hidden_layers=32, projection_dim=1280)
+_SCHEDULER_SDXL = {
+    "_class_name": "EulerDiscreteScheduler", "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
+    "num_train_timesteps": 1000, "clip_sample": False, "interpolation_type": "linear", "prediction_type": "epsilon",
+    "sample_max_value": 1.0, "set_alpha_to_one": False, "skip_prk_steps": True, "steps_offset": 1,
+    "timestep_spacing": "leading", "trained_betas": None, "use_karras_sigmas": False,
+}
+
 MODEL_CONFIGS = {
     "sd15": {"unet": _UNET_SD1, "vae": _VAE, "text_encoder": _CLIP_L, "scheduler": _SCHEDULER, "pad_token": "<|endoftext|>",
              "family": "sd1", "resolution": 512},
@@ -60,6 +82,10 @@ MODEL_CONFIGS = {
     "sd2-v": {"unet": dict(_UNET_SD2, sample_size=96), "vae": dict(_VAE, sample_size=768), "text_encoder": _OPENCLIP_H,
               "scheduler": dict(_SCHEDULER, prediction_type="v_prediction"), "pad_token": "!", "family": "sd2",
               "resolution": 768},
+    # The second tokenizer is the same BPE vocabulary padding with "!" (OpenCLIP's convention).
+    "sdxl": {"unet": _UNET_SDXL, "vae": _VAE_SDXL, "text_encoder": _CLIP_L, "text_encoder_2": _OPENCLIP_BIGG,
+             "scheduler": _SCHEDULER_SDXL, "pad_token": "<|endoftext|>", "pad_token_2": "!", "family": "sdxl",
+             "resolution": 1024},
 }
 
 
@@ -104,7 +130,7 @@ def config_digest(name: str) -> str:
 
 
 def config_folder(name: str) -> Path:
-    """The cached config folder for a variant ('sd15', 'sd2-base', 'sd2-v'), written on first use."""
+    """The cached config folder for a variant ('sd15', 'sd2-base', 'sd2-v', 'sdxl'), written on first use."""
     from .paths import cache_dir
 
     return write_config_folder(name, cache_dir() / "configs" / f"{name}-{config_digest(name)}")
@@ -118,18 +144,26 @@ def write_config_folder(name: str, folder: Path) -> Path:
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=folder.parent))
     try:
-        index = {"_class_name": "StableDiffusionPipeline", "_diffusers_version": "0.42.1",
+        xl = "text_encoder_2" in spec
+        index = {"_class_name": "StableDiffusionXLPipeline" if xl else "StableDiffusionPipeline", "_diffusers_version": "0.42.1",
                  "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
                  "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"],
-                 "scheduler": ["diffusers", "PNDMScheduler"], "safety_checker": [None, None],
-                 "feature_extractor": [None, None], "requires_safety_checker": False}
+                 "scheduler": ["diffusers", spec["scheduler"]["_class_name"]]}
+        if xl:
+            index.update({"text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
+                          "tokenizer_2": ["transformers", "CLIPTokenizer"], "force_zeros_for_empty_prompt": True})
+        else:
+            index.update({"safety_checker": [None, None], "feature_extractor": [None, None], "requires_safety_checker": False})
         (tmp / "model_index.json").write_text(json.dumps(index, indent=1))
-        for part, fname in (("unet", "config.json"), ("vae", "config.json"), ("text_encoder", "config.json"),
-                            ("scheduler", "scheduler_config.json")):
+        parts = ["unet", "vae", "text_encoder", "scheduler"] + (["text_encoder_2"] if xl else [])
+        for part in parts:
             (tmp / part).mkdir()
+            fname = "scheduler_config.json" if part == "scheduler" else "config.json"
             (tmp / part / fname).write_text(json.dumps(spec[part], indent=1))
         vocab, merges = clip_vocab_and_merges()
         write_tokenizer(tmp / "tokenizer", vocab, merges, pad_token=spec["pad_token"])
+        if xl:
+            write_tokenizer(tmp / "tokenizer_2", vocab, merges, pad_token=spec["pad_token_2"])
         if folder.exists():
             shutil.rmtree(tmp)
             return folder

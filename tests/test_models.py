@@ -61,7 +61,7 @@ def tiny():
 
 def test_builtin_tiny_loads_and_generates(tiny):
     base = tiny
-    assert (base.family, base.prediction_type, base.default_resolution, base.kind, base.name) == \
+    assert (base.family.name, base.prediction_type, base.default_resolution, base.kind, base.name) == \
         ("sd1", "epsilon", 64, "builtin", "builtin:tiny")
     assert base.noise_scheduler.config.prediction_type == "epsilon" and base.noise_scheduler.config.beta_schedule == "scaled_linear"
     assert base.text_encoder.config.vocab_size == len(base.tokenizer)
@@ -96,7 +96,7 @@ def test_diffusers_folder(tiny, tmp_path):
     pipe = tiny.make_pipeline()
     pipe.save_pretrained(tmp_path / "my-model")
     loaded = load_base_model(str(tmp_path / "my-model"))
-    assert (loaded.kind, loaded.family, loaded.name, loaded.default_resolution) == ("folder", "sd1", "my-model", 64)
+    assert (loaded.kind, loaded.family.name, loaded.name, loaded.default_resolution) == ("folder", "sd1", "my-model", 64)
     _assert_same(_probe(tiny), _probe(loaded), 0)
     v = load_base_model(str(tmp_path / "my-model"), prediction_type="v_prediction")
     assert v.noise_scheduler.config.prediction_type == "v_prediction" and v.model_hash == loaded.model_hash
@@ -113,7 +113,7 @@ def test_single_file_in_original_layout(tiny, tmp_path, monkeypatch):
     save_file(sd, path)
     assert resolve_model_spec(str(path)) == ("single_file", str(path))
     loaded = load_base_model(str(path))
-    assert (loaded.kind, loaded.family, loaded.name, loaded.prediction_type) == ("single_file", "sd1", "tiny-model", "epsilon")
+    assert (loaded.kind, loaded.family.name, loaded.name, loaded.prediction_type) == ("single_file", "sd1", "tiny-model", "epsilon")
     _assert_same(_probe(tiny), _probe(loaded))
     # fp16 files (how most checkpoints are shared) load into the requested dtype
     half = tmp_path / "tiny-fp16.safetensors"
@@ -189,13 +189,13 @@ def test_sd2_single_file_with_openclip_text_encoder(tiny, tmp_path):
     with pytest.raises(ModelLoadError, match="non-standard sizes.*config_dir"):
         load_base_model(str(path))
     loaded = load_base_model(str(path), config_dir=tmp_path / "tiny-sd2")
-    assert (loaded.family, loaded.prediction_type, loaded.tokenizer.pad_token) == ("sd2", "v_prediction", "!")
+    assert (loaded.family.name, loaded.prediction_type, loaded.tokenizer.pad_token) == ("sd2", "v_prediction", "!")
     assert loaded.noise_scheduler.config.prediction_type == "v_prediction"
     assert loaded.make_pipeline("dpm++").scheduler.config.prediction_type == "v_prediction"
     _assert_same(_probe(ref), _probe(loaded))
     assert load_base_model(str(path), config_dir=tmp_path / "tiny-sd2", prediction_type="epsilon").prediction_type == "epsilon"
     folder = load_base_model(str(tmp_path / "tiny-sd2"))
-    assert (folder.family, folder.prediction_type) == ("sd2", "v_prediction")
+    assert (folder.family.name, folder.prediction_type) == ("sd2", "v_prediction")
 
 
 class _FakeUNet(torch.nn.Module):
@@ -313,12 +313,12 @@ def test_clear_errors(tmp_path, monkeypatch):
         write("lora.safetensors", {"lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight": (4, 32)}), "LoRA")
     unet_in = "model.diffusion_model.input_blocks.0.0.weight"
     fails(write("sdxl.safetensors", {"conditioner.embedders.0.transformer.text_model.embeddings.position_ids": (1, 77),
-                                     unet_in: (320, 4, 3, 3)}), "SDXL models are not supported yet")
+                                     unet_in: (320, 4, 3, 3)}), "SDXL file without both text encoders")
     fails(write("flux.safetensors", {"double_blocks.0.img_attn.qkv.weight": (3, 3)}), "Flux/SD3")
     fails(write("vae.safetensors", {"encoder.conv_in.weight": (128, 3, 3, 3), "decoder.conv_out.weight": (3, 128, 3, 3)}),
           "is a VAE")
     msg = fails(write("other.safetensors", {"encoder.weight": (1,), "something.else": (2,)}), "no model.diffusion_model")
-    assert "SD1.x and SD2.x" in msg
+    assert "SD1.x, SD2.x (512 and 768-v) and SDXL" in msg
     fails(write("inpaint.safetensors", {unet_in: (320, 9, 3, 3)}), "inpainting model")
     fails(write("unet-only.safetensors", {unet_in: (320, 4, 3, 3)}), "no text encoder weights")
     fails(write("no-vae.safetensors", {unet_in: (320, 4, 3, 3), "cond_stage_model.transformer.text_model.x": (1,)}),
@@ -328,8 +328,12 @@ def test_clear_errors(tmp_path, monkeypatch):
     folder = tmp_path / "emptyfolder"
     folder.mkdir()
     fails(folder, "model_index.json")
-    (folder / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionXLPipeline", "text_encoder_2": []}))
-    fails(folder, "SDXL models are not supported yet")
+    (folder / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionXLPipeline", "unet": [],
+                                                         "text_encoder_2": []}))
+    fails(folder, "lacks unet/, vae/, text_encoder/, text_encoder_2/, tokenizer/, tokenizer_2/, scheduler/")
+    (folder / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionXLImg2ImgPipeline", "unet": [],
+                                                         "text_encoder": [None, None], "text_encoder_2": []}))
+    fails(folder, "SDXL refiner")
     (folder / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline", "unet": []}))
     fails(folder, "lacks unet/, vae/, text_encoder/, tokenizer/, scheduler/")
 
@@ -361,7 +365,7 @@ for variant in ("sd15", "sd2-v"):
     UNet2DConditionModel.load_config(str(folder), subfolder="unet", local_files_only=True)
     CLIPTextConfig.from_pretrained(str(folder), subfolder="text_encoder", local_files_only=True)
     CLIPTokenizer.from_pretrained(folder / "tokenizer", local_files_only=True)
-print("ok", base.family)
+print("ok", base.family.name)
 """
     env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE")}
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")

@@ -1,0 +1,41 @@
+"""Model families: SD1, SD2, SDXL. `FAMILIES` is the registry; the rest of sdlora asks a family, never a flag.
+
+  base.py   the ModelFamily hooks and the values they pass around (TextEmbedding, SampleGeometry, Conditioning)
+  sd.py     SD 1.x / SD 2.x
+  sdxl.py   SDXL
+"""
+
+from __future__ import annotations
+
+from .base import Conditioning, ModelFamily, SampleGeometry, TextEmbedding
+from .sd import SD1, SD2
+from .sdxl import SDXL
+
+FAMILIES: dict[str, ModelFamily] = {f.name: f for f in (SD1(), SD2(), SDXL())}
+
+
+def family(name: str) -> ModelFamily:
+    try:
+        return FAMILIES[name]
+    except KeyError:
+        raise ValueError(f"Unknown model family '{name}' (known: {', '.join(FAMILIES)}).") from None
+
+
+def family_of_folder(index: dict, unet_config: dict) -> ModelFamily | None:
+    return next((f for f in FAMILIES.values() if f.claims_folder(index, unet_config)), None)
+
+
+def family_of_checkpoint(keys) -> ModelFamily | None:
+    return next((f for f in FAMILIES.values() if f.claims_checkpoint(keys)), None)
+
+
+def family_of_lora(keys) -> ModelFamily | None:
+    """SDXL is checked first: its files also carry lora_unet_ keys."""
+    for name in ("sdxl", "sd1"):
+        if FAMILIES[name].claims_lora(list(keys)):
+            return FAMILIES[name]
+    return None
+
+
+__all__ = ["Conditioning", "FAMILIES", "ModelFamily", "SampleGeometry", "TextEmbedding", "family", "family_of_checkpoint",
+           "family_of_folder", "family_of_lora"]

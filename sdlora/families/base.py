@@ -1,0 +1,154 @@
+"""The model-family seam: everything that differs between SD1, SD2 and SDXL lives behind `ModelFamily`.
+
+The training loop, the memory trace, verify, export and the UI talk to a family object and never ask
+"is this SDXL?". A family knows how to recognise its files, which components it has, how captions become
+conditioning, how its UNet is called, which pipeline renders previews, what kohya calls its modules and
+what metadata other tools filter on.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Any
+
+import torch
+
+
+@dataclass
+class TextEmbedding:
+    """What the text encoders make of a batch of captions."""
+
+    hidden: torch.Tensor                 # (B, tokens, width): what the UNet cross-attends to
+    pooled: torch.Tensor | None = None   # (B, width2): SDXL's pooled embedding of the second encoder
+
+    def rows(self) -> list[TextEmbedding]:
+        return [TextEmbedding(self.hidden[i], None if self.pooled is None else self.pooled[i])
+                for i in range(self.hidden.shape[0])]
+
+    @staticmethod
+    def stack(rows: list[TextEmbedding]) -> TextEmbedding:
+        pooled = None if rows[0].pooled is None else torch.stack([r.pooled for r in rows])
+        return TextEmbedding(torch.stack([r.hidden for r in rows]), pooled)
+
+
+@dataclass(frozen=True)
+class SampleGeometry:
+    """Where a training sample came from, in (height, width) pixel terms: SDXL's size conditioning."""
+
+    original_size: tuple[int, int]    # the image's own size
+    crop_top_left: tuple[int, int]    # offset of the crop in the resized image (mirrored when flipped)
+    target_size: tuple[int, int]      # the size trained at (its bucket)
+
+
+@dataclass
+class Conditioning:
+    """Everything the UNet is conditioned on besides the noisy latents and the timestep."""
+
+    hidden: torch.Tensor
+    pooled: torch.Tensor | None = None
+    time_ids: torch.Tensor | None = None
+
+    def to(self, device=None, dtype=None) -> Conditioning:
+        def move(t):
+            return None if t is None else t.to(device=device, dtype=dtype if t.is_floating_point() else None)
+
+        return replace(self, hidden=move(self.hidden), pooled=move(self.pooled), time_ids=move(self.time_ids))
+
+
+class ModelFamily:
+    """One model family. Subclasses set the class attributes and override the hooks that differ."""
+
+    name: str = ""                        # "sd1", "sd2", "sdxl": stored in configs and metadata
+    label: str = ""                       # what the UI shows
+    native_resolution: int = 512
+    text_encoder_names: tuple[str, ...] = ("text_encoder",)
+    tokenizer_names: tuple[str, ...] = ("tokenizer",)
+    kohya_te_prefixes: tuple[str, ...] = ("lora_te",)
+
+    def __repr__(self) -> str:
+        return f"<ModelFamily {self.name}>"
+
+    # --- recognising files --------------------------------------------------------------------------
+    def claims_folder(self, index: dict, unet_config: dict) -> bool:
+        """Whether a diffusers folder (model_index.json, unet/config.json) is of this family."""
+        raise NotImplementedError
+
+    def claims_checkpoint(self, keys: dict[str, tuple]) -> bool:
+        """Whether an original-layout single-file checkpoint (key -> shape) is of this family."""
+        raise NotImplementedError
+
+    def claims_lora(self, keys: list[str]) -> bool:
+        """Whether a LoRA file's keys were written for this family."""
+        raise NotImplementedError
+
+    # --- conditioning ---------------------------------------------------------------------------------
+    def tokenize(self, tokenizers: list, captions: list[str]) -> list[torch.Tensor]:
+        # Over-long captions are truncated to CLIP's 77 positions; the dataset scan already warned about them.
+        return [tok(captions, padding="max_length", max_length=tok.model_max_length, truncation=True,
+                    return_tensors="pt").input_ids for tok in tokenizers]
+
+    def encode_tokens(self, text_encoders: list, ids: list[torch.Tensor]) -> TextEmbedding:
+        raise NotImplementedError
+
+    def encode(self, text_encoders: list, tokenizers: list, captions: list[str], device) -> TextEmbedding:
+        ids = [t.to(device) for t in self.tokenize(tokenizers, captions)]
+        return self.encode_tokens(text_encoders, ids)
+
+    def time_ids(self, geometries: list[SampleGeometry]) -> torch.Tensor | None:
+        """Per-sample size conditioning; None for families without it."""
+        return None
+
+    def conditioning(self, text: TextEmbedding, geometries: list[SampleGeometry]) -> Conditioning:
+        return Conditioning(hidden=text.hidden, pooled=text.pooled, time_ids=self.time_ids(geometries))
+
+    def unet_forward(self, unet, noisy: torch.Tensor, timesteps: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+        """The one place the UNet is called: training, the memory trace and verify all come through here."""
+        return unet(noisy, timesteps, encoder_hidden_states=cond.hidden).sample
+
+    def fake_conditioning(self, unet_config, batch: int, tokens: int, dtype: torch.dtype, size: tuple[int, int]) -> Conditioning:
+        """Conditioning of the right shapes (values irrelevant) for the memory trace and probes."""
+        width = unet_config.cross_attention_dim
+        return Conditioning(hidden=torch.zeros(batch, tokens, width, dtype=dtype))
+
+    # --- inference ------------------------------------------------------------------------------------
+    pipeline_class: str = "StableDiffusionPipeline"
+
+    def pipeline(self, *, unet, vae, text_encoders: list, tokenizers: list, scheduler):
+        raise NotImplementedError
+
+    def prompt_embeds_kwargs(self, prompt: TextEmbedding, negative: TextEmbedding) -> dict[str, Any]:
+        """Pipeline arguments that replace the text encoders with already-encoded prompts."""
+        return {"prompt_embeds": prompt.hidden, "negative_prompt_embeds": negative.hidden}
+
+    # --- kohya names ----------------------------------------------------------------------------------
+    def kohya_unet_prefix(self, module_path: str, unet_config) -> str | None:
+        """kohya's name for a UNet module (diffusers path in); None if kohya has no name for it."""
+        raise NotImplementedError
+
+    def kohya_text_prefix(self, encoder_index: int, module_path: str) -> str | None:
+        from ..formats.kohya_names import text_encoder_kohya_prefix
+
+        return text_encoder_kohya_prefix(module_path, self.kohya_te_prefixes[encoder_index])
+
+    def kohya_prefix(self, component: str, module_path: str, unet_config=None) -> str | None:
+        if component == "unet":
+            return self.kohya_unet_prefix(module_path, unet_config)
+        return self.kohya_text_prefix(self.text_encoder_names.index(component), module_path)
+
+    # --- metadata -------------------------------------------------------------------------------------
+    def base_model_version(self, prediction_type: str) -> str:
+        raise NotImplementedError
+
+    def modelspec_architecture(self, prediction_type: str) -> str:
+        raise NotImplementedError
+
+    def metadata(self, prediction_type: str) -> dict[str, str]:
+        """The keys A1111/Forge/ComfyUI filter and label LoRAs by."""
+        return {
+            "ss_base_model_version": self.base_model_version(prediction_type),
+            "ss_v2": str(self.name == "sd2"),
+            "modelspec.architecture": f"{self.modelspec_architecture(prediction_type)}/lora",
+            "modelspec.implementation": self.modelspec_implementation,
+        }
+
+    modelspec_implementation: str = "diffusers"

@@ -1,0 +1,73 @@
+"""SDXL: two text encoders (CLIP-L and OpenCLIP bigG), a pooled embedding and size conditioning; kohya names its
+UNet modules by the original SGM layout (`input_blocks.4.1...`), not by diffusers paths."""
+
+from __future__ import annotations
+
+import torch
+
+from ..models.ldm_names import diffusers_to_ldm
+from .base import Conditioning, ModelFamily, SampleGeometry, TextEmbedding
+
+
+class SDXL(ModelFamily):
+    name, label, native_resolution = "sdxl", "SDXL", 1024
+    text_encoder_names = ("text_encoder", "text_encoder_2")
+    tokenizer_names = ("tokenizer", "tokenizer_2")
+    kohya_te_prefixes = ("lora_te1", "lora_te2")
+    pipeline_class = "StableDiffusionXLPipeline"
+    modelspec_implementation = "https://github.com/Stability-AI/generative-models"
+
+    def claims_folder(self, index: dict, unet_config: dict) -> bool:
+        return "text_encoder_2" in index or unet_config.get("addition_embed_type") == "text_time"
+
+    def claims_checkpoint(self, keys) -> bool:
+        return any(k.startswith("conditioner.embedders.") for k in keys)
+
+    def claims_lora(self, keys) -> bool:
+        return any(k.startswith(("lora_te1_", "lora_te2_", "text_encoder_2.")) or k.startswith("lora_unet_") and (
+            "_input_blocks_" in k or "_output_blocks_" in k or "_middle_block_" in k) for k in keys)
+
+    def encode_tokens(self, text_encoders, ids) -> TextEmbedding:
+        # As diffusers' SDXL pipeline and kohya do: the penultimate hidden states of both encoders side by side, and
+        # the second encoder's projected EOS embedding as the pooled vector.
+        first = text_encoders[0](ids[0], output_hidden_states=True)
+        second = text_encoders[1](ids[1], output_hidden_states=True)
+        hidden = torch.cat([first.hidden_states[-2], second.hidden_states[-2].to(first.hidden_states[-2].dtype)], dim=-1)
+        return TextEmbedding(hidden=hidden, pooled=second[0])
+
+    def time_ids(self, geometries: list[SampleGeometry]) -> torch.Tensor:
+        return torch.tensor([[*g.original_size, *g.crop_top_left, *g.target_size] for g in geometries], dtype=torch.float32)
+
+    def unet_forward(self, unet, noisy, timesteps, cond: Conditioning) -> torch.Tensor:
+        added = {"text_embeds": cond.pooled, "time_ids": cond.time_ids}
+        return unet(noisy, timesteps, encoder_hidden_states=cond.hidden, added_cond_kwargs=added).sample
+
+    def fake_conditioning(self, unet_config, batch, tokens, dtype, size) -> Conditioning:
+        pooled_dim = unet_config.projection_class_embeddings_input_dim - 6 * unet_config.addition_time_embed_dim
+        geometry = SampleGeometry(size, (0, 0), size)
+        return Conditioning(hidden=torch.zeros(batch, tokens, unet_config.cross_attention_dim, dtype=dtype),
+                            pooled=torch.zeros(batch, pooled_dim, dtype=dtype),
+                            time_ids=self.time_ids([geometry] * batch).to(dtype))
+
+    def pipeline(self, *, unet, vae, text_encoders, tokenizers, scheduler):
+        from diffusers import StableDiffusionXLPipeline
+
+        # An empty negative prompt is encoded, not zeroed (as kohya's previews and A1111 do), so previews made from
+        # cached prompt embeddings equal those made with the live text encoders.
+        return StableDiffusionXLPipeline(vae=vae, text_encoder=text_encoders[0], text_encoder_2=text_encoders[1],
+                                         tokenizer=tokenizers[0], tokenizer_2=tokenizers[1], unet=unet, scheduler=scheduler,
+                                         force_zeros_for_empty_prompt=False, add_watermarker=False)
+
+    def prompt_embeds_kwargs(self, prompt: TextEmbedding, negative: TextEmbedding) -> dict:
+        return {"prompt_embeds": prompt.hidden, "pooled_prompt_embeds": prompt.pooled,
+                "negative_prompt_embeds": negative.hidden, "negative_pooled_prompt_embeds": negative.pooled}
+
+    def kohya_unet_prefix(self, module_path, unet_config) -> str | None:
+        ldm = diffusers_to_ldm(module_path, unet_config)
+        return None if ldm is None else "lora_unet_" + ldm.replace(".", "_")
+
+    def base_model_version(self, prediction_type: str) -> str:
+        return "sdxl_base_v1-0"
+
+    def modelspec_architecture(self, prediction_type: str) -> str:
+        return "stable-diffusion-xl-v1-base"
