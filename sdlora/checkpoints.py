@@ -39,16 +39,16 @@ def find_latest_checkpoint(out_dir: Path) -> Path | None:
     return found[-1] if found else None
 
 
-def save_checkpoint(out_dir: Path, step: int, *, unet, text_encoder, optimizer, scheduler, config, export=None) -> Path:
+def save_checkpoint(out_dir: Path, step: int, *, modules: dict, optimizer, scheduler, config, export=None) -> Path:
     """Write into a temp folder and rename it into place: a kill at any moment leaves either the old set or the new one."""
     root = checkpoint_root(out_dir)
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step{step:06d}"
     tmp = Path(tempfile.mkdtemp(prefix=f".step{step:06d}.", dir=root))
     try:
-        tensors = {f"unet.{k}": v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(unet).items()}
-        if text_encoder is not None:
-            tensors.update({f"text_encoder.{k}": v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(text_encoder).items()})
+        # One prefix per adapted component: unet., text_encoder., text_encoder_2.
+        tensors = {f"{name}.{k}": v.detach().cpu().contiguous()
+                   for name, module in modules.items() for k, v in get_peft_model_state_dict(module).items()}
         save_file(tensors, tmp / "lora_state.safetensors")
         torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                     "torch_rng": torch.get_rng_state()}, tmp / "training_state.pt")
@@ -69,18 +69,15 @@ def save_checkpoint(out_dir: Path, step: int, *, unet, text_encoder, optimizer, 
     return final
 
 
-def load_checkpoint(path: Path, *, unet, text_encoder, optimizer, scheduler) -> dict:
+def load_checkpoint(path: Path, *, modules: dict, optimizer, scheduler) -> dict:
     path = Path(path)
     state_file = path / "state.json"
     if not state_file.is_file():
         raise FileNotFoundError(f"'{path}' is not an sdlora checkpoint (no state.json). Pick a folder under OUTPUT/checkpoints/.")
     state = json.loads(state_file.read_text(encoding="utf-8"))
     tensors = load_file(path / "lora_state.safetensors")
-    unet_sd = {k[len("unet."):]: v for k, v in tensors.items() if k.startswith("unet.")}
-    set_peft_model_state_dict(unet, unet_sd)
-    if text_encoder is not None:
-        te_sd = {k[len("text_encoder."):]: v for k, v in tensors.items() if k.startswith("text_encoder.")}
-        set_peft_model_state_dict(text_encoder, te_sd)
+    for name, module in modules.items():
+        set_peft_model_state_dict(module, {k[len(name) + 1:]: v for k, v in tensors.items() if k.startswith(name + ".")})
     training = torch.load(path / "training_state.pt", weights_only=True, map_location="cpu")
     optimizer.load_state_dict(training["optimizer"])
     scheduler.load_state_dict(training["scheduler"])

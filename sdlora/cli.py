@@ -8,6 +8,12 @@ import os
 import sys
 from pathlib import Path
 
+def _lr_list(value: str):
+    """`5e-5` or, for SDXL's two text encoders, `5e-5,1e-5`."""
+    parts = [float(v) for v in value.split(",") if v.strip()]
+    return parts[0] if len(parts) == 1 else parts
+
+
 # Flag -> TrainConfig field, with how argparse should read it.
 _TRAIN_FLAGS: list[tuple[str, str, dict]] = [
     ("--base-model", "base_model", {}),
@@ -19,7 +25,8 @@ _TRAIN_FLAGS: list[tuple[str, str, dict]] = [
     ("--targets", "targets", {"help": "comma-separated: attn, attn1, attn2, transformer or module names (to_q,proj_in,...)"}),
     ("--conv-rank", "conv_rank", {"type": int}),
     ("--conv-alpha", "conv_alpha", {"type": float}),
-    ("--text-encoder-lr", "text_encoder_lr", {"type": float}),
+    ("--text-encoder-lr", "text_encoder_lr", {"type": lambda v: _lr_list(v), "metavar": "LR[,LR2]",
+                                              "help": "text-encoder LR; SDXL: one for both encoders or TE1,TE2 (0 = frozen)"}),
     ("--lr", "lr", {"type": float}),
     ("--steps", "steps", {"type": int}),
     ("--epochs", "epochs", {"type": int}),
@@ -185,24 +192,38 @@ def cmd_train(args) -> int:
     return 0
 
 
-def cmd_generate(args) -> int:
+def _grid_strengths(text: str) -> list[float]:
+    import math
+
     from .config import ConfigError
+
+    try:
+        strengths = [float(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        strengths = []
+    if not strengths or len(strengths) > 64 or not all(math.isfinite(s) for s in strengths):
+        raise ConfigError(f"--grid '{text}': give 1 to 64 strengths as numbers separated by commas, e.g. 0,0.5,1.")
+    return strengths
+
+
+def cmd_generate(args) -> int:
     from .inference import load_loras, parse_lora_arg, strength_grid
     from .models import load_base_model
+    from .outputs import check_output_file
+    from .safetext import clean_text
     from .sampling import SamplePrompt, generate, save_png_atomic
 
+    check_output_file(args.out, what="--out")  # before any model loads: never a folder or a device
+    # Checked before any model loads: seed, size, steps and CFG ranges (SamplePrompt), the prompt's text.
+    prompt = SamplePrompt(prompt=clean_text(args.prompt), negative=clean_text(args.negative_prompt), width=args.width,
+                          height=args.height, seed=args.seed, cfg=args.cfg, steps=args.steps)
+    strengths = _grid_strengths(args.grid) if args.grid else None
     loras = [parse_lora_arg(a) for a in args.lora]
     base = load_base_model(args.base_model, allow_pickle=args.allow_pickle)
     pipe = base.make_pipeline()
     pipe.set_progress_bar_config(disable=True)
     names = load_loras(pipe, loras)
-    prompt = SamplePrompt(prompt=args.prompt, negative=args.negative_prompt, width=args.width, height=args.height,
-                          seed=args.seed, cfg=args.cfg, steps=args.steps)
-    if args.grid:
-        try:
-            strengths = [float(s) for s in args.grid.split(",") if s.strip()]
-        except ValueError:
-            raise ConfigError(f"--grid '{args.grid}': give strengths as numbers separated by commas, e.g. 0,0.5,1.") from None
+    if strengths:
         img = strength_grid(pipe, names, [prompt], strengths, default_size=base.default_resolution, default_steps=args.steps, seed=args.seed)
     else:
         img = generate(pipe, prompt, default_size=base.default_resolution, default_steps=args.steps, default_seed=args.seed)
@@ -223,7 +244,9 @@ def cmd_verify(args) -> int:
 
 def cmd_export(args) -> int:
     from .convert import reexport
+    from .outputs import check_output_file
 
+    check_output_file(args.out, what="--out")
     out = reexport(Path(args.source), Path(args.out), fmt=args.format, precision=args.save_precision, base_model=args.base_model)
     print(str(out.resolve()))
     return 0
@@ -248,16 +271,44 @@ COMMANDS = {"train": cmd_train, "generate": cmd_generate, "verify": cmd_verify, 
             "demo-data": cmd_demo_data}
 
 
+def _context(args) -> str:
+    """What the command was doing, naming its file or folder: the start of an error sentence."""
+    from .safetext import shown
+
+    if args.command == "train":
+        where = f" into '{args.output_dir}'" if getattr(args, "output_dir", None) else ""
+        preset = f" with preset '{args.config}'" if getattr(args, "config", None) else ""
+        return shown(f"Training{preset}{where}")
+    if args.command == "generate":
+        loras = ", ".join(f"'{a}'" for a in args.lora) or "no LoRA"
+        return shown(f"generate ({loras} on '{args.base_model}', to '{args.out}')")
+    if args.command == "verify":
+        return shown(f"verify '{args.file}'")
+    if args.command == "export":
+        return shown(f"export '{args.source}' to '{args.out}'")
+    if args.command in ("scan", "demo-data"):
+        return shown(f"{args.command} '{args.folder}'")
+    return args.command
+
+
 def main(argv: list[str] | None = None) -> int:
+    """The CLI's error boundary: whatever goes wrong ends as one sentence on stderr (exit 2 for a problem with the input,
+    1 for anything else, whose traceback goes to a log file named in the sentence)."""
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+    from .safetext import make_streams_safe
+
+    make_streams_safe(sys.stdout, sys.stderr)  # names and captions that are not UTF-8 must never end a command
     args = build_parser().parse_args(argv)
+    from .errorlog import describe
     from .errors import USER_ERRORS
 
     try:
         return COMMANDS[args.command](args)
-    except USER_ERRORS as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:  # noqa: BLE001 - the boundary: one sentence, the traceback in a log file
+        user = isinstance(exc, USER_ERRORS)
+        out_dir = getattr(args, "output_dir", None) if args.command == "train" else None
+        print(f"error: {describe(exc, context=_context(args), out_dir=out_dir)}", file=sys.stderr)
+        return 2 if user else 1

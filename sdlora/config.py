@@ -21,6 +21,11 @@ KNOWN_UNET_TARGETS = (
 # Other Linear / 1x1-conv leaves of SD UNets a user may name (checked again against the loaded model).
 _OTHER_UNET_LEAVES = ("conv_shortcut", "time_emb_proj", "linear_1", "linear_2")
 OUTPUT_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._ -]{0,99}$")
+MAX_SEED = 2**32 - 1  # numpy's seed range (accelerate's set_seed seeds numpy too)
+# Upper bounds for settings whose absurd values would pass every other check and then hang or overflow a run.
+_MAX_INT = {"rank": 4096, "conv_rank": 4096, "steps": 10_000_000, "epochs": 1_000_000, "batch_size": 4096, "grad_accum": 4096,
+            "sample_steps": 1000, "keep_tokens": 1000, "num_workers": 256, "warmup_steps": 10_000_000,
+            "save_every": 10_000_000, "sample_every": 10_000_000}
 
 
 class ConfigError(ValueError):
@@ -47,7 +52,9 @@ class TrainConfig(BaseModel):
     conv_rank: int = Field(0, description="rank for LoRA on ResNet 3x3 convs (0 = off)")
     conv_alpha: float = Field(1.0, description="alpha for the conv LoRA")
     train_text_encoder: bool = False
-    text_encoder_lr: float | None = Field(None, description="text encoder learning rate (default: same as lr)")
+    text_encoder_lr: float | list[float] | None = Field(
+        None, description="text encoder learning rate (default: same as lr); for SDXL one value for both encoders or "
+                          "[te1, te2] (0 keeps that encoder frozen), as kohya's text_encoder_lr")
 
     # optimisation
     lr: float = 1e-4
@@ -93,6 +100,29 @@ class TrainConfig(BaseModel):
     save_precision: Literal["fp16", "bf16", "fp32"] = "fp16"
     format: Literal["kohya", "diffusers"] = "kohya"
 
+    @field_validator("seed")
+    @classmethod
+    def _seed_range(cls, v: int) -> int:
+        if not 0 <= v <= MAX_SEED:
+            raise ValueError(f"must be between 0 and {MAX_SEED}")
+        return v
+
+    @field_validator(*_MAX_INT)
+    @classmethod
+    def _not_absurd(cls, v: int | None, info) -> int | None:
+        if v is not None and v > _MAX_INT[info.field_name]:
+            raise ValueError(f"must be at most {_MAX_INT[info.field_name]:,}")
+        return v
+
+    @field_validator("trigger_word", "default_caption", "sample_prompts")
+    @classmethod
+    def _valid_text(cls, v):
+        # Text from a command line or a file name that is not UTF-8 carries surrogate escapes, which no tokenizer or
+        # metadata writer accepts: keep what can be kept, mark the rest with U+FFFD.
+        from .safetext import clean_text
+
+        return [clean_text(x) for x in v] if isinstance(v, list) else clean_text(v)
+
     @field_validator("rank")
     @classmethod
     def _rank_positive(cls, v: int) -> int:
@@ -114,11 +144,24 @@ class TrainConfig(BaseModel):
             raise ValueError("must be a positive number (commonly equal to the rank, or 1)")
         return v
 
-    @field_validator("lr", "text_encoder_lr")
+    @field_validator("lr")
     @classmethod
     def _lr_valid(cls, v: float | None) -> float | None:
         if v is not None and (not math.isfinite(v) or v <= 0 or v > 1):
             raise ValueError("must be a number between 0 and 1 (typical: 1e-4)")
+        return v
+
+    @field_validator("text_encoder_lr")
+    @classmethod
+    def _te_lr_valid(cls, v):
+        values = v if isinstance(v, list) else [] if v is None else [v]
+        if isinstance(v, list) and not 1 <= len(v) <= 2:
+            raise ValueError("give one learning rate, or two for SDXL's two text encoders, e.g. [5e-5, 1e-5]")
+        for x in values:
+            if not math.isfinite(x) or x < 0 or x > 1:
+                raise ValueError("must be between 0 and 1 (typical: 5e-5; 0 keeps that text encoder frozen)")
+        if values and not any(values):
+            raise ValueError("is 0 for every text encoder: turn off train_text_encoder instead")
         return v
 
     @field_validator("resolution")
@@ -201,6 +244,17 @@ class TrainConfig(BaseModel):
         return self
 
     # helpers -----------------------------------------------------------------
+    def text_encoder_lrs(self, count: int) -> list[float]:
+        """One learning rate per text encoder of the model (SD1/SD2: 1, SDXL: 2)."""
+        v = self.text_encoder_lr
+        if v is None:
+            return [self.lr] * count
+        values = list(v) if isinstance(v, list) else [v]
+        if len(values) not in (1, count):
+            raise ConfigError(f"text_encoder_lr: {len(values)} values given, but this model has {count} text encoder"
+                              f"{'s' if count > 1 else ''}. Give one value{' or ' + str(count) if count > 1 else ''}.")
+        return values * count if len(values) == 1 else values
+
     def output_path(self) -> Path:
         return Path(self.output_dir).expanduser()
 
@@ -208,8 +262,12 @@ class TrainConfig(BaseModel):
         prompts = list(self.sample_prompts)
         if self.sample_prompts_file:
             path = Path(self.sample_prompts_file).expanduser()
-            try:
-                text = path.read_text(encoding="utf-8", errors="replace")
+            from .fileio import read_text_limited
+
+            try:  # a regular file of at most 1 MiB: a FIFO or device must never block or flood a run
+                text = read_text_limited(path)
+            except ValueError as exc:
+                raise ConfigError(f"sample_prompts_file: {exc}. Give a prompt file (one prompt per line) or clear the field.") from None
             except OSError as exc:
                 raise ConfigError(f"sample_prompts_file: cannot read '{path}' ({exc.strerror or exc}). Fix the path or clear the field.") from exc
             prompts += [line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
@@ -241,17 +299,39 @@ def make_config(**values: Any) -> TrainConfig:
         raise ConfigError(format_validation_error(exc)) from None
 
 
+PRESET_MAX_BYTES = 1 << 20
+
+
 def load_preset(path: str | os.PathLike) -> dict[str, Any]:
+    import stat
+
+    from .safetext import shown
+
     path = Path(path).expanduser()
+    shown_path = shown(path)
     try:
+        st = os.stat(path)
+        if stat.S_ISDIR(st.st_mode):
+            raise ConfigError(f"Preset '{shown_path}' is a folder; give a .toml file (see presets/).")
+        if not stat.S_ISREG(st.st_mode):
+            raise ConfigError(f"Preset '{shown_path}' is not a regular file (a device, pipe or socket); give a .toml file.")
+        if st.st_size > PRESET_MAX_BYTES:
+            raise ConfigError(f"Preset '{shown_path}' is {st.st_size:,} bytes: far too large for a settings file. Give a .toml preset.")
         with open(path, "rb") as fh:
-            data = tomllib.load(fh)
+            raw = fh.read(PRESET_MAX_BYTES + 1)
+        if b"\x00" in raw:
+            raise ConfigError(f"Preset '{shown_path}' is a binary file, not a TOML text file. Give a .toml preset.")
+        data = tomllib.loads(raw.decode("utf-8"))
     except FileNotFoundError:
-        raise ConfigError(f"Preset '{path}' not found. Check the path, or pick one from presets/.") from None
+        raise ConfigError(f"Preset '{shown_path}' not found. Check the path, or pick one from presets/.") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"Preset '{shown_path}' is not UTF-8 text (byte {exc.start}); save it as UTF-8 TOML.") from None
     except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"Preset '{path}' is not valid TOML: {exc}. Fix the file and try again.") from None
+        raise ConfigError(f"Preset '{shown_path}' is not valid TOML: {exc}. Fix the file and try again.") from None
+    except RecursionError:
+        raise ConfigError(f"Preset '{shown_path}' is nested too deeply to be a preset.") from None
     except OSError as exc:
-        raise ConfigError(f"Cannot read preset '{path}': {exc.strerror or exc}.") from None
+        raise ConfigError(f"Cannot read preset '{shown_path}': {exc.strerror or exc}.") from None
     # Presets may group settings in tables ([lora], [training], ...): flatten them.
     flat: dict[str, Any] = {}
     for key, value in data.items():

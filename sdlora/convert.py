@@ -5,7 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .export import (PRECISIONS, ExportError, _with_hashes, export_diffusers, read_lora, save_safetensors_atomic)
+from .export import (PRECISIONS, ExportError, _with_hashes, export_diffusers, export_kohya, read_lora,
+                     save_safetensors_atomic)
 from .verify import detect_format
 
 
@@ -38,13 +39,13 @@ def reexport(source: Path, out: Path, *, fmt: str = "kohya", precision: str = "f
     base = load_base_model(spec)
     pipe = base.make_pipeline()
     pipe.load_lora_weights(str(src), adapter_name="default")
-    te = base.text_encoder if any(k.startswith(("lora_te_", "text_encoder.")) for k in tensors) else None
+    # The components diffusers put a LoRA into: the UNet and each text encoder the file adapts.
+    modules = {"unet": pipe.unet}
+    modules.update({n: getattr(pipe, n) for n in base.family.text_encoder_names
+                    if getattr(getattr(pipe, n), "peft_config", None)})
     keep = {k: v for k, v in metadata.items() if k.startswith(("ss_", "modelspec.", "sshs_"))}
-    if fmt == "diffusers":
-        return export_diffusers(Path(out), pipe.unet, te, metadata=keep, precision=precision)
-    from .export import export_kohya
-
-    return export_kohya(Path(out), pipe.unet, te, metadata=keep, precision=precision)
+    writer = export_diffusers if fmt == "diffusers" else export_kohya
+    return writer(Path(out), base.family, modules, metadata=keep, precision=precision)
 
 
 def _base_from_metadata(src: Path, metadata: dict) -> str:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
 import shutil
 import tempfile
 from datetime import datetime, timezone
@@ -22,53 +21,51 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .fileio import atomic_path
+from .formats.kohya_names import KohyaNameError, text_encoder_kohya_prefix, unet_kohya_prefix  # noqa: F401 (re-exported)
 from .lora import lora_modules
 
 PRECISIONS = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
-
-# Explicit text-encoder mapping: kohya names come from the original CLIP module tree
-# (text_model.encoder.layers.N...), whatever path the installed transformers uses.
-_TE_MODULE = re.compile(r"^(?:text_model\.)?encoder\.layers\.(\d+)\.(self_attn\.(?:q|k|v|out)_proj|mlp\.fc[12])$")
-
 
 class ExportError(RuntimeError):
     pass
 
 
-def text_encoder_kohya_prefix(module_path: str, prefix: str = "lora_te") -> str:
-    m = _TE_MODULE.match(module_path)
-    if not m:
-        raise ExportError(f"Text-encoder module '{module_path}' has no kohya name (expected encoder.layers.N.self_attn.*_proj or mlp.fc1/fc2).")
-    layer, sub = m.groups()
-    return f"{prefix}_text_model_encoder_layers_{layer}_{sub.replace('.', '_')}"
-
-
-def unet_kohya_prefix(module_path: str) -> str:
-    return "lora_unet_" + module_path.replace(".", "_")
-
-
-def _unet_kohya_names(unet) -> dict[str, str]:
-    """UNet module path -> kohya prefix. Our rule, confirmed against diffusers' PEFT->kohya converter, which is
-    right for SD UNet names; fail loudly if a future release changes that."""
-    from diffusers.utils.state_dict_utils import convert_state_dict_to_kohya
-
-    paths = [name for name, *_ in lora_modules(unet)]
-    converted = convert_state_dict_to_kohya({f"unet.{p}.lora_A.weight": torch.zeros(1) for p in paths})
-    names = {p: unet_kohya_prefix(p) for p in paths}
-    for path, prefix in names.items():
-        if f"{prefix}.lora_down.weight" not in converted:
-            raise ExportError(f"diffusers' kohya converter does not name UNet module '{path}' '{prefix}'.")
+def kohya_names(family, component: str, module: torch.nn.Module, paths: list[str]) -> dict[str, str]:
+    """Module path -> kohya prefix for the adapted modules of one component, by the family's naming rule."""
+    config = module.config if component == "unet" else None
+    names = {}
+    for path in paths:
+        try:
+            prefix = family.kohya_prefix(component, path, config)
+        except KohyaNameError as exc:
+            raise ExportError(str(exc)) from None
+        if prefix is None:
+            raise ExportError(f"{component} module '{path}' has no kohya name for {family.label}.")
+        names[path] = prefix
+    if component == "unet" and family.name in ("sd1", "sd2"):
+        _check_against_diffusers(names)
     return names
 
 
-def kohya_state_dict(unet, text_encoder=None, *, dtype: torch.dtype = torch.float16) -> dict[str, torch.Tensor]:
+def _check_against_diffusers(names: dict[str, str]) -> None:
+    """SD1/SD2 UNet names: our rule, confirmed against diffusers' PEFT->kohya converter, which is right for them;
+    fail loudly if a future release changes that. (It is not right for SDXL, whose kohya names are LDM names.)"""
+    from diffusers.utils.state_dict_utils import convert_state_dict_to_kohya
+
+    converted = convert_state_dict_to_kohya({f"unet.{p}.lora_A.weight": torch.zeros(1) for p in names})
+    for path, prefix in names.items():
+        if f"{prefix}.lora_down.weight" not in converted:
+            raise ExportError(f"diffusers' kohya converter does not name UNet module '{path}' '{prefix}'.")
+
+
+def kohya_state_dict(family, modules: dict[str, torch.nn.Module], *, dtype: torch.dtype = torch.float16) -> dict[str, torch.Tensor]:
+    """kohya tensors for every adapted component (`modules`: component name -> module carrying the LoRA)."""
     tensors: dict[str, torch.Tensor] = {}
-    names = _unet_kohya_names(unet)
-    for path, down, up, rank, alpha in lora_modules(unet):
-        _put(tensors, names[path], down, up, alpha, dtype)
-    if text_encoder is not None:
-        for path, down, up, rank, alpha in lora_modules(text_encoder):
-            _put(tensors, text_encoder_kohya_prefix(path), down, up, alpha, dtype)
+    for component, module in modules.items():
+        found = list(lora_modules(module))
+        names = kohya_names(family, component, module, [path for path, *_ in found])
+        for path, down, up, _rank, alpha in found:
+            _put(tensors, names[path], down, up, alpha, dtype)
     return tensors
 
 
@@ -113,13 +110,12 @@ def build_metadata(*, config, base, num_images: int, tag_frequency: dict, steps_
                    started_at: float | None, finished_at: float | None, resolution: tuple[int, int] | None = None,
                    unet_modules: int = 0, te_modules: int = 0) -> dict[str, str]:
     """kohya `ss_*` keys and `modelspec.*` keys; every value is a string, as safetensors requires."""
-    family = getattr(base, "family", "sd1")
-    v2 = family == "sd2"
+    family = base.family
     pred = getattr(base, "prediction_type", "epsilon")
     res = resolution or (config.resolution, config.resolution)
-    base_version = {"sd1": "sd_v1", "sd2": "sd_v2"}.get(family, family)
-    arch = {"sd1": "stable-diffusion-v1", "sd2": "stable-diffusion-v2-768-v" if pred == "v_prediction" else "stable-diffusion-v2-512"}.get(family, family)
-    te_lr = config.text_encoder_lr if config.text_encoder_lr is not None else (config.lr if config.train_text_encoder else 0.0)
+    te_lrs = config.text_encoder_lrs(len(family.text_encoder_names)) if config.train_text_encoder else [0.0]
+    # kohya writes one value, or the list when the encoders differ.
+    te_lr = te_lrs[0] if len(set(te_lrs)) == 1 else te_lrs
     network_args = {}
     if config.conv_rank:
         network_args = {"conv_dim": str(config.conv_rank), "conv_alpha": str(config.conv_alpha)}
@@ -128,8 +124,7 @@ def build_metadata(*, config, base, num_images: int, tag_frequency: dict, steps_
         "ss_network_dim": str(config.rank),
         "ss_network_alpha": str(config.alpha),
         "ss_network_args": json.dumps(network_args) if network_args else "null",
-        "ss_base_model_version": base_version,
-        "ss_v2": str(v2),
+        **{k: v for k, v in family.metadata(pred).items() if k.startswith("ss_")},
         "ss_sd_model_name": getattr(base, "name", config.base_model),
         "ss_sd_model_hash": getattr(base, "model_hash", ""),
         "ss_resolution": f"({res[0]}, {res[1]})",
@@ -165,8 +160,7 @@ def build_metadata(*, config, base, num_images: int, tag_frequency: dict, steps_
         "ss_sdlora_unet_modules": str(unet_modules),
         "ss_sdlora_text_encoder_modules": str(te_modules),
         "modelspec.sai_model_spec": "1.0.0",
-        "modelspec.architecture": f"{arch}/lora",
-        "modelspec.implementation": "https://github.com/Stability-AI/generative-models" if family == "sdxl" else "diffusers",
+        **{k: v for k, v in family.metadata(pred).items() if k.startswith("modelspec.")},
         "modelspec.title": config.output_name,
         "modelspec.resolution": f"{res[0]}x{res[1]}",
         "modelspec.date": _iso(finished_at or started_at),
@@ -188,9 +182,10 @@ def _with_hashes(path: Path, tensors: dict, metadata: dict[str, str]) -> dict[st
     return out
 
 
-def export_kohya(path: Path, unet, text_encoder=None, *, metadata: dict[str, str] | None = None, precision: str = "fp16") -> Path:
+def export_kohya(path: Path, family, modules: dict, *, metadata: dict[str, str] | None = None, precision: str = "fp16") -> Path:
+    """kohya/A1111/ComfyUI layout; `modules`: component name ("unet", "text_encoder", "text_encoder_2") -> module."""
     path = Path(path)
-    tensors = kohya_state_dict(unet, text_encoder, dtype=PRECISIONS[precision])
+    tensors = kohya_state_dict(family, modules, dtype=PRECISIONS[precision])
     if not tensors:
         raise ExportError("Nothing to export: the model has no LoRA layers.")
     metadata = dict(metadata or {})
@@ -200,9 +195,10 @@ def export_kohya(path: Path, unet, text_encoder=None, *, metadata: dict[str, str
     return save_safetensors_atomic(tensors, path, metadata)
 
 
-def export_diffusers(path: Path, unet, text_encoder=None, *, metadata: dict[str, str] | None = None, precision: str = "fp16") -> Path:
-    """diffusers/PEFT layout (`unet.*.lora_A.weight`), with the LoRA configs so alpha survives a reload."""
-    from diffusers import StableDiffusionPipeline
+def export_diffusers(path: Path, family, modules: dict, *, metadata: dict[str, str] | None = None, precision: str = "fp16") -> Path:
+    """diffusers/PEFT layout (`unet.*.lora_A.weight`, `text_encoder_2.*` for SDXL), with the LoRA configs so alpha
+    survives a reload; written by the family's own pipeline class."""
+    import diffusers
     from peft.utils import get_peft_model_state_dict
 
     dtype = PRECISIONS[precision]
@@ -214,15 +210,13 @@ def export_diffusers(path: Path, unet, text_encoder=None, *, metadata: dict[str,
 
     # PEFT keys as they are (lora_A/lora_B): diffusers' convert_state_dict_to_diffusers turns attention
     # layers into the legacy `.lora.down` naming, which its own loader then silently drops.
-    unet_sd = cast(get_peft_model_state_dict(unet))
-    te_sd = cast(get_peft_model_state_dict(text_encoder)) if text_encoder is not None else None
-    unet_meta = unet.peft_config["default"].to_dict()
-    te_meta = text_encoder.peft_config["default"].to_dict() if text_encoder is not None else None
+    layers, configs = {}, {}
+    for component, module in modules.items():
+        layers[f"{component}_lora_layers"] = cast(get_peft_model_state_dict(module))
+        configs[f"{component}_lora_adapter_metadata"] = module.peft_config["default"].to_dict()
+    pipeline_class = getattr(diffusers, family.pipeline_class)
     with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
-        StableDiffusionPipeline.save_lora_weights(
-            tmp, unet_lora_layers=unet_sd, text_encoder_lora_layers=te_sd, weight_name="lora.safetensors",
-            unet_lora_adapter_metadata=unet_meta, text_encoder_lora_adapter_metadata=te_meta,
-        )
+        pipeline_class.save_lora_weights(tmp, weight_name="lora.safetensors", **layers, **configs)
         written = Path(tmp) / "lora.safetensors"
         # Re-save with our metadata added to the one diffusers wrote (which holds the adapter configs).
         tensors, md = read_lora(written)

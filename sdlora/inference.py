@@ -9,7 +9,8 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from .export import read_lora, text_encoder_kohya_prefix, unet_kohya_prefix
+from .export import read_lora
+from .families import FAMILIES, family_of_pipeline
 from .sampling import SamplePrompt, generate, label_image, make_grid
 
 
@@ -25,8 +26,11 @@ def parse_lora_arg(arg: str) -> tuple[Path, float]:
     return Path(arg).expanduser(), 1.0
 
 
-def diffusers_to_kohya(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> dict[str, torch.Tensor]:
-    """A diffusers/PEFT-format file in kohya terms (used by verify); alpha comes from the stored LoRA config."""
+def diffusers_to_kohya(tensors: dict[str, torch.Tensor], metadata: dict[str, str], family=None,
+                       unet_config=None) -> dict[str, torch.Tensor]:
+    """A diffusers/PEFT-format file in kohya terms (used by verify), named by the family's rule; alpha comes from the
+    stored LoRA config."""
+    family = family or FAMILIES["sd1"]
     configs = {}
     if "lora_adapter_metadata" in metadata:
         raw = json.loads(metadata["lora_adapter_metadata"])
@@ -35,12 +39,18 @@ def diffusers_to_kohya(tensors: dict[str, torch.Tensor], metadata: dict[str, str
             configs.setdefault(prefix, {})[field] = value
     out = {}
     for key, value in tensors.items():
-        m = re.fullmatch(r"(unet|text_encoder)\.(.+)\.lora_([AB])\.weight", key)
-        if not m:
+        m = re.fullmatch(r"(unet|text_encoder|text_encoder_2)\.(.+)\.lora_([AB])\.weight", key)
+        if not m or m.group(1) not in ("unet", *family.text_encoder_names):
             out[key] = value
             continue
         part, path, ab = m.groups()
-        prefix = unet_kohya_prefix(path) if part == "unet" else text_encoder_kohya_prefix(path)
+        try:
+            prefix = family.kohya_prefix(part, path, unet_config)
+        except ValueError:
+            prefix = None
+        if prefix is None:
+            out[key] = value
+            continue
         out[f"{prefix}.{'lora_down' if ab == 'A' else 'lora_up'}.weight"] = value
         if ab == "A":
             cfg = configs.get(part, {})
@@ -58,15 +68,18 @@ def check_lora_fits(path: Path, pipe) -> None:
 
     tensors, metadata = read_lora(path)
     fmt = detect_format(tensors)
-    family = describe_family(tensors)
-    if family:
-        raise LoraMismatchError(f"'{path.name}' is a LoRA for {family}; this base model is Stable Diffusion 1.x/2.x. Pick a LoRA trained for this base model.")
+    family = family_of_pipeline(pipe)
+    other = describe_family(tensors, family)
+    if other:
+        raise LoraMismatchError(f"'{path.name}' is a LoRA for {other}; this base model is {family.label}. Pick a LoRA "
+                                "trained for this base model.")
     if fmt == "unknown":
         raise LoraMismatchError(f"'{path.name}' does not look like a LoRA (no lora_unet_/lora_te_ or unet./text_encoder. keys).")
     if fmt == "diffusers":
-        tensors = diffusers_to_kohya(tensors, metadata)
+        tensors = diffusers_to_kohya(tensors, metadata, family, pipe.unet.config)
     report = VerifyReport(path=str(path))
-    check_keys(tensors, pipe.unet, pipe.text_encoder, report)
+    components = {"unet": pipe.unet, **{n: getattr(pipe, n, None) for n in family.text_encoder_names}}
+    check_keys(tensors, family, components, report)
     if report.unmapped or report.problems:
         detail = (report.problems + [f"no module for {k}" for k in report.unmapped])[:3]
         raise LoraMismatchError(f"'{path.name}' does not fit this base model ({report.mapped} of {report.modules} modules match; e.g. {'; '.join(detail)}). It was probably trained for another model.")

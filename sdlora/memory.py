@@ -116,51 +116,61 @@ def _fake_weights(module: torch.nn.Module, frozen_dtype: torch.dtype) -> list[to
     return out
 
 
-def trace_step_bytes(unet, *, config, compute_dtype: torch.dtype, height: int, width: int, text_encoder=None,
-                     tokens: int = 77) -> int:
+def trace_step_bytes(unet, *, family, config, compute_dtype: torch.dtype, height: int, width: int,
+                     trained_text_encoders: dict | None = None, tokens: int = 77) -> int:
     """Peak bytes one training step (forward, loss, backward) allocates beyond the weights.
 
     Traced on fake CPU tensors under the run's autocast, so PyTorch picks the same fused attention kernel and
-    the same dtypes as a real step."""
+    the same dtypes as a real step. The UNet is called through the family (SDXL's pooled and size conditioning
+    included); `trained_text_encoders` (name -> module) run inside the step when they train."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     from .lora import inject_text_encoder_lora, inject_unet_lora
 
     meta_unet = _meta_copy(unet)
     inject_unet_lora(meta_unet, config.targets, config.rank, config.alpha, conv_rank=config.conv_rank, conv_alpha=config.conv_alpha)
-    meta_te = None
-    if config.train_text_encoder and text_encoder is not None:
-        meta_te = _meta_copy(text_encoder)
-        inject_text_encoder_lora(meta_te, config.rank, config.alpha)
-    for m in (meta_unet, meta_te):
-        if m is not None:  # only the LoRA weights train, as in the run
-            for name, p in m.named_parameters():
-                p.requires_grad_("lora_" in name)
-            m.train()
+    meta_tes = {}
+    for name, te in (trained_text_encoders or {}).items():
+        meta_tes[name] = _meta_copy(te)
+        inject_text_encoder_lora(meta_tes[name], config.rank, config.alpha)
+    for m in (meta_unet, *meta_tes.values()):
+        for name, p in m.named_parameters():  # only the LoRA weights train, as in the run
+            p.requires_grad_("lora_" in name)
+        m.train()
     if config.gradient_checkpointing:
         meta_unet.enable_gradient_checkpointing()
-        if meta_te is not None:
-            meta_te.activation_checkpointing_enable()
+        for m in meta_tes.values():
+            m.activation_checkpointing_enable()
 
     b, cfg = config.batch_size, meta_unet.config
     with FakeTensorMode():
         weights = _fake_weights(meta_unet, compute_dtype)
-        if meta_te is not None:
-            weights += _fake_weights(meta_te, torch.float32)  # a trained text encoder stays fp32
+        for m in meta_tes.values():
+            weights += _fake_weights(m, torch.float32)  # a trained text encoder stays fp32
         latents = torch.empty(b, cfg.in_channels, height // 8, width // 8, dtype=compute_dtype)
         timesteps = torch.zeros(b, dtype=torch.long)
-        ids = torch.zeros(b, tokens, dtype=torch.long)
-        hidden = torch.empty(b, tokens, cfg.cross_attention_dim, dtype=compute_dtype)
+        cond = family.fake_conditioning(cfg, b, tokens, compute_dtype, (height, width))
+        ids = [torch.zeros(b, tokens, dtype=torch.long) for _ in family.text_encoder_names]
         trainable = [t for t in weights if t.requires_grad]
-        counter = LiveTensorBytes(*weights, latents, timesteps, ids, hidden)
+        inputs = [t for t in (cond.hidden, cond.pooled, cond.time_ids) if t is not None]
+        counter = LiveTensorBytes(*weights, latents, timesteps, *ids, *inputs)
         with counter:
             with torch.autocast("cpu", dtype=compute_dtype, enabled=compute_dtype != torch.float32):
-                if meta_te is not None:
-                    hidden = meta_te(ids)[0]
-                pred = meta_unet(latents, timesteps, hidden).sample
+                if meta_tes:
+                    # Encoders that train run in the step; a frozen one's output is cached (fake values stand in).
+                    encoders = [meta_tes.get(n) for n in family.text_encoder_names]
+                    if all(e is not None for e in encoders):
+                        text = family.encode_tokens(encoders, ids)
+                        cond = type(cond)(hidden=text.hidden.to(compute_dtype), pooled=text.pooled, time_ids=cond.time_ids)
+                    else:
+                        for e, i in zip(encoders, ids):
+                            if e is not None:
+                                e(i)
+                pred = family.unet_forward(meta_unet, latents, timesteps, cond)
             loss = F.mse_loss(pred.float(), torch.zeros_like(pred, dtype=torch.float32))
-            grads = torch.autograd.grad(loss, trainable)
-            del pred, loss, hidden, grads
+            # allow_unused: SDXL conditions on the penultimate layer, so the first encoder's last layer gets no gradient.
+            grads = torch.autograd.grad(loss, trainable, allow_unused=True)
+            del pred, loss, cond, grads
     return counter.peak
 
 
@@ -185,22 +195,28 @@ def _is_on(module, device: torch.device) -> bool:
     return d.type == device.type and (device.index is None or d.index == device.index)
 
 
-def estimate_training_memory(*, unet, text_encoder, vae, lora_params: int, config, device: torch.device,
-                             vae_on_device: bool, text_encoder_on_device: bool = True) -> MemoryEstimate:
-    """Peak device memory of the run: frozen weights that stay on the device, LoRA state, one traced step."""
+def estimate_training_memory(*, family, unet, text_encoders: list, vae, lora_params: int, config, device: torch.device,
+                             trained_text_encoders: list[int], vae_on_device: bool,
+                             text_encoders_on_device: bool = True) -> MemoryEstimate:
+    """Peak device memory of the run: frozen weights that stay on the device, LoRA state, one traced step.
+    `trained_text_encoders`: indices (into text_encoders) of the encoders that get a LoRA."""
     compute_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(config.mixed_precision, torch.float32)
     wbytes = compute_dtype.itemsize
     staying = [(unet, wbytes)]
-    if config.train_text_encoder or text_encoder_on_device:
-        staying.append((text_encoder, 4 if config.train_text_encoder else wbytes))
+    for i, te in enumerate(text_encoders):
+        if te is not None and (i in trained_text_encoders or text_encoders_on_device):
+            staying.append((te, 4 if i in trained_text_encoders else wbytes))
     if vae_on_device:
         staying.append((vae, 4))
     weights = sum(_param_bytes(m, b) for m, b in staying)
     # Weights loaded straight onto the device (always, on CPU) are not in its free memory any more.
     resident = sum(_param_bytes(m, m.dtype.itemsize) for m, _ in staying if _is_on(m, device))
     trainable = lora_params * (4 + 4 + _OPTIMIZER_STATE_BYTES.get(config.optimizer, 8))
-    step = trace_step_bytes(unet, config=config, compute_dtype=compute_dtype, height=config.resolution,
-                            width=config.resolution, text_encoder=text_encoder,
-                            tokens=getattr(text_encoder.config, "max_position_embeddings", 77))
+    names = family.text_encoder_names
+    trained = {names[i]: text_encoders[i] for i in trained_text_encoders}
+    first = next((te for te in text_encoders if te is not None), None)
+    step = trace_step_bytes(unet, family=family, config=config, compute_dtype=compute_dtype, height=config.resolution,
+                            width=config.resolution, trained_text_encoders=trained,
+                            tokens=getattr(getattr(first, "config", None), "max_position_embeddings", 77))
     return MemoryEstimate(weights=int(weights), trainable=int(trainable), activations=int(step),
                           available=available_memory(device), device=str(device), resident=int(resident))

@@ -23,14 +23,26 @@ class SamplePrompt:
     steps: int | None = None
 
     def __post_init__(self):
+        import math
+
+        from .config import MAX_SEED
+
         for name in ("width", "height"):
             value = getattr(self, name)
             if value is not None and (value < 8 or value % 8):
                 raise ConfigError(f"{name} {value}: image sizes must be multiples of 8 (e.g. 512), or unset for the model's size.")
-        if self.steps is not None and self.steps < 1:
-            raise ConfigError(f"steps {self.steps}: sampling needs at least 1 step.")
+            if value is not None and value > MAX_SAMPLE_SIDE:
+                raise ConfigError(f"{name} {value}: at most {MAX_SAMPLE_SIDE} pixels.")
+        if self.steps is not None and not 1 <= self.steps <= MAX_SAMPLE_STEPS:
+            raise ConfigError(f"steps {self.steps}: sampling takes 1 to {MAX_SAMPLE_STEPS} steps.")
+        if self.seed is not None and not 0 <= self.seed <= MAX_SEED:
+            raise ConfigError(f"seed {self.seed}: seeds are whole numbers from 0 to {MAX_SEED}.")
+        if not math.isfinite(self.cfg) or abs(self.cfg) > 1000:
+            raise ConfigError(f"CFG scale {self.cfg}: give a number such as 7 (at most 1000).")
 
 
+MAX_SAMPLE_SIDE = 4096
+MAX_SAMPLE_STEPS = 1000
 _OPTIONS = {"n": "negative", "w": "width", "h": "height", "d": "seed", "l": "cfg", "s": "steps"}
 
 
@@ -55,7 +67,10 @@ def parse_prompt_line(line: str) -> SamplePrompt:
             raise ConfigError(f"Sample prompt '{line}': --{key} needs a number, got '{value}'.") from None
         if field in ("width", "height") and (parsed < 8 or parsed % 8):
             raise ConfigError(f"Sample prompt '{line}': --{key} must be a multiple of 8.")
-        sample = replace(sample, **{field: parsed})
+        try:  # range checks (seed, size, steps, CFG) live in SamplePrompt; name the line they came from
+            sample = replace(sample, **{field: parsed})
+        except ConfigError as exc:
+            raise ConfigError(f"Sample prompt '{line}': --{key} {exc}") from None
     return sample
 
 
@@ -65,14 +80,15 @@ def sample_filename(step: int, index: int) -> str:
 
 @torch.no_grad()
 def generate(pipe, sample: SamplePrompt, *, default_size: int, default_steps: int = 20, default_seed: int = 0,
-             device: str | torch.device = "cpu", prompt_embeds: tuple[torch.Tensor, torch.Tensor] | None = None) -> Image.Image:
-    """One image. `prompt_embeds` (prompt, negative), already encoded, replace the text encoder when given."""
+             device: str | torch.device = "cpu", prompt_embeds: dict | None = None) -> Image.Image:
+    """One image. `prompt_embeds`: the pipeline's embedding arguments for the already-encoded prompt and negative
+    (the family's prompt_embeds_kwargs), replacing the text encoders when given."""
     seed = sample.seed if sample.seed is not None else default_seed
     generator = torch.Generator(device="cpu").manual_seed(seed)
     if prompt_embeds is None:
         text = dict(prompt=sample.prompt, negative_prompt=sample.negative or None)
     else:
-        text = dict(prompt_embeds=prompt_embeds[0], negative_prompt_embeds=prompt_embeds[1])
+        text = dict(prompt_embeds)
     latents = pipe(
         **text,
         width=sample.width or default_size,

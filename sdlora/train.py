@@ -10,6 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 import json
 import math
 import os
+import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
@@ -19,10 +20,11 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 
-from .checkpoints import find_latest_checkpoint, load_checkpoint, save_checkpoint
+from .checkpoints import save_checkpoint
 from .config import ConfigError, TrainConfig
 from .data.scan import scan_dataset
 from .events import TrainEvent
+from .families import Conditioning
 from .export import build_metadata, export_diffusers, export_kohya
 from .paths import resolve_data_dir
 from .lora import (count_lora_parameters, inject_text_encoder_lora, inject_unet_lora, lora_parameters,
@@ -144,36 +146,45 @@ class Trainer:
         pred = None if cfg.prediction_type == "auto" else cfg.prediction_type
         self.base = self._given_base or load_base_model(cfg.base_model, allow_pickle=cfg.allow_pickle, prediction_type=pred)
         base = self.base
-        base.unet.requires_grad_(False)
-        base.vae.requires_grad_(False)
-        base.text_encoder.requires_grad_(False)
+        self.family = base.family
+        self.te_names = [n for n in self.family.text_encoder_names]
+        for module in (base.unet, base.vae, *base.text_encoders):
+            module.requires_grad_(False)
+        te_lrs = cfg.text_encoder_lrs(len(self.te_names))
 
         # Seed right before injection: LoRA init must not depend on what loading the model consumed.
         set_seed(cfg.seed)
         with MODEL_LOCK:  # new LoRA layers are modules too: not while another thread is loading a model
             self.unet_modules = inject_unet_lora(base.unet, cfg.targets, cfg.rank, cfg.alpha, conv_rank=cfg.conv_rank,
                                                  conv_alpha=cfg.conv_alpha)
-            self.te_modules = inject_text_encoder_lora(base.text_encoder, cfg.rank, cfg.alpha) if cfg.train_text_encoder else []
-        n_params = count_lora_parameters(self.unet_modules, cfg.rank, cfg.conv_rank) + count_lora_parameters(self.te_modules, cfg.rank)
-        self.emit("status", message=f"LoRA on {len(self.unet_modules)} UNet and {len(self.te_modules)} text-encoder modules: {n_params:,} trainable parameters")
+            # A text encoder whose LR is 0 stays frozen (kohya's way of training one SDXL encoder only).
+            self.trained_te = [i for i in range(len(self.te_names)) if cfg.train_text_encoder and te_lrs[i] > 0]
+            self.te_modules = {self.te_names[i]: inject_text_encoder_lora(base.text_encoders[i], cfg.rank, cfg.alpha)
+                               for i in self.trained_te}
+        n_te_modules = sum(len(m) for m in self.te_modules.values())
+        n_params = count_lora_parameters(self.unet_modules, cfg.rank, cfg.conv_rank) + sum(
+            count_lora_parameters(m, cfg.rank) for m in self.te_modules.values())
+        self.emit("status", message=f"{self.family.label} model; LoRA on {len(self.unet_modules)} UNet and {n_te_modules} "
+                                    f"text-encoder modules: {n_params:,} trainable parameters")
         # Once latents and captions are cached, the VAE encoder and a frozen text encoder are idle. An owned model drops
         # them (previews use cached prompt embeddings and the VAE decoder); on CUDA what is kept leaves the GPU until
         # previews bring it back.
         on_cuda = self.device.type == "cuda"
         self.vae_leaves_device = cfg.cache_latents and (on_cuda or self.owns_base)
-        self.te_leaves_device = not cfg.train_text_encoder and not cfg.shuffle_tags and (on_cuda or self.owns_base)
+        self.te_leaves_device = not self.trained_te and not cfg.shuffle_tags and (on_cuda or self.owns_base)
         self._check_memory(n_params)
 
         # Frozen weights in the compute dtype, LoRA weights in fp32; the VAE stays fp32 (fp16 VAEs overflow to NaN).
         base.unet.to(self.device, dtype=self.weight_dtype)
-        base.text_encoder.to(self.device, dtype=self.weight_dtype if not cfg.train_text_encoder else torch.float32)
+        for i, te in enumerate(base.text_encoders):
+            te.to(self.device, dtype=torch.float32 if i in self.trained_te else self.weight_dtype)
+            make_lora_params_fp32(te)
         base.vae.to(self.device, dtype=torch.float32)
         make_lora_params_fp32(base.unet)
-        make_lora_params_fp32(base.text_encoder)
         if cfg.gradient_checkpointing:
             base.unet.enable_gradient_checkpointing()
-            if cfg.train_text_encoder:
-                base.text_encoder.activation_checkpointing_enable()
+            for i in self.trained_te:
+                base.text_encoders[i].activation_checkpointing_enable()
         if self.device.type == "cuda":
             base.unet.to(memory_format=torch.channels_last)
         if cfg.compile:
@@ -185,6 +196,7 @@ class Trainer:
             trigger_word=cfg.trigger_word, shuffle_tags=cfg.shuffle_tags, keep_tokens=cfg.keep_tokens,
             caption_dropout=cfg.caption_dropout, default_caption=cfg.default_caption, bucket_no_upscale=cfg.bucket_no_upscale,
         )
+        self.dataset.on_unreadable = self._on_unreadable  # an image failing mid-run is skipped with a warning
         if cfg.cache_latents and not cfg.center_crop:
             self.emit("warning", message="Random crop is off while latents are cached (each image is encoded once, centre-cropped). Set cache_latents = false for random crops.")
         self.total_steps, self.steps_per_epoch = plan_steps(cfg, len(self.dataset), acc.num_processes)
@@ -200,8 +212,8 @@ class Trainer:
                 if self.owns_base:
                     base.vae.encoder = base.vae.quant_conv = None  # only decoding is left to do
                 base.vae.to("cpu")
-        self.text_cache = TextEmbeddingCache(base.tokenizer, base.text_encoder, self.device)
-        if not cfg.train_text_encoder and not cfg.shuffle_tags:
+        self.text_cache = TextEmbeddingCache(self.family, base.tokenizers, base.text_encoders, self.device)
+        if not self.trained_te and not cfg.shuffle_tags:
             # Every caption the run can see is known now (fixed, or "" under dropout), and so are the preview prompts:
             # encode them once.
             captions = {self.dataset.fixed_caption(i) for i in range(len(self.dataset.items))} | {""}
@@ -211,26 +223,29 @@ class Trainer:
                 self.text_cache.get(captions[start: start + 16])
             if self.te_leaves_device:
                 if self.owns_base:
-                    base.text_encoder = self.text_cache.text_encoder = None
+                    base.text_encoders = self.text_cache.text_encoders = [None] * len(base.text_encoders)
                 else:
-                    base.text_encoder.to("cpu")
+                    for te in base.text_encoders:
+                        te.to("cpu")
         self._encoder = LatentCache(base.vae, vae_id="", cache_dir=None, device=self.device)
         self._loader = ThreadPoolExecutor(max_workers=max(1, cfg.num_workers), thread_name_prefix="sdlora-data")
         self._epoch_batches, self._prefetched = {}, {}
 
         groups = [{"params": lora_parameters(base.unet), "lr": cfg.lr}]
-        if cfg.train_text_encoder:
-            groups.append({"params": lora_parameters(base.text_encoder), "lr": cfg.text_encoder_lr or cfg.lr})
+        groups += [{"params": lora_parameters(base.text_encoders[i]), "lr": te_lrs[i]} for i in self.trained_te]
         self.trainable = [p for g in groups for p in g["params"]]
         optimizer = _make_optimizer(cfg, groups)
         from diffusers.optimization import get_scheduler
 
         scheduler = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.warmup_steps, num_training_steps=self.total_steps)
-        if cfg.train_text_encoder:
-            self.unet, self.text_encoder, self.optimizer, self.scheduler = acc.prepare(base.unet, base.text_encoder, optimizer, scheduler)
-        else:
-            self.unet, self.optimizer, self.scheduler = acc.prepare(base.unet, optimizer, scheduler)
-            self.text_encoder = base.text_encoder
+        trained = [base.unet] + [base.text_encoders[i] for i in self.trained_te]
+        *prepared, self.optimizer, self.scheduler = acc.prepare(*trained, optimizer, scheduler)
+        self.unet = prepared[0]
+        # What the loop calls: the prepared (DDP-wrapped) modules for trained encoders, the plain ones otherwise.
+        self.text_encoders = list(base.text_encoders)
+        for i, module in zip(self.trained_te, prepared[1:]):
+            self.text_encoders[i] = module
+        self.text_cache.text_encoders = self.text_encoders if self.trained_te else self.text_cache.text_encoders
         self.noise_scheduler = base.noise_scheduler
         self.prediction_type = base.prediction_type
         self.start_step = 0
@@ -242,9 +257,10 @@ class Trainer:
         from .memory import estimate_training_memory
 
         try:
-            est = estimate_training_memory(unet=self.base.unet, text_encoder=self.base.text_encoder, vae=self.base.vae,
-                                           lora_params=n_params, config=self.config, device=self.device,
-                                           vae_on_device=not self.vae_leaves_device, text_encoder_on_device=not self.te_leaves_device)
+            est = estimate_training_memory(family=self.family, unet=self.base.unet, text_encoders=self.base.text_encoders,
+                                           vae=self.base.vae, lora_params=n_params, config=self.config, device=self.device,
+                                           trained_text_encoders=self.trained_te, vae_on_device=not self.vae_leaves_device,
+                                           text_encoders_on_device=not self.te_leaves_device)
         except Exception as exc:  # an estimate must never stop a run
             self.memory_estimate = None
             self.emit("status", message=f"No memory estimate for this model ({type(exc).__name__}: {exc}).")
@@ -257,14 +273,19 @@ class Trainer:
                       "gradient_checkpointing, use bf16/fp16 mixed precision or the adamw8bit optimizer.")
 
     def _resume(self, resume: str) -> None:
-        ckpt = find_latest_checkpoint(self.out_dir) if resume == "latest" else Path(resume).expanduser()
-        if ckpt is None:
-            raise TrainingError(f"resume: no checkpoint found under '{self.out_dir / 'checkpoints'}'. Train with --save-every N first.")
-        state = load_checkpoint(ckpt, unet=self.accelerator.unwrap_model(self.unet),
-                                text_encoder=self.accelerator.unwrap_model(self.text_encoder) if self.config.train_text_encoder else None,
-                                optimizer=self.optimizer, scheduler=self.scheduler)
-        self.start_step = int(state["step"])
-        self.emit("status", message=f"Resumed from {ckpt} at step {self.start_step}")
+        """Checked before use (see sdlora.resume): 'latest' falls back past damaged checkpoints, saying so."""
+        from .resume import apply_checkpoint, choose_checkpoint
+
+        modules = self.adapted_modules()
+        ckpt = choose_checkpoint(resume, self.out_dir, modules=modules, optimizer=self.optimizer)
+        for path, why in ckpt.skipped:
+            self.emit("warning", message=f"Checkpoint {path} is damaged or does not fit this run ({why}); it was skipped.")
+        if ckpt.step > self.total_steps:
+            raise TrainingError(f"resume: checkpoint '{ckpt.path}' is at step {ckpt.step}, past this run's {self.total_steps} "
+                                f"steps. Set steps above {ckpt.step}, or resume from an earlier checkpoint.")
+        apply_checkpoint(ckpt, modules=modules, optimizer=self.optimizer, scheduler=self.scheduler)
+        self.start_step = ckpt.step
+        self.emit("status", message=f"Resumed from {ckpt.path} at step {self.start_step}")
 
     # one step ----------------------------------------------------------------
     def _pixels(self, epoch: int, indices: list[int]) -> torch.Tensor:
@@ -272,10 +293,10 @@ class Trainer:
         pixels = torch.stack([ds.pixels_for(epoch, i, flip=ds.flip_for(epoch, i)) for i in indices])
         return pixels.pin_memory() if self.device.type == "cuda" else pixels
 
-    def _batch(self, epoch: int, indices: list[int], pixels: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def _batch(self, epoch: int, indices: list[int], pixels: torch.Tensor | None = None) -> tuple[torch.Tensor, Conditioning]:
         ds = self.dataset
+        flips = [ds.flip_for(epoch, i) for i in indices]
         if self.latents is not None:
-            flips = [ds.flip_for(epoch, i) for i in indices]
             latents = torch.stack([self.latents.get(ds.entries[i].item_index, f) for i, f in zip(indices, flips)])
             latents = latents.to(self.device, non_blocking=True)
         else:
@@ -283,16 +304,17 @@ class Trainer:
                 pixels = self._pixels(epoch, indices)
             latents = self._encoder.encode(pixels.to(self.device, non_blocking=True))
         captions = [ds.caption_for(epoch, i) for i in indices]
-        if self.config.train_text_encoder:
-            hidden = self.text_cache.encode(captions)
+        if self.trained_te:
+            text = self.text_cache.encode(captions)
         elif self.config.shuffle_tags:
             with torch.no_grad():
-                hidden = self.text_cache.encode(captions)  # too many variants to cache
+                text = self.text_cache.encode(captions)  # too many variants to cache
         else:
-            hidden = self.text_cache.get(captions)
-        return latents, hidden
+            text = self.text_cache.get(captions)
+        geometries = [ds.geometry_for(epoch, i, flip=f) for i, f in zip(indices, flips)]
+        return latents, self.family.conditioning(text, geometries)
 
-    def _loss(self, latents: torch.Tensor, hidden: torch.Tensor, step: int, micro: int) -> torch.Tensor:
+    def _loss(self, latents: torch.Tensor, cond: Conditioning, step: int, micro: int) -> torch.Tensor:
         cfg = self.config
         # Noise and timesteps depend only on (seed, step, micro-batch, process): resume reproduces them exactly.
         gen = torch.Generator().manual_seed(hash((cfg.seed, step, micro, self.accelerator.process_index)) & 0x7FFFFFFF)
@@ -307,7 +329,8 @@ class Trainer:
         if self.device.type == "cuda":
             noisy = noisy.contiguous(memory_format=torch.channels_last)
         with self.accelerator.autocast():
-            pred = self.unet(noisy.to(self.weight_dtype), timesteps, hidden.to(self.weight_dtype)).sample
+            pred = self.family.unet_forward(self.unet, noisy.to(self.weight_dtype), timesteps,
+                                            cond.to(self.device, self.weight_dtype))
         loss = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
         if cfg.min_snr_gamma:
             loss = loss * _min_snr_weights(self.noise_scheduler, timesteps, cfg.min_snr_gamma, self.prediction_type).to(loss.device)
@@ -325,7 +348,7 @@ class Trainer:
         batches = self._epoch_batches[epoch]
         return epoch, batches[((step % self.steps_per_epoch) * cfg.grad_accum + micro) % len(batches)]
 
-    def _next_batch(self, step: int, micro: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _next_batch(self, step: int, micro: int) -> tuple[torch.Tensor, Conditioning]:
         epoch, indices = self._indices(step, micro)
         self.epoch = epoch
         pixels = None
@@ -353,12 +376,12 @@ class Trainer:
         self.data_seconds = 0.0  # time the step waited for its batch: near zero unless data loading starves it
         for micro in range(cfg.grad_accum):
             t0 = time.perf_counter()
-            latents, hidden = self._next_batch(step, micro)
+            latents, cond = self._next_batch(step, micro)
             self.data_seconds += time.perf_counter() - t0
             last_micro = micro == cfg.grad_accum - 1
             # Under DDP, only the last micro-batch all-reduces gradients.
             with contextlib.nullcontext() if last_micro else acc.no_sync(self.unet):
-                loss = self._loss(latents, hidden, step, micro)
+                loss = self._loss(latents, cond, step, micro)
                 if not torch.isfinite(loss):
                     self.optimizer.zero_grad(set_to_none=True)
                     return None
@@ -414,7 +437,7 @@ class Trainer:
             self._log(log_path, step, loss, lr, seconds, self.epoch)
             self.emit("step", step=step, loss=loss, lr=lr, seconds=seconds, data_seconds=self.data_seconds, epoch=self.epoch)
             if cfg.sample_every and step % cfg.sample_every == 0 and step < self.total_steps:
-                self._sample(step)
+                self._safe_sample(step)
                 t_prev = time.perf_counter()  # previews are not training time
             if cfg.save_every and step % cfg.save_every == 0 and step < self.total_steps:
                 self._checkpoint(step)
@@ -424,11 +447,34 @@ class Trainer:
     def _log(self, path: Path, step: int, loss: float, lr: float, seconds: float, epoch: int) -> None:
         if not self.accelerator.is_main_process:
             return
-        with open(path, "a", encoding="utf-8") as fh:
-            fh.write(json.dumps({"step": step, "loss": loss, "lr": lr, "seconds": round(seconds, 5),
-                                 "data_seconds": round(self.data_seconds, 5), "epoch": epoch}) + "\n")
+        try:
+            with open(path, "a", encoding="utf-8") as fh:
+                fh.write(json.dumps({"step": step, "loss": loss, "lr": lr, "seconds": round(seconds, 5),
+                                     "data_seconds": round(self.data_seconds, 5), "epoch": epoch}) + "\n")
+        except OSError as exc:  # a full disk must not end the run over a log line
+            if not getattr(self, "_log_failed", False):
+                self._log_failed = True
+                self.emit("warning", step=step, message=f"Cannot write {path} ({exc.strerror or exc}); training continues "
+                          "without the step log.")
+
+    def _on_unreadable(self, path: Path, reason: str, stand_in: Path | None) -> None:
+        """An image that loaded at the scan fails now (deleted, truncated, undecodable): say so once; it is skipped."""
+        instead = f"; its samples use {stand_in.name} instead" if stand_in is not None else ""
+        self.emit("warning", message=f"Image {path} cannot be read any more ({reason}): skipped for the rest of the run{instead}.")
 
     # previews, checkpoints, export ---------------------------------------------
+    def _safe_sample(self, step: int) -> list[Path]:
+        """Previews are a nicety: one that fails (a bad prompt option, a full disk) is a warning, never the end of a run."""
+        try:
+            return self._sample(step)
+        except Exception as exc:  # noqa: BLE001 - the run (and its LoRA) matter more than a preview
+            from .errorlog import what_went_wrong, write_traceback
+
+            log = write_traceback(exc, context=f"preview at step {step}", out_dir=self.out_dir)
+            self.emit("warning", step=step, message=f"Preview at step {step} failed ({what_went_wrong(exc)}); training is "
+                      f"not affected.{f' Details: {log}.' if log else ''}")
+            return []
+
     def _sample(self, step: int) -> list[Path]:
         acc = self.accelerator
         acc.wait_for_everyone()
@@ -437,17 +483,21 @@ class Trainer:
         unet = acc.unwrap_model(self.unet)
         was_training = unet.training
         unet.eval()
-        te = self.base.text_encoder  # None once dropped: then the prompts' cached embeddings stand in
-        vae_device, te_device = self.base.vae.device, te.device if te is not None else None
+        # Encoders are None once dropped: then the prompts' cached embeddings stand in.
+        encoders = [acc.unwrap_model(te) if te is not None else None for te in self.text_encoders]
+        live = encoders[0] is not None
+        vae_device, te_devices = self.base.vae.device, [te.device if te is not None else None for te in encoders]
         self.base.vae.to(self.device)
-        if te is not None:
-            te.to(self.device)
-        pipe = self.base.make_pipeline(unet=unet, text_encoder=acc.unwrap_model(self.text_encoder) if te is not None else None)
+        for te in encoders:
+            if te is not None:
+                te.to(self.device)
+        pipe = self.base.make_pipeline(unet=unet, text_encoders=encoders)
         pipe.set_progress_bar_config(disable=True)
         paths = []
         try:
             for i, sample in enumerate(self.sample_prompts):
-                embeds = None if te is not None else (self.text_cache.get([sample.prompt]), self.text_cache.get([sample.negative]))
+                embeds = None if live else self.family.prompt_embeds_kwargs(
+                    self.text_cache.get([sample.prompt]), self.text_cache.get([sample.negative]))
                 with acc.autocast():
                     img = generate(pipe, sample, default_size=self.config.resolution, default_steps=self.config.sample_steps,
                                    default_seed=self.config.seed + i, prompt_embeds=embeds)
@@ -455,55 +505,98 @@ class Trainer:
                 paths.append(path)
         finally:
             self.base.vae.to(vae_device)
-            if te is not None:
-                te.to(te_device)
+            for te, device in zip(encoders, te_devices):
+                if te is not None:
+                    te.to(device)
             if was_training:
                 unet.train()
         self.samples.extend(paths)
         self.emit("sample", step=step, paths=[str(p) for p in paths], prompts=[s.prompt for s in self.sample_prompts])
         return paths
 
-    def _modules_for_export(self):
+    def adapted_modules(self) -> dict:
+        """Component name -> the (unwrapped) module carrying this run's LoRA: the UNet and each trained encoder."""
         acc = self.accelerator
-        unet = acc.unwrap_model(self.unet)
-        te = acc.unwrap_model(self.text_encoder) if self.config.train_text_encoder else None
-        return unet, te
+        modules = {"unet": acc.unwrap_model(self.unet)}
+        modules.update({self.te_names[i]: acc.unwrap_model(self.text_encoders[i]) for i in self.trained_te})
+        return modules
 
     def _metadata(self, step: int, finished: float | None) -> dict[str, str]:
+        from .safetext import clean_text  # safetensors metadata must be valid UTF-8 (paths may not be)
+
+        return {k: clean_text(v) for k, v in self._raw_metadata(step, finished).items()}
+
+    def _raw_metadata(self, step: int, finished: float | None) -> dict[str, str]:
         return build_metadata(config=self.config, base=self.base, num_images=self.report.num_images,
                               tag_frequency=self.report.tag_frequency, steps_done=step, epochs_done=step // self.steps_per_epoch,
                               started_at=self.started_at, finished_at=finished, unet_modules=len(self.unet_modules),
-                              te_modules=len(self.te_modules))
+                              te_modules=sum(len(m) for m in self.te_modules.values()))
 
     def export(self, path: Path, step: int, *, finished: float | None = None, precision: str | None = None, fmt: str | None = None) -> Path:
-        unet, te = self._modules_for_export()
         writer = export_diffusers if (fmt or self.config.format) == "diffusers" else export_kohya
-        return writer(path, unet, te, metadata=self._metadata(step, finished), precision=precision or self.config.save_precision)
+        return writer(path, self.family, self.adapted_modules(), metadata=self._metadata(step, finished),
+                      precision=precision or self.config.save_precision)
 
     def _checkpoint(self, step: int) -> Path | None:
         acc = self.accelerator
         acc.wait_for_everyone()
         if not acc.is_main_process:
             return None
-        unet, te = self._modules_for_export()
         try:
-            path = save_checkpoint(self.out_dir, step, unet=unet, text_encoder=te, optimizer=self.optimizer, scheduler=self.scheduler,
+            path = save_checkpoint(self.out_dir, step, modules=self.adapted_modules(), optimizer=self.optimizer, scheduler=self.scheduler,
                                    config=self.config, export=lambda p: self.export(p, step))
-        except OSError as exc:
-            self.emit("warning", step=step, message=f"Could not save checkpoint at step {step}: {exc.strerror or exc}. The previous checkpoint is kept.")
+        except Exception as exc:  # noqa: BLE001 - a full disk raises OSError, RuntimeError (torch.save) or SafetensorError
+            from .errorlog import write_failure
+
+            self.emit("warning", step=step, message=f"Could not save checkpoint at step {step}: {write_failure(exc, self.out_dir)}. "
+                      "The previous checkpoint is kept; training continues.")
             return None
         self.checkpoints.append(path)
         self.emit("checkpoint", step=step, path=str(path))
         return path
 
+    def _export_final(self, step: int) -> Path:
+        """Write the finished LoRA. If its place cannot take it (full disk, read-only folder, a folder in the way), it goes
+        to a fallback folder with a warning; only when every place fails does the run end, with a sentence naming the
+        path, why, and the newest checkpoint to resume from."""
+        from .errorlog import write_failure
+        from .outputs import OutputError
+        from .paths import cache_dir
+
+        target = self.out_dir / f"{self.config.output_name}.safetensors"
+        finished = time.time()
+        try:
+            return self.export(target, step, finished=finished)
+        except Exception as exc:  # noqa: BLE001 - OSError, OutputError, and safetensors' SafetensorError on a full disk
+            why = str(exc) if isinstance(exc, OutputError) else write_failure(exc, target)
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        tried = []
+        for folder in (cache_dir() / "rescued", Path(tempfile.gettempdir()) / "sdlora-rescued"):
+            rescue = folder / f"{self.config.output_name}-{stamp}.safetensors"
+            tried.append(str(folder))
+            try:
+                path = self.export(rescue, step, finished=finished)
+            except Exception:  # noqa: BLE001 - try the next place
+                continue
+            self.emit("warning", step=step, message=f"Could not write the LoRA to {target} ({why}). It was saved to {path} "
+                      "instead: move it where you want it.")
+            return path
+        from .resume import candidates
+
+        newest = next(iter(candidates(self.out_dir)), None)
+        keep = (f"The newest checkpoint is {newest}: free some space and run again with --resume latest to write the LoRA."
+                if newest else "No checkpoint was saved (save_every is off), so this run's weights are lost.")
+        raise TrainingError(f"Could not write the LoRA to {target} ({why}), nor to {' or '.join(tried)}. {keep}")
+
     def _finish(self, step: int, last_loss: float | None, *, stopped: bool) -> TrainResult:
         acc = self.accelerator
-        if not stopped and self.sample_prompts:
-            self._sample(step)
         acc.wait_for_everyone()
         lora_path = None
+        if acc.is_main_process:  # the LoRA first: nothing after this point may lose it
+            lora_path = self._export_final(step)
+        if not stopped and self.sample_prompts:
+            self._safe_sample(step)
         if acc.is_main_process:
-            lora_path = self.export(self.out_dir / f"{self.config.output_name}.safetensors", step, finished=time.time())
             self.emit("done", step=step, path=str(lora_path), stopped=stopped, loss=last_loss)
         return TrainResult(lora_path=lora_path, output_dir=self.out_dir, steps=step, final_loss=last_loss, samples=list(self.samples),
                            checkpoints=list(self.checkpoints), stopped_early=stopped)
@@ -511,7 +604,12 @@ class Trainer:
 
 def train(config: TrainConfig, *, on_event: Callable[[TrainEvent], None] | None = None,
           stop_event: threading.Event | None = None) -> TrainResult:
-    """Train a LoRA as configured. Raises ConfigError/DatasetError/ModelLoadError/TrainingError with user-facing messages."""
+    """Train a LoRA as configured. Raises ConfigError/DatasetError/ModelLoadError/TrainingError with user-facing messages.
+    The output folder is locked for the run (by the main process), so two runs never write into one folder."""
+    from .outputs import output_lock
+
     trainer = Trainer(config, on_event=on_event, stop_event=stop_event)
-    trainer.prepare()
-    return trainer.run()
+    main_process = int(os.environ.get("RANK", "0") or 0) == 0
+    with output_lock(config.output_path()) if main_process else contextlib.nullcontext():
+        trainer.prepare()
+        return trainer.run()

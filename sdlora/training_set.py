@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import random
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,7 +18,8 @@ from safetensors.torch import load_file, save_file
 from .fileio import atomic_path
 from .data.buckets import assign_bucket, bucket_batches, make_buckets, own_size_bucket
 from .data.captions import build_caption
-from .data.images import load_training_image
+from .data.images import ImageLoadError, crop_box, load_training_image
+from .families import SampleGeometry, TextEmbedding
 
 
 def _rng(*parts) -> random.Random:
@@ -41,6 +43,11 @@ class TrainingSet:
         self.caption_options = dict(trigger_word=trigger_word or None, shuffle_tags=shuffle_tags, keep_tokens=keep_tokens,
                                     caption_dropout=caption_dropout)
         self.default_caption = default_caption
+        # Images that became unreadable after the scan: item -> reason, and the item that stands in for each.
+        self.unreadable: dict[int, str] = {}
+        self._stand_in: dict[int, int] = {}
+        self._bad_lock = threading.Lock()
+        self.on_unreadable = None  # callback(path, reason, stand-in path) the first time an image fails
         buckets = make_buckets(resolution) if enable_buckets else None
         self.entries: list[Entry] = []
         for i, item in enumerate(items):
@@ -72,8 +79,44 @@ class TrainingSet:
     def flip_for(self, epoch: int, index: int) -> bool:
         return self.random_flip and _rng(self.seed, "flip", epoch, index).random() < 0.5
 
+    # images that fail mid-run --------------------------------------------------------------------------------
+    def source_item(self, item_index: int) -> int:
+        """The item whose image and caption stand for `item_index`: itself, or, once its image failed to load, the next
+        item (in dataset order, wrapping) whose image still loads. That depends only on which files are readable, so a
+        resumed run makes the same choice."""
+        with self._bad_lock:
+            if item_index not in self.unreadable:
+                return item_index
+            cached = self._stand_in.get(item_index)
+            if cached is not None and cached not in self.unreadable:
+                return cached
+            n = len(self.items)
+            for step in range(1, n):
+                j = (item_index + step) % n
+                if j not in self.unreadable:
+                    self._stand_in[item_index] = j
+                    return j
+        from .data.scan import DatasetError
+
+        shown = "; ".join(f"{self.items[i].path.name}: {why}" for i, why in list(self.unreadable.items())[:3])
+        raise DatasetError(f"No readable images left: every image of the dataset failed to load during training ({shown}). "
+                           "Check the dataset folder (a disk or network share that went away?) and resume.")
+
+    def _mark_unreadable(self, item_index: int, reason: str) -> None:
+        with self._bad_lock:
+            if item_index in self.unreadable:
+                return
+            self.unreadable[item_index] = reason
+        stand_in = None
+        try:
+            stand_in = self.items[self.source_item(item_index)].path
+        except ValueError:
+            pass
+        if self.on_unreadable is not None:
+            self.on_unreadable(self.items[item_index].path, reason, stand_in)
+
     def caption_for(self, epoch: int, index: int) -> str:
-        item = self.items[self.entries[index].item_index]
+        item = self.items[self.source_item(self.entries[index].item_index)]
         raw = item.caption or self.default_caption
         return build_caption(raw, rng=_rng(self.seed, "caption", epoch, index), **self.caption_options)
 
@@ -82,11 +125,31 @@ class TrainingSet:
         item = self.items[item_index]
         return build_caption(item.caption or self.default_caption, trigger_word=self.caption_options["trigger_word"])
 
-    def pixels_for(self, epoch: int, index: int, *, flip: bool) -> torch.Tensor:
+    def geometry_for(self, epoch: int, index: int, *, flip: bool) -> SampleGeometry:
+        """SDXL's size conditioning for a sample, computed from the scan's image size with the same crop choice as
+        pixels_for (no decoding): original size, crop offset (mirrored when flipped, as the pixels are), target."""
         entry = self.entries[index]
-        item = self.items[entry.item_index]
+        item = self.items[self.source_item(entry.item_index)]
         crop = "center" if self.center_crop else "random"
-        return load_training_image(item.path, entry.size, crop=crop, flip=flip, rng=_rng(self.seed, "crop", epoch, index))
+        (nw, _nh), (left, top) = crop_box((item.width, item.height), entry.size, crop=crop,
+                                          rng=_rng(self.seed, "crop", epoch, index))
+        tw, th = entry.size
+        if flip:
+            left = nw - left - tw
+        return SampleGeometry(original_size=(item.height, item.width), crop_top_left=(top, left), target_size=(th, tw))
+
+    def pixels_for(self, epoch: int, index: int, *, flip: bool) -> torch.Tensor:
+        """The sample's pixels. An image that no longer loads (deleted, truncated, undecodable) is reported once and
+        skipped: the sample takes the image and caption of the next readable item, at this sample's size and crop."""
+        entry = self.entries[index]
+        crop = "center" if self.center_crop else "random"
+        while True:
+            source = self.source_item(entry.item_index)
+            try:
+                return load_training_image(self.items[source].path, entry.size, crop=crop, flip=flip,
+                                           rng=_rng(self.seed, "crop", epoch, index))
+            except (ImageLoadError, OSError, MemoryError, SyntaxError, EOFError) as exc:
+                self._mark_unreadable(source, getattr(exc, "reason", None) or f"{type(exc).__name__}: {exc}")
 
 
 def file_digest(path: Path) -> str:
@@ -137,7 +200,10 @@ class LatentCache:
                     continue
                 seen.add((entry.item_index, flip))
                 item = dataset.items[entry.item_index]
-                disk_key = self.key(item.path, entry.size, flip) if self.cache_dir else None
+                try:
+                    disk_key = self.key(item.path, entry.size, flip) if self.cache_dir else None
+                except OSError:  # deleted or unreadable since the scan: pixels_for substitutes it
+                    disk_key = None
                 if disk_key and (self.cache_dir / f"{disk_key}.safetensors").is_file():
                     try:
                         self.memory[(entry.item_index, flip)] = load_file(self.cache_dir / f"{disk_key}.safetensors")["latent"]
@@ -158,7 +224,8 @@ class LatentCache:
                 latents = self.encode(pixels).cpu()
                 for (item_index, flip, _, disk_key), latent in zip(chunk, latents):
                     self.memory[(item_index, flip)] = latent.clone()
-                    if disk_key:
+                    # A stand-in's latents (its own image failed to load) never go to disk under the failed image's key.
+                    if disk_key and dataset.source_item(item_index) == item_index:
                         self._save(disk_key, latent)
                 self.encoded += len(chunk)
                 done += len(chunk)
@@ -166,35 +233,36 @@ class LatentCache:
                     progress(done, len(todo))
 
     def _save(self, disk_key: str, latent: torch.Tensor) -> None:
-        with atomic_path(self.cache_dir / f"{disk_key}.safetensors") as tmp:
-            save_file({"latent": latent.contiguous()}, str(tmp))
+        if self.cache_dir is None:
+            return
+        try:
+            with atomic_path(self.cache_dir / f"{disk_key}.safetensors") as tmp:
+                save_file({"latent": latent.contiguous()}, str(tmp))
+        except Exception:  # noqa: BLE001 - a full disk (OSError, SafetensorError): keep the latents in memory only
+            self.cache_dir = None
 
     def get(self, item_index: int, flip: bool) -> torch.Tensor:
         return self.memory[(item_index, flip)]
 
 
 class TextEmbeddingCache:
-    """Caption -> encoder hidden states, for a frozen text encoder. Captions that vary per step are encoded on the fly."""
+    """Caption -> what the family's text encoders make of it (hidden states, and SDXL's pooled embedding), for frozen
+    text encoders. Captions that vary per step are encoded on the fly with `encode`."""
 
-    def __init__(self, tokenizer, text_encoder, device):
-        self.tokenizer = tokenizer
-        self.text_encoder = text_encoder
+    def __init__(self, family, tokenizers: list, text_encoders: list, device):
+        self.family = family
+        self.tokenizers = tokenizers
+        self.text_encoders = text_encoders
         self.device = device
-        self.memory: dict[str, torch.Tensor] = {}
+        self.memory: dict[str, TextEmbedding] = {}
 
-    def tokenize(self, captions: list[str]) -> torch.Tensor:
-        # Over-long captions are truncated to CLIP's 77 positions; the dataset scan already warned about them.
-        max_len = self.tokenizer.model_max_length
-        return self.tokenizer(captions, padding="max_length", max_length=max_len, truncation=True, return_tensors="pt").input_ids
-
-    def encode(self, captions: list[str]) -> torch.Tensor:
-        ids = self.tokenize(captions).to(self.device)
-        return self.text_encoder(ids)[0]
+    def encode(self, captions: list[str]) -> TextEmbedding:
+        return self.family.encode(self.text_encoders, self.tokenizers, captions, self.device)
 
     @torch.no_grad()
-    def get(self, captions: list[str]) -> torch.Tensor:
+    def get(self, captions: list[str]) -> TextEmbedding:
         missing = [c for c in dict.fromkeys(captions) if c not in self.memory]
         if missing:
-            for c, emb in zip(missing, self.encode(missing)):
-                self.memory[c] = emb
-        return torch.stack([self.memory[c] for c in captions])
+            for c, row in zip(missing, self.encode(missing).rows()):
+                self.memory[c] = row
+        return TextEmbedding.stack([self.memory[c] for c in captions])

@@ -10,7 +10,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .export import read_lora, text_encoder_kohya_prefix, unet_kohya_prefix
+from .export import read_lora
+from .families import FAMILIES, SampleGeometry, family_of_lora
 
 _SUFFIXES = (".lora_down.weight", ".lora_up.weight", ".alpha")
 
@@ -56,22 +57,27 @@ class VerifyReport:
         return d
 
 
-def module_index(unet: nn.Module, text_encoder: nn.Module | None) -> dict[str, tuple[str, str]]:
-    """kohya prefix -> ("unet"|"text_encoder", module path) for every Linear/Conv2d of the base model."""
+def module_index(family, components: dict[str, nn.Module]) -> dict[str, tuple[str, str]]:
+    """kohya prefix -> (component name, module path) for every Linear/Conv2d of the base model's components
+    (unet, text_encoder[, text_encoder_2]), named by the family's rule."""
+    from .formats.kohya_names import KohyaNameError
     from .lora import base_modules
 
     index = {}
-    # _base_modules sees through LoRA wrappers, so a model that already carries LoRAs indexes the same.
-    for name, module in base_modules(unet):
-        if isinstance(module, (nn.Linear, nn.Conv2d)):
-            index[unet_kohya_prefix(name)] = ("unet", name)
-    if text_encoder is not None:
-        for name, module in base_modules(text_encoder):
-            if isinstance(module, nn.Linear):
-                try:
-                    index[text_encoder_kohya_prefix(name)] = ("text_encoder", name)
-                except Exception:
-                    continue
+    for component, root in components.items():
+        if root is None:
+            continue
+        config = root.config if component == "unet" else None
+        # base_modules sees through LoRA wrappers, so a model that already carries LoRAs indexes the same.
+        for name, module in base_modules(root):
+            if not isinstance(module, (nn.Linear, nn.Conv2d)) or (component != "unet" and not isinstance(module, nn.Linear)):
+                continue
+            try:
+                prefix = family.kohya_prefix(component, name, config)
+            except KohyaNameError:
+                continue
+            if prefix is not None:
+                index[prefix] = (component, name)
     return index
 
 
@@ -91,26 +97,27 @@ def detect_format(tensors: dict) -> str:
     keys = list(tensors)
     if any(k.startswith(("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")) for k in keys):
         return "kohya"
-    if any(k.startswith(("unet.", "text_encoder.")) and ".lora_A." in k for k in keys):
+    if any(k.startswith(("unet.", "text_encoder.", "text_encoder_2.")) and ".lora_A." in k for k in keys):
         return "diffusers"
     return "unknown"
 
 
-def describe_family(tensors: dict) -> str | None:
-    """Spot LoRAs made for another architecture, to say so instead of failing obscurely."""
+def describe_family(tensors: dict, family=None) -> str | None:
+    """Spot LoRAs made for another architecture than `family` (default: an SD1/SD2 base), to say so instead of
+    failing obscurely. Returns what the file is for, or None when it fits."""
     keys = list(tensors)
-    if any(k.startswith(("lora_te1_", "lora_te2_")) or k.startswith("text_encoder_2.") for k in keys):
-        return "SDXL"
-    if any("input_blocks_" in k or "output_blocks_" in k for k in keys):
-        return "SDXL (or an LDM-named LoRA)"
     if any(k.startswith(("transformer.", "lora_transformer_", "diffusion_model.")) for k in keys):
         return "a transformer-based model (Flux/SD3)"
-    return None
+    found = family_of_lora(keys)
+    base = family or FAMILIES["sd1"]
+    if found is None or found.name == base.name or {found.name, base.name} <= {"sd1", "sd2"}:
+        return None
+    return found.label if found.name == "sdxl" else "SD 1.x/2.x"
 
 
-def check_keys(tensors: dict, unet: nn.Module, text_encoder: nn.Module | None, report: VerifyReport) -> dict[str, dict]:
-    """Map each kohya module onto the base model; fill report.mapped/unmapped/problems."""
-    index = module_index(unet, text_encoder)
+def check_keys(tensors: dict, family, components: dict[str, nn.Module], report: VerifyReport) -> dict[str, dict]:
+    """Map each kohya module onto the base model's components; fill report.mapped/unmapped/problems."""
+    index = module_index(family, components)
     groups = group_kohya(tensors)
     report.modules = len(groups)
     mapped = {}
@@ -122,8 +129,7 @@ def check_keys(tensors: dict, unet: nn.Module, text_encoder: nn.Module | None, r
         if "lora_down" not in parts or "lora_up" not in parts:
             report.problems.append(f"{prefix}: needs both lora_down and lora_up")
             continue
-        root = unet if target[0] == "unet" else text_encoder
-        module = root.get_submodule(target[1])
+        module = components[target[0]].get_submodule(target[1])
         module = getattr(module, "base_layer", module)
         down, up = parts["lora_down"], parts["lora_up"]
         rank = down.shape[0]
@@ -140,12 +146,11 @@ def check_keys(tensors: dict, unet: nn.Module, text_encoder: nn.Module | None, r
 
 
 @torch.no_grad()
-def apply_kohya_by_hand(unet: nn.Module, text_encoder: nn.Module | None, mapped: dict[str, dict], strength: float = 1.0) -> None:
+def apply_kohya_by_hand(components: dict[str, nn.Module], mapped: dict[str, dict], strength: float = 1.0) -> None:
     """W += strength · (alpha/r) · up @ down, done directly on the weights (the reference for the check)."""
     for prefix, parts in mapped.items():
         kind, path = parts["target"]
-        root = unet if kind == "unet" else text_encoder
-        module = root.get_submodule(path)
+        module = components[kind].get_submodule(path)
         module = getattr(module, "base_layer", module)
         down = parts["lora_down"].float()
         up = parts["lora_up"].float()
@@ -160,15 +165,25 @@ def apply_kohya_by_hand(unet: nn.Module, text_encoder: nn.Module | None, mapped:
         module.weight += (scale * delta).to(module.weight.dtype).reshape(module.weight.shape)
 
 
-def _probe_inputs(unet, text_encoder, tokenizer, seed: int = 0):
+def _probe_inputs(base, seed: int = 0):
+    """Latents, a timestep, token ids for each encoder and the size conditioning: the same probe for every family."""
     gen = torch.Generator().manual_seed(seed)
-    size = int(unet.config.sample_size)
-    size = min(size, 16)
+    unet = base.unet
+    size = min(int(unet.config.sample_size), 16)
     latents = torch.randn(1, unet.config.in_channels, size, size, generator=gen)
     t = torch.tensor([500])
-    ids = tokenizer(["a photo of sks, detailed"], padding="max_length", max_length=tokenizer.model_max_length,
-                    truncation=True, return_tensors="pt").input_ids
-    return latents, t, ids
+    ids = base.family.tokenize(base.tokenizers, ["a photo of sks, detailed"])
+    pixels = (size * 8, size * 8)
+    geometry = SampleGeometry(pixels, (0, 0), pixels)
+    return latents, t, ids, geometry
+
+
+def _forward(family, unet, encoders, ids, latents, t, geometry) -> tuple[torch.Tensor, torch.Tensor]:
+    """(UNet output, text hidden states) of one probe through the family's own encode and UNet call."""
+    with torch.no_grad():
+        text = family.encode_tokens(encoders, ids)
+        cond = family.conditioning(text, [geometry])
+        return family.unet_forward(unet, latents, t, cond), text.hidden
 
 
 def verify_lora(path: str | Path, base, *, numeric: bool = True, tolerance: float = 1e-4) -> VerifyReport:
@@ -178,42 +193,44 @@ def verify_lora(path: str | Path, base, *, numeric: bool = True, tolerance: floa
     if report.format == "diffusers":
         from .inference import diffusers_to_kohya
 
-        tensors = diffusers_to_kohya(tensors, metadata)
+        tensors = diffusers_to_kohya(tensors, metadata, base.family, base.unet.config)
     elif report.format != "kohya":
         fam = describe_family(tensors)
         report.problems.append(f"not a recognised LoRA layout{f' (looks like {fam})' if fam else ''}")
         return report
-    fam = describe_family(tensors)
+    fam = describe_family(tensors, base.family)
     if fam:
-        report.problems.append(f"this LoRA is for {fam}, not for this {base.family.upper()} base model")
-    mapped = check_keys(tensors, base.unet, base.text_encoder, report)
+        report.problems.append(f"this LoRA is for {fam}, not for this {base.family.label} base model")
+    components = base.components()
+    mapped = check_keys(tensors, base.family, components, report)
     if not numeric or not mapped or report.problems or report.unmapped:
         return report
 
     from .inference import load_loras
-
-    latents, t, ids = _probe_inputs(base.unet, base.text_encoder, base.tokenizer)
-    # Reference: hand-applied math on copies of the base.
     from .lora import strip_lora
+
+    family = base.family
+    latents, t, ids, geometry = _probe_inputs(base)
 
     def clean(module):
         # The base may be shared with a pipeline that has LoRAs loaded: compare against the bare weights.
         return strip_lora(copy.deepcopy(module)).float()
 
-    ref_unet, ref_te = clean(base.unet), clean(base.text_encoder)
-    with torch.no_grad():
-        base_hidden = ref_te(ids)[0]
-        base_out = ref_unet(latents, t, base_hidden).sample
-    apply_kohya_by_hand(ref_unet, ref_te, mapped)
-    with torch.no_grad():
-        ref_hidden = ref_te(ids)[0]
-        ref_out = ref_unet(latents, t, ref_hidden).sample
-    # diffusers' own loader on another copy.
-    pipe = base.make_pipeline(unet=clean(base.unet), text_encoder=clean(base.text_encoder))
+    # Reference: hand-applied math on copies of the base.
+    ref = {name: clean(module) for name, module in components.items()}
+    ref_encoders = [ref[n] for n in family.text_encoder_names]
+    base_out, _ = _forward(family, ref["unet"], ref_encoders, ids, latents, t, geometry)
+    apply_kohya_by_hand(ref, mapped)
+    ref_out, ref_hidden = _forward(family, ref["unet"], ref_encoders, ids, latents, t, geometry)
+    # diffusers' own loader (the family's pipeline class) on other copies.
+    pipe = base.make_pipeline(unet=clean(base.unet), text_encoders=[clean(te) for te in base.text_encoders])
     load_loras(pipe, [(Path(path), 1.0)])
+    encoders = [getattr(pipe, n) for n in family.text_encoder_names]
+    _, hidden = _forward(family, pipe.unet, encoders, ids, latents, t, geometry)
+    # The UNet is compared on the reference conditioning, so a text-encoder difference cannot hide in it.
     with torch.no_grad():
-        hidden = pipe.text_encoder(ids)[0]
-        out = pipe.unet(latents, t, ref_hidden).sample
+        cond = family.conditioning(family.encode_tokens(ref_encoders, ids), [geometry])
+        out = family.unet_forward(pipe.unet, latents, t, cond)
     report.unet_max_diff = float((out - ref_out).abs().max())
     report.text_encoder_max_diff = float((hidden - ref_hidden).abs().max())
     report.lora_effect = float((ref_out - base_out).abs().max())

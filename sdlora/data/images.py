@@ -157,21 +157,30 @@ def resize_and_crop(img: Image.Image, size: tuple[int, int], *, crop: str = "cen
 
     Returns (image, (left, top)) where (left, top) is the crop offset in the scaled image (SDXL-style crop
     conditioning needs it)."""
+    tw, th = int(size[0]), int(size[1])
+    (nw, nh), (left, top) = crop_box(img.size, (tw, th), crop=crop, rng=rng)
+    if (nw, nh) != img.size:
+        # reducing_gap: Pillow first shrinks by an integer factor, then LANCZOS - same look, much faster for big inputs
+        img = img.resize((nw, nh), Image.Resampling.LANCZOS, reducing_gap=3.0)
+    return img.crop((left, top, left + tw, top + th)), (left, top)
+
+
+def crop_box(image_size: tuple[int, int], size: tuple[int, int], *, crop: str = "center",
+             rng: random.Random | None = None) -> tuple[tuple[int, int], tuple[int, int]]:
+    """((scaled w, scaled h), (left, top)) of resize_and_crop, from sizes alone: the same numbers without decoding
+    the image (SDXL's crop conditioning is computed from them)."""
     if crop not in ("center", "random"):
         raise ValueError(f"crop must be 'center' or 'random', not {crop!r}.")
     tw, th = int(size[0]), int(size[1])
-    w, h = img.size
+    w, h = image_size
     scale = max(tw / w, th / h)
     nw, nh = max(tw, round(w * scale)), max(th, round(h * scale))
-    if (nw, nh) != (w, h):
-        # reducing_gap: Pillow first shrinks by an integer factor, then LANCZOS - same look, much faster for big inputs
-        img = img.resize((nw, nh), Image.Resampling.LANCZOS, reducing_gap=3.0)
     if crop == "random":
         rng = rng or random.Random()
         left, top = rng.randint(0, nw - tw), rng.randint(0, nh - th)
     else:
         left, top = (nw - tw) // 2, (nh - th) // 2
-    return img.crop((left, top, left + tw, top + th)), (left, top)
+    return (nw, nh), (left, top)
 
 
 def image_to_tensor(img: Image.Image) -> torch.Tensor:

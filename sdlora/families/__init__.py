@@ -37,5 +37,11 @@ def family_of_lora(keys) -> ModelFamily | None:
     return None
 
 
-__all__ = ["Conditioning", "FAMILIES", "ModelFamily", "SampleGeometry", "TextEmbedding", "family", "family_of_checkpoint",
+__all__ = ["Conditioning", "FAMILIES", "ModelFamily", "SampleGeometry", "TextEmbedding", "family", "family_of_checkpoint", "family_of_pipeline",
            "family_of_folder", "family_of_lora"]
+
+
+def family_of_pipeline(pipe) -> ModelFamily:
+    """The family a diffusers pipeline belongs to (SD1 and SD2 share a pipeline class and kohya's naming)."""
+    name = type(pipe).__name__
+    return next((f for f in FAMILIES.values() if f.pipeline_class == name), FAMILIES["sd1"])

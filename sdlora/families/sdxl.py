@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from ..models.ldm_names import diffusers_to_ldm
+from ..formats.ldm_names import diffusers_to_ldm
 from .base import Conditioning, ModelFamily, SampleGeometry, TextEmbedding
 
 
