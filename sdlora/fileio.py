@@ -12,9 +12,13 @@ from pathlib import Path
 def atomic_path(path):
     """Yield a temporary path beside `path`; when the block succeeds it is synced and renamed onto `path`,
     when it fails it is removed and `path` is left as it was."""
-    path = Path(path)
+    from .outputs import check_output_file
+
+    path = check_output_file(Path(path))  # never replace a folder, a device or a pipe
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    # The temp name must fit the file system's 255-byte limit even when the real name nearly fills it.
+    prefix = f".{path.name}." if len(os.fsencode(path.name)) <= 200 else ".sdlora-write."
+    fd, tmp = tempfile.mkstemp(prefix=prefix, suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
         yield Path(tmp)

@@ -10,14 +10,17 @@ import itertools
 import math
 import queue
 import threading
+import logging
 import time
-import traceback
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
 from .config import TrainConfig
 from .events import TrainEvent
+from .safetext import shown
+
+log = logging.getLogger("sdlora.jobs")
 
 _ids = itertools.count(1)
 
@@ -41,6 +44,12 @@ class Job:
     stop_event: threading.Event = field(default_factory=threading.Event)
 
     def handle(self, event: TrainEvent) -> None:
+        try:
+            self._handle(event)
+        except Exception:  # noqa: BLE001 - a malformed event must never end a run from inside its progress callback
+            log.exception("job %s: could not record a %s event", self.id, getattr(event, "kind", "?"))
+
+    def _handle(self, event: TrainEvent) -> None:
         if event.total_steps:
             self.total_steps = event.total_steps
         if event.kind == "start":
@@ -61,7 +70,8 @@ class Job:
             self.log.append(f"step {event.step}: checkpoint saved")
         elif event.kind in ("status", "warning"):
             prefix = "warning: " if event.kind == "warning" else ""
-            self.log.extend(f"{prefix}{line}" for line in str(event.data.get("message", "")).splitlines())
+            # File names that are not UTF-8 are shown escaped: the page's JSON cannot carry them as they are.
+            self.log.extend(f"{prefix}{shown(line)}" for line in str(event.data.get("message", "")).splitlines())
         elif event.kind == "done":
             self.lora_path = event.data.get("path", "")
             self.log.append(f"finished: {self.lora_path}")
@@ -99,6 +109,18 @@ def smooth(values: list[float], weight: float = 0.9) -> list[float]:
         avg = weight * avg + (1 - weight) * v
         out.append(avg / (1 - weight ** i))
     return out
+
+
+def _job_error(job: Job, exc: BaseException) -> str:
+    """The job's error boundary: one sentence naming the run's output folder; a traceback goes to a log file
+    (OUTPUT/logs, else the sdlora cache's logs/) that the sentence names, never to the page."""
+    try:
+        from .errorlog import describe
+
+        return describe(exc, context=f"Training into '{job.config.output_dir}'", out_dir=job.config.output_path())
+    except Exception:  # noqa: BLE001 - even describing the error must not kill the worker
+        log.exception("job %s failed", job.id)
+        return f"Training into '{shown(job.config.output_dir)}' failed: {type(exc).__name__}."
 
 
 class JobQueue:
@@ -153,12 +175,8 @@ class JobQueue:
                 result = train(job.config, on_event=job.handle, stop_event=job.stop_event)
                 job.state = "stopped" if getattr(result, "stopped_early", False) else "done"
             except Exception as exc:  # the worker must survive any job
-                from .errors import USER_ERRORS
-
                 job.state = "failed"
-                job.error = str(exc) if isinstance(exc, USER_ERRORS) else f"{type(exc).__name__}: {exc}"
+                job.error = _job_error(job, exc)
                 job.log.append(f"error: {job.error}")
-                if not isinstance(exc, USER_ERRORS):
-                    job.log.extend(traceback.format_exc().splitlines()[-6:])
             finally:
                 job.finished = time.time()

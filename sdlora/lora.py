@@ -120,8 +120,25 @@ def _lora_config(modules: list[TargetModule], rank: int, alpha: float, conv_rank
     )
 
 
+def check_rank_fits(modules: list[TargetModule], rank: int, conv_rank: int = 0, *, where: str = "UNet") -> None:
+    """A LoRA on a layer with in x out weights can use at most min(in·k², out) ranks. A rank above that for every
+    adapted layer can never be used anywhere (only memory is spent): refuse it, naming the largest rank that fits.
+    (A rank that only exceeds some narrow layers is allowed: the wider ones use it.)"""
+    for setting, value, kinds in (("rank", rank, ("linear", "conv1x1")), ("conv_rank", conv_rank, ("conv3x3",))):
+        layers = [m for m in modules if m.kind in kinds]
+        if not value or not layers:
+            continue
+        widest = max(layers, key=lambda m: min(m.in_features * m.kernel * m.kernel, m.out_features))
+        limit = min(widest.in_features * widest.kernel * widest.kernel, widest.out_features)
+        if value > limit:
+            raise ConfigError(f"{setting}: {value} is larger than every {where} layer it adapts: the widest "
+                              f"({widest.name}, {widest.in_features} -> {widest.out_features} features) can use at most "
+                              f"rank {limit}. Choose {setting} {limit} or less.")
+
+
 def inject_unet_lora(unet: nn.Module, targets: list[str], rank: int, alpha: float, *, conv_rank: int = 0, conv_alpha: float = 1.0) -> list[TargetModule]:
     modules = resolve_unet_targets(unet, targets, conv_rank=conv_rank)
+    check_rank_fits(modules, rank, conv_rank)
     unet.add_adapter(_lora_config(modules, rank, alpha, conv_rank, conv_alpha), adapter_name=ADAPTER_NAME)
     return modules
 
@@ -130,6 +147,7 @@ def inject_text_encoder_lora(text_encoder: nn.Module, rank: int, alpha: float) -
     modules = resolve_text_encoder_targets(text_encoder)
     if not modules:
         raise ConfigError("train_text_encoder: this text encoder has no q/k/v/out_proj or fc1/fc2 layers to adapt.")
+    check_rank_fits(modules, rank, where="text-encoder")
     text_encoder.add_adapter(_lora_config(modules, rank, alpha, 0, 1.0), adapter_name=ADAPTER_NAME)
     return modules
 

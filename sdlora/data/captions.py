@@ -11,6 +11,15 @@ from ..fileio import atomic_path
 CAPTION_EXTENSIONS = (".txt", ".caption")
 
 
+class CaptionWriteError(ValueError):
+    """Caption files that could not be written; the message names them. `written` is how many others were."""
+
+    def __init__(self, message: str, *, failed=(), written: int = 0):
+        super().__init__(message)
+        self.failed = list(failed)  # (path, reason)
+        self.written = written
+
+
 def split_tags(caption: str) -> list[str]:
     """Comma-separated parts, stripped, empty parts dropped."""
     return [t.strip() for t in caption.split(",") if t.strip()]
@@ -80,9 +89,17 @@ def write_caption(caption_path, text: str, *, root=None) -> Path:
         mode = path.stat().st_mode & 0o777
     except OSError:
         mode = 0o644
-    with atomic_path(path) as tmp:
-        tmp.write_text(text.replace("\x00", "").strip() + "\n", encoding="utf-8")
-        os.chmod(tmp, mode)  # temp files are created 0600; keep the caption as readable as it was
+    from ..outputs import OutputError
+    from ..safetext import clean_text, shown
+
+    try:
+        with atomic_path(path) as tmp:
+            tmp.write_text(clean_text(text).replace("\x00", "").strip() + "\n", encoding="utf-8")
+            os.chmod(tmp, mode)  # temp files are created 0600; keep the caption as readable as it was
+    except (OSError, OutputError) as exc:  # read-only folder, full disk, a name too long, a folder in the way ...
+        reason = (exc.strerror or str(exc)) if isinstance(exc, OSError) else "it is a folder or a special file"
+        raise CaptionWriteError(f"Cannot write caption '{shown(path)}': {reason}. The old caption (if any) is unchanged.",
+                                failed=[(path, reason)]) from None
     return path
 
 
@@ -114,6 +131,7 @@ def bulk_edit_captions(report_or_items, *, find: str = "", replace: str = "", pr
     if root is None:
         root = getattr(report_or_items, "root", None)
     written: dict[Path, str] = {}
+    failed: list[tuple[Path, str]] = []
     for item in items:
         if item.caption_source == "default":
             continue
@@ -124,9 +142,20 @@ def bulk_edit_captions(report_or_items, *, find: str = "", replace: str = "", pr
         new = _edit(item.caption, find, replace, prepend, append)
         if new == item.caption:
             continue
-        write_caption(path, new, root=root)
+        try:
+            write_caption(path, new, root=root)
+        except CaptionWriteError as exc:  # say which ones failed, but finish the others
+            failed += exc.failed
+            continue
         written[path] = new
         item.caption, item.caption_path = new, path
         if item.caption_source == "metadata":
             item.caption_source = "txt"
+    if failed:
+        from ..safetext import shown
+
+        names = ", ".join(f"{shown(p.name)} ({why})" for p, why in failed[:5])
+        more = f" and {len(failed) - 5} more" if len(failed) > 5 else ""
+        raise CaptionWriteError(f"{len(written)} caption file(s) changed, but {len(failed)} could not be written: {names}{more}. "
+                                "Those captions are unchanged.", failed=failed, written=len(written))
     return len(written)

@@ -14,6 +14,7 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from ..safetext import clean_text
 from .captions import split_tags
 from .images import ImageLoadError, exif_orientation, open_image
 
@@ -146,13 +147,19 @@ def _load_metadata(folder: Path, root: Path, warns: list[str]) -> dict[str, str]
             continue
         try:
             row = json.loads(line)
-        except ValueError:
+        except (ValueError, RecursionError):  # RecursionError: absurdly nested JSON
             row = None
         text = row.get("text", row.get("caption")) if isinstance(row, dict) else None
         if not isinstance(row, dict) or not isinstance(row.get("file_name"), str) or not isinstance(text, (str, type(None))):
             warns.append(f'{name} line {n} is not a JSON object with "file_name" and "text"; the line was ignored')
             continue
-        out[os.path.normpath(folder / row["file_name"])] = " ".join((text or "").split())
+        try:
+            key = os.path.normpath(folder / row["file_name"])
+        except (ValueError, TypeError):  # e.g. a NUL character in the name
+            warns.append(f"{name} line {n} has an unusable file_name; the line was ignored")
+            continue
+        # Lone surrogates ("\ud800") can come from JSON escapes: no tokenizer or metadata writer can take them.
+        out[key] = clean_text(" ".join((text or "").split()))
     return out
 
 
