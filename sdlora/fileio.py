@@ -34,3 +34,30 @@ def atomic_write_text(path, text: str) -> Path:
     with atomic_path(path) as tmp:
         Path(tmp).write_text(text, encoding="utf-8")
     return Path(path)
+
+
+SMALL_TEXT_LIMIT = 1 << 20  # prompt files and the like: a megabyte is thousands of lines
+
+
+def read_text_limited(path, max_bytes: int = SMALL_TEXT_LIMIT) -> str:
+    """The UTF-8 text of a small regular file, read so that it can never block or exhaust memory: FIFOs, devices,
+    sockets and folders are refused before they are opened (and again after, in case the path changed), the open is
+    non-blocking, and a file larger than max_bytes is refused. Raises ValueError with a sentence, OSError as usual."""
+    import stat
+
+    path = Path(path)
+
+    def check(st) -> None:
+        if not stat.S_ISREG(st.st_mode):
+            raise ValueError(f"'{path}' is not a regular file")
+        if st.st_size > max_bytes:
+            raise ValueError(f"'{path}' is larger than {max_bytes // 1024} KiB")
+
+    check(os.stat(path))
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY", 0))
+    with os.fdopen(fd, "rb") as fh:
+        check(os.fstat(fh.fileno()))
+        data = fh.read(max_bytes + 1)
+    if len(data) > max_bytes:
+        raise ValueError(f"'{path}' is larger than {max_bytes // 1024} KiB")
+    return data.decode("utf-8", errors="replace")

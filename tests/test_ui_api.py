@@ -51,7 +51,7 @@ def test_gradio_client_train_status_generate_export(tmp_path):
 
     data = make_dataset(tmp_path / "data")
     out = tmp_path / "outputs"
-    with app_in_process(out) as (url, service):
+    with app_in_process(out, ["--data-root", str(data)]) as (url, service):
         client = Client(url, verbose=False)
         started = client.predict({"data_dir": str(data), "steps": 12, "rank": 4, "batch_size": 2, "sample_every": 6,
                                   "sample_prompts": ["a white square --s 2"], "output_name": "api_lora"}, api_name="/train")
@@ -89,19 +89,24 @@ def test_gradio_client_train_status_generate_export(tmp_path):
         with pytest.raises(Exception, match="unknown setting"):
             client.predict({"data_dir": str(data), "rnak": 4}, api_name="/train")
         with pytest.raises(Exception, match="not found"):
-            client.predict(lora=str(tmp_path / "missing.safetensors"), prompt="x", api_name="/generate")
+            client.predict(lora=str(out / "missing.safetensors"), prompt="x", api_name="/generate")
         with pytest.raises(Exception, match="No job 99"):
             client.predict(99, api_name="/status")
         assert client.predict(api_name="/status")["state"] == "done"
 
-        # the server serves the output root and scanned dataset folders, nothing else
+        # the server serves what sdlora wrote under the output root, never a dataset folder (the gallery shows
+        # thumbnails made under OUTPUT/.thumbs)
         base_url = url.rstrip("/") + "/gradio_api/file="
         assert _http_status(base_url + lora) == 200
-        outside = make_dataset(tmp_path / "elsewhere", n=1)
-        assert _http_status(base_url + str(outside / "img0.png")) == 403
+        assert _http_status(base_url + status["samples"][0][1]) == 200
         assert _http_status(base_url + "/etc/passwd") == 403
-        service.scan(str(outside))
-        assert _http_status(base_url + str(outside / "img0.png")) == 200
+        service.scan(str(data))
+        assert _http_status(base_url + str(data / "img0.png")) == 403
+        assert _http_status(base_url + str(data / "img0.txt")) == 403
+        assert _http_status(base_url + str(service.thumbnail(data / "img0.png"))) == 200
+        outside = make_dataset(tmp_path / "elsewhere", n=1)
+        with pytest.raises(ConfigError, match="--data-root"):
+            service.scan(str(outside))
 
 
 def test_open_binding_without_auth_warns(tmp_path):
@@ -120,19 +125,17 @@ def test_open_binding_without_auth_warns(tmp_path):
 
 
 def test_allowed_paths_are_only_sdlora_folders(tmp_path):
-    settings = parse_launch_args(["--output-root", str(tmp_path / "out")])
-    service = Service(output_root=Path(settings.output_root), presets_dir=tmp_path)
+    data = make_dataset(tmp_path / "data")
+    settings = parse_launch_args(["--output-root", str(tmp_path / "out"), "--data-root", str(data)])
+    service = Service(output_root=Path(settings.output_root), presets_dir=tmp_path, data_roots=settings.data_roots)
     kwargs = launch_kwargs(settings, service)
     assert kwargs["server_name"] == "127.0.0.1" and kwargs["share"] is False and kwargs["auth"] is None
-    allowed = kwargs["allowed_paths"]
-    assert sorted(allowed) == sorted([str((tmp_path / "out").resolve()), str(cache_dir().resolve())])
-    data = make_dataset(tmp_path / "data")
+    assert kwargs["allowed_paths"] == [str((tmp_path / "out").resolve())]
+    assert str(cache_dir().resolve()) in kwargs["blocked_paths"]
     service.scan(str(data))
-    assert allowed[-1] == str(data.resolve())  # the same list object Gradio holds
-    assert "/" not in allowed and str(Path.home()) not in allowed and str(tmp_path) not in allowed
+    assert kwargs["allowed_paths"] == [str((tmp_path / "out").resolve())]  # scanning never adds a folder
     with pytest.raises(DatasetError):
-        service.scan(str(tmp_path / "missing"))
-    assert len(allowed) == 3
+        service.scan(str(data / "missing"))
 
 
 def test_output_names_cannot_escape(tmp_path):
@@ -154,7 +157,7 @@ def test_output_names_cannot_escape(tmp_path):
 def test_start_checks_base_model_and_dataset_first(tmp_path):
     from sdlora.models import ModelLoadError
 
-    service = Service(output_root=tmp_path / "out", presets_dir=tmp_path)
+    service = Service(output_root=tmp_path / "out", presets_dir=tmp_path, data_roots=[tmp_path], model_roots=[tmp_path])
     data = make_dataset(tmp_path / "data")
     with pytest.raises(ModelLoadError, match="not found"):
         service.start({"data_dir": str(data), "base_model": str(tmp_path / "missing.safetensors")})
@@ -168,7 +171,7 @@ def test_start_checks_base_model_and_dataset_first(tmp_path):
 
 
 def test_caption_save_refuses_paths_outside_the_dataset(tmp_path):
-    service = Service(output_root=tmp_path / "out", presets_dir=tmp_path)
+    service = Service(output_root=tmp_path / "out", presets_dir=tmp_path, data_roots=[tmp_path])
     data = make_dataset(tmp_path / "data")
     Image.new("RGB", (8, 8)).save(tmp_path / "victim.png")
     (tmp_path / "victim.txt").write_text("original")
@@ -249,7 +252,7 @@ def test_stop_queue_and_resume_through_the_service(tmp_path, monkeypatch):
     import sdlora.train as train_module
 
     monkeypatch.setattr(train_module, "_STEP_DELAY", 0.1)
-    service = Service(output_root=tmp_path / "out", presets_dir=tmp_path)
+    service = Service(output_root=tmp_path / "out", presets_dir=tmp_path, data_roots=[tmp_path])
     data = make_dataset(tmp_path / "data")
     values = {"data_dir": str(data), "steps": 16, "save_every": 4, "rank": 2, "resolution": 64, "output_name": "resumable"}
     with pytest.raises(ConfigError, match="Nothing to resume"):

@@ -79,7 +79,7 @@ def test_full_flow_in_browser(tmp_path):
     CLOCK["start"] = time.time()
     data = make_dataset(tmp_path / "dataset")
     out = tmp_path / "outputs"
-    with running_app(out, step_delay=STEP_DELAY) as url, sync_playwright() as pw:
+    with running_app(out, step_delay=STEP_DELAY, extra_args=["--data-root", str(data)]) as url, sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         page = browser.new_page(viewport={"width": 1400, "height": 1000}, accept_downloads=True)
         page.set_default_timeout(TIMEOUT)

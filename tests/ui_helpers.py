@@ -69,13 +69,14 @@ def running_app(output_root: Path, *, step_delay: float = 0.0, extra_args=()):
 
 
 @contextmanager
-def app_in_process(output_root: Path):
-    """The same app built and launched in this process (no server subprocess); yields (url, service)."""
-    from sdlora.ui import build_app, make_service
-    from sdlora.ui.launch import launch_kwargs, parse_launch_args
+def app_in_process(output_root: Path, extra_args=()):
+    """The same app built and launched in this process (no server subprocess), with app.py's flags in extra_args
+    (e.g. --data-root DIR); yields (url, service)."""
+    from sdlora.ui import build_app
+    from sdlora.ui.launch import launch_kwargs, make_service_for, parse_launch_args
 
-    settings = parse_launch_args(["--port", str(free_port()), "--output-root", str(output_root)])
-    service = make_service(settings.output_root)
+    settings = parse_launch_args(["--port", str(free_port()), "--output-root", str(output_root), *extra_args])
+    service = make_service_for(settings)
     demo = build_app(service)
     demo.queue(default_concurrency_limit=2).launch(prevent_thread_lock=True, **launch_kwargs(settings, service))
     try:

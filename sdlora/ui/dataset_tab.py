@@ -15,8 +15,12 @@ def _gallery(items: list[dict]) -> list[tuple[str, str]]:
 
 def build(service, ctx: dict, defaults: dict) -> None:
     f = ctx["fields"]
+    roots = ", ".join(f"`{p}`" for p in service.access.data_roots)
+    where = (f"This server opens folders under {roots}." if roots else
+             "This server opens no folders of its own: upload, or restart it with `--data-root DIR`.")
     gr.Markdown("Point sdlora at a folder of images with same-named `.txt` captions (kohya `N_name` subfolders set "
-                "repeats), or upload images / a `.zip`. `builtin:demo` is a small generated set for the offline demo.")
+                "repeats), or upload images / a `.zip`. `builtin:demo` is a small generated set for the offline demo. "
+                + where)
     with gr.Row(equal_height=True):
         f["data_dir"] = gr.Textbox(label="Dataset folder", value=defaults.get("data_dir") or "builtin:demo", scale=5,
                                    elem_id="data-folder", placeholder="/path/to/images or builtin:demo")
@@ -77,10 +81,11 @@ def build(service, ctx: dict, defaults: dict) -> None:
 
     def do_select(items, evt: gr.SelectData):
         index = evt.index if isinstance(evt.index, int) else (evt.index or [None])[0]
-        if not items or index is None or index >= len(items):
+        if not items or not isinstance(index, int) or not 0 <= index < len(items):
             return "", "", "", None
         item = items[index]
-        return item["path"], item["caption"], "", item["path"]
+        # A preview made under OUTPUT/.thumbs: the dataset folder itself is never handed to the web server.
+        return item["path"], item["caption"], "", str(service.preview(item["path"]))
 
     @guard
     def do_save(folder, image, text, items):

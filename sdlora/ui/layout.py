@@ -156,5 +156,9 @@ def build_app(service: Service) -> gr.Blocks:
     return demo
 
 
-def make_service(output_root: str | Path, presets_dir: str | Path | None = None) -> Service:
-    return Service(output_root=Path(output_root), presets_dir=Path(presets_dir) if presets_dir else ROOT / "presets")
+def make_service(output_root: str | Path, presets_dir: str | Path | None = None, *, data_roots=(), model_roots=(),
+                 pickle_from_clients: bool = False) -> Service:
+    """The server's Service. data_roots / model_roots / pickle_from_clients are app.py's --data-root, --model-root and
+    --allow-pickle-from-clients: what clients may use beyond the output root, builtin:demo and builtin:tiny."""
+    return Service(output_root=Path(output_root), presets_dir=Path(presets_dir) if presets_dir else ROOT / "presets",
+                   data_roots=list(data_roots), model_roots=list(model_roots), pickle_from_clients=pickle_from_clients)

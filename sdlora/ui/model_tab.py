@@ -30,8 +30,11 @@ def build(service, ctx: dict, defaults: dict) -> None:
                                            "file, or a hub id such as stable-diffusion-v1-5/stable-diffusion-v1-5")
         f["prediction_type"] = gr.Dropdown(["auto", "epsilon", "v_prediction"], value=defaults["prediction_type"],
                                            label="Prediction type", scale=1)
-        f["allow_pickle"] = gr.Checkbox(label="Allow pickle (.ckpt files you trust only)", value=defaults["allow_pickle"],
-                                        scale=1, elem_id="allow-pickle")
+        trusted = service.access.pickle_from_clients
+        f["allow_pickle"] = gr.Checkbox(label="Allow pickle (.ckpt files you trust only)",
+                                        value=bool(defaults["allow_pickle"]) and trusted, scale=1, elem_id="allow-pickle",
+                                        interactive=trusted,
+                                        info=None if trusted else "off: start the server with --allow-pickle-from-clients")
     with gr.Row(equal_height=True):
         f["rank"] = gr.Number(label="Rank", value=defaults["rank"], precision=0, elem_id="rank")
         f["alpha"] = gr.Number(label="Alpha", value=defaults["alpha"], elem_id="alpha")

@@ -1,7 +1,8 @@
 """What the web UI can do, as plain Python over the library (no Gradio here): tabs and API endpoints call this.
 
 One `Service` per server process: it owns the job queue (so training outlives a closed tab), caches loaded
-models, and knows which folders the UI may read and write.
+models, and its `AccessPolicy` (access.py) decides which folders a client may read and write: every method that
+receives a path from a client checks it there first.
 """
 
 from __future__ import annotations
@@ -16,13 +17,17 @@ from typing import Any
 from ..config import ConfigError, TrainConfig, make_config, save_preset
 from ..jobs import JobQueue, smooth
 from ..models import MODEL_LOCK
-from ..paths import DEMO_DATA, cache_dir, resolve_data_dir
+from ..paths import DEMO_DATA, resolve_data_dir
+from .access import THUMBS_DIR, AccessPolicy, is_inside, too_broad
+
+__all__ = ["Service", "is_inside", "sanitize_name", "parse_lora_lines", "parse_strengths", "format_eta", "progress_text"]
 
 SAFE_NAME = re.compile(r"[^A-Za-z0-9._ -]+")
 MODEL_CACHE_SIZE = 2  # loaded base models kept for parameter counts, Try and verify (an SD1.5 is ~4 GB in fp32)
 GALLERY_LIMIT = 500  # images shown in the dataset gallery; the scan report still counts all of them
 PLOT_POINTS = 1500  # loss points per series sent to the browser
 THUMB_SIZE = 192  # gallery thumbnails, pixels on the long side
+PREVIEW_SIZE = 512  # the selected image next to the caption editor
 
 
 def sanitize_name(name: str, *, default: str = "lora") -> str:
@@ -35,20 +40,6 @@ def sanitize_name(name: str, *, default: str = "lora") -> str:
     return stem[:100] or default
 
 
-def is_inside(path: Path, root: Path) -> bool:
-    try:
-        Path(path).resolve().relative_to(Path(root).resolve())
-        return True
-    except ValueError:
-        return False
-
-
-def _too_broad(folder: Path) -> bool:
-    """Folders never handed to the web server whole: the filesystem root, the home folder and their parents."""
-    folder = folder.resolve()
-    return folder == Path(folder.anchor) or is_inside(Path.home(), folder)
-
-
 @dataclass
 class Service:
     output_root: Path
@@ -58,74 +49,89 @@ class Service:
     _pipes: dict[str, Any] = field(default_factory=dict)
     # Everything that touches a cached model (Try injects LoRAs into it, verify copies it) or builds one.
     _model_lock: threading.RLock = field(default=MODEL_LOCK)
-    # The list handed to Gradio's launch(allowed_paths=...). Gradio keeps this list object and reads it on every
-    # file request, so dataset folders scanned later are appended to the same list.
-    _allowed: list[str] = field(default_factory=list)
+    # What clients may use beyond the output root (app.py --data-root, --model-root, --allow-pickle-from-clients).
+    data_roots: list = field(default_factory=list)
+    model_roots: list = field(default_factory=list)
+    pickle_from_clients: bool = False
+    access: AccessPolicy = field(init=False)
 
     def __post_init__(self):
         self.output_root = Path(self.output_root).expanduser().resolve()
+        if too_broad(self.output_root):
+            raise ConfigError(f"Output root '{self.output_root}' is the filesystem root or a home folder (or above one): "
+                              "the server writes and serves files there. Choose a folder of its own, e.g. --output-root outputs.")
         self.output_root.mkdir(parents=True, exist_ok=True)
         self.presets_dir = Path(self.presets_dir).expanduser().resolve()
-        self._allowed[:] = [str(self.output_root), str(cache_dir().expanduser().resolve())]
+        self.access = AccessPolicy(self.output_root, self.presets_dir, list(self.data_roots), list(self.model_roots),
+                                   self.pickle_from_clients)
 
     # folders the server may serve -----------------------------------------------------------------
     def allowed_paths(self) -> list[str]:
-        return self._allowed
-
-    def _allow(self, path: Path) -> None:
-        path = str(Path(path).resolve())
-        if path not in self._allowed:
-            self._allowed.append(path)
+        """For Gradio's launch(allowed_paths=...): the output root only. Within it the request guard (http_guard.py)
+        lets through only the files AccessPolicy.may_serve names; dataset folders are never served."""
+        return [str(self.output_root)]
 
     def uploads_dir(self) -> Path:
-        return self.output_root / "uploads"
+        return self.access.uploads_dir
 
     # dataset ---------------------------------------------------------------------------------------
-    def dataset_root(self, folder: str) -> Path:
+    def dataset_root(self, folder: str, *, what: str = "data_dir") -> Path:
+        """The dataset folder, resolved, if it lies under a dataset root (--data-root, uploads, builtin:demo)."""
         folder = (folder or "").strip()
         if not folder:
             raise ConfigError(f"Dataset folder: enter the path of a folder of images, or {DEMO_DATA}.")
-        return resolve_data_dir(folder).expanduser().resolve()
+        if folder == DEMO_DATA:
+            return resolve_data_dir(folder).expanduser().resolve()
+        return self.access.dataset_folder(resolve_data_dir(folder), folder, what=what)
 
     def scan(self, folder: str, *, check_images: bool = False):
         from ..data.scan import scan_dataset
 
-        report = scan_dataset(self.dataset_root(folder), check_images=check_images)
-        if _too_broad(report.root):
-            for item in report.items[:GALLERY_LIMIT]:
-                self._allow(item.path)
-        else:
-            self._allow(report.root)
-        return report
+        return scan_dataset(self.dataset_root(folder), check_images=check_images)
 
     def thumbnail(self, image: Path, size: int = THUMB_SIZE) -> Path:
-        """A small upright copy for the gallery, cached under OUTPUT/.thumbs (so big photos are not copied whole into
-        the web server's cache); the original path if it cannot be made."""
+        """A small upright copy for the gallery, cached under OUTPUT/.thumbs: the web server serves these, never the
+        dataset folder. A grey placeholder if the image cannot be read or lies outside the dataset roots."""
         import hashlib
 
         from ..data.images import open_image_rgb
         from ..sampling import save_png_atomic
 
         try:
+            image = Path(image).resolve()
+            if not any(is_inside(image, root) for root in self.access.dataset_roots()):
+                return self._placeholder()
             st = image.stat()
-            key = hashlib.sha1(f"{image.resolve()}|{st.st_size}|{st.st_mtime_ns}|{size}".encode()).hexdigest()
-            thumb = self.output_root / ".thumbs" / f"{key}.png"
+            key = hashlib.sha1(f"{image}|{st.st_size}|{st.st_mtime_ns}|{size}".encode()).hexdigest()
+            thumb = self.output_root / THUMBS_DIR / f"{key}.png"
             if not thumb.is_file():
                 img = open_image_rgb(image, max_side=size)
                 img.thumbnail((size, size))
                 save_png_atomic(img, thumb)
             return thumb
         except Exception:  # noqa: BLE001 - a thumbnail is a nicety; the scan report already names broken images
-            return image
+            return self._placeholder()
+
+    def preview(self, image: Path) -> Path:
+        """The selected image, larger, made the same way as the gallery's thumbnails."""
+        return self.thumbnail(image, size=PREVIEW_SIZE)
+
+    def _placeholder(self) -> Path:
+        from PIL import Image
+
+        from ..sampling import save_png_atomic
+
+        path = self.output_root / THUMBS_DIR / "unreadable.png"
+        if not path.is_file():
+            save_png_atomic(Image.new("RGB", (THUMB_SIZE, THUMB_SIZE), (128, 128, 128)), path)
+        return path
 
     def caption_file(self, folder: str, image_path: str, caption_path: str | None = None) -> tuple[Path, Path]:
-        """(dataset root, caption file) for an image, refusing anything outside the dataset folder."""
+        """(dataset root, caption file) for an existing image inside a dataset root; anything else is refused."""
         from ..data.captions import CAPTION_EXTENSIONS, caption_path_for
 
         root = self.dataset_root(folder)
-        image = Path(image_path or "")
-        if not image_path or not is_inside(image, root):
-            raise ConfigError(f"Refusing to save a caption for '{image_path}': it is outside the dataset folder '{root}'.")
+        image = self.access.caption_image(root, image_path)
         target = Path(caption_path) if caption_path else caption_path_for(image)
         if target.suffix.lower() not in CAPTION_EXTENSIONS:
             target = caption_path_for(image)  # e.g. the caption came from metadata.jsonl: a .txt takes precedence
@@ -159,6 +165,7 @@ class Service:
         from ..models import load_base_model
 
         spec = (spec or "").strip()
+        self.access.base_model(spec, bool(allow_pickle))
         key = f"{spec}|pickle={bool(allow_pickle)}"
         with self._model_lock:
             if key in self._models:
@@ -189,7 +196,7 @@ class Service:
         with self._model_lock:
             base = self.base_model(spec, allow_pickle=allow_pickle)
             unet_mods = resolve_unet_targets(base.unet, targets, conv_rank=conv_rank) if (targets or conv_rank) else []
-            te_mods = resolve_text_encoder_targets(base.text_encoder) if train_te else []
+            te_mods = [m for te in base.text_encoders for m in resolve_text_encoder_targets(te)] if train_te else []
         total = count_lora_parameters(unet_mods, rank, conv_rank) + count_lora_parameters(te_mods, rank)
         return total, len(unet_mods), len(te_mods)
 
@@ -202,23 +209,34 @@ class Service:
         return make_config(**values)
 
     def checked_config(self, values: dict[str, Any]) -> TrainConfig:
-        """build_config plus the cheap checks that need the disk: the base model resolves, the dataset folder exists."""
+        """build_config plus the access policy (every path in it, allow_pickle) and the cheap checks that need the disk:
+        the base model resolves, the prompts parse, the dataset folder exists."""
         from ..models import resolve_model_spec
         from ..sampling import parse_prompt_line
 
         cfg = self.build_config(values)
+        self._check_access(cfg)
+        if not cfg.data_dir.strip():
+            raise ConfigError(f"data_dir: choose a dataset folder on the Dataset tab (or {DEMO_DATA}).")
+        root = self.dataset_root(cfg.data_dir)
         resolve_model_spec(cfg.base_model)
-        for line in cfg.sample_prompts:
+        for line in cfg.all_sample_prompts():
             try:
                 parse_prompt_line(line)
             except ValueError as exc:
                 raise ConfigError(f"sample_prompts: {exc}") from None
-        if not cfg.data_dir.strip():
-            raise ConfigError(f"data_dir: choose a dataset folder on the Dataset tab (or {DEMO_DATA}).")
-        root = self.dataset_root(cfg.data_dir)
         if not root.is_dir():
             raise ConfigError(f"data_dir: '{cfg.data_dir}' is not a folder. Fix the path on the Dataset tab.")
         return cfg
+
+    def _check_access(self, cfg: TrainConfig) -> None:
+        """Every path and dangerous switch in a config a client sent, against the access policy."""
+        self.access.base_model(cfg.base_model, cfg.allow_pickle)
+        self.access.resume(cfg.resume)
+        if cfg.sample_prompts_file.strip():
+            self.access.prompt_file(cfg.sample_prompts_file)
+        if cfg.data_dir.strip():
+            self.dataset_root(cfg.data_dir)
 
     def list_presets(self) -> list[str]:
         return sorted(p.stem for p in self.presets_dir.glob("*.toml"))
@@ -234,8 +252,14 @@ class Service:
         if not (name or "").strip():
             raise ConfigError("Preset name: type a name for the preset first, e.g. my-style.")
         cfg = self.build_config(values)
+        # A preset is also read by the command line, which trusts it: it gets the same checks as a run.
+        self._check_access(cfg)
         stem = sanitize_name(name, default="my-preset")
-        return save_preset(cfg, self.presets_dir / f"{stem}.toml", header=f"{stem}: saved from the sdlora web UI")
+        path = self.presets_dir / f"{stem}.toml"
+        if path.exists() and not _saved_from_web_ui(path):
+            raise ConfigError(f"Preset name: '{stem}' ships with sdlora or was written outside the web UI; save under "
+                              "another name.")
+        return save_preset(cfg, path, header=f"{stem}: {WEB_UI_PRESET}")
 
     # jobs --------------------------------------------------------------------------------------------
     def start(self, values: dict[str, Any]):
@@ -304,9 +328,9 @@ class Service:
         return [str(p) for p in files] + [str(p) for p in ckpts]
 
     # try ------------------------------------------------------------------------------------------------
-    @staticmethod
-    def check_lora_path(path: str) -> Path:
+    def check_lora_path(self, path: str) -> Path:
         p = Path(str(path).strip()).expanduser()
+        self.access.lora_file(str(path).strip())
         if not p.is_file():
             raise ConfigError(f"LoRA file '{path}' not found. Pick one from the list or give a full path.")
         if p.suffix.lower() != ".safetensors":
@@ -356,6 +380,9 @@ class Service:
         if precision not in ("fp16", "bf16", "fp32"):
             raise ConfigError(f"Precision: choose fp16, bf16 or fp32 (got '{precision}').")
         src = Path(str(source or "").strip()).expanduser()
+        if str(source or "").strip():
+            self.access.lora_file(str(source).strip(), what="Export source")
+        self.access.base_model(base_spec)
         if not str(source or "").strip() or not src.exists():
             raise ConfigError(f"Nothing to export: '{source}' does not exist. Train first, or pick a LoRA file or checkpoint.")
         suffix = "_diffusers" if fmt == "diffusers" else ""
@@ -364,6 +391,17 @@ class Service:
             out = reexport(src, target, fmt=fmt, precision=precision, base_model=base_spec)
             report = verify_lora(out, self.base_model(base_spec))
         return out, report.summary(), report.ok
+
+
+WEB_UI_PRESET = "saved from the sdlora web UI"
+
+
+def _saved_from_web_ui(path: Path) -> bool:
+    try:
+        with open(path, encoding="utf-8", errors="replace") as fh:
+            return WEB_UI_PRESET in fh.readline(400)
+    except OSError:
+        return False
 
 
 def _newest_first(paths) -> list[Path]:
