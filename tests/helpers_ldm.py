@@ -1,60 +1,27 @@
-"""Test helper: write a diffusers SD1-style pipeline as one checkpoint in the original (LDM/CompVis) layout.
+"""Test helper: write a diffusers pipeline as one checkpoint in the original layout: SD1/SD2 the LDM/CompVis way
+(`model.diffusion_model.`, `first_stage_model.`, `cond_stage_model.`), SDXL the way `sd_xl_base_1.0.safetensors`
+ships (`conditioner.embedders.0.transformer.` CLIP-L, `conditioner.embedders.1.model.` OpenCLIP bigG).
 
-It is the reverse of diffusers' single-file converter, generalised to any number of levels and layers
-per block so the tiny model can be written the way SD1.5 files are distributed.
+It is the reverse of diffusers' single-file converters, generalised to any number of levels and layers
+per block so the tiny models can be written the way the real files are distributed.
 """
 
 from __future__ import annotations
 
 import torch
 
-
-def _unet_map(config) -> list[tuple[str, str]]:
-    """(ldm prefix, diffusers prefix) pairs for the UNet blocks."""
-    n = len(config["block_out_channels"])
-    lpb = config["layers_per_block"]
-    down_types, up_types = config["down_block_types"], config["up_block_types"]
-    pairs = [("time_embed.0.", "time_embedding.linear_1."), ("time_embed.2.", "time_embedding.linear_2."),
-             ("input_blocks.0.0.", "conv_in."), ("out.0.", "conv_norm_out."), ("out.2.", "conv_out.")]
-    for i in range(n):
-        for j in range(lpb):
-            idx = (lpb + 1) * i + j + 1
-            pairs.append((f"input_blocks.{idx}.0.", f"down_blocks.{i}.resnets.{j}."))
-            if "CrossAttn" in down_types[i]:
-                pairs.append((f"input_blocks.{idx}.1.", f"down_blocks.{i}.attentions.{j}."))
-        if i < n - 1:
-            pairs.append((f"input_blocks.{(lpb + 1) * (i + 1)}.0.op.", f"down_blocks.{i}.downsamplers.0.conv."))
-        for j in range(lpb + 1):
-            idx = (lpb + 1) * i + j
-            pairs.append((f"output_blocks.{idx}.0.", f"up_blocks.{i}.resnets.{j}."))
-            if "CrossAttn" in up_types[i]:
-                pairs.append((f"output_blocks.{idx}.1.", f"up_blocks.{i}.attentions.{j}."))
-        if i < n - 1:
-            slot = 2 if "CrossAttn" in up_types[i] else 1
-            pairs.append((f"output_blocks.{(lpb + 1) * i + lpb}.{slot}.conv.", f"up_blocks.{i}.upsamplers.0.conv."))
-    pairs += [("middle_block.1.", "mid_block.attentions.0."), ("middle_block.0.", "mid_block.resnets.0."),
-              ("middle_block.2.", "mid_block.resnets.1.")]
-    return pairs
-
-
-_RESNET = [("in_layers.0.", "norm1."), ("in_layers.2.", "conv1."), ("out_layers.0.", "norm2."), ("out_layers.3.", "conv2."),
-           ("emb_layers.1.", "time_emb_proj."), ("skip_connection.", "conv_shortcut.")]
+from sdlora.formats.ldm_names import diffusers_to_ldm
 
 
 def unet_to_ldm(unet) -> dict[str, torch.Tensor]:
-    pairs = sorted(_unet_map(unet.config), key=lambda p: -len(p[1]))
+    """The UNet state dict under `model.diffusion_model.` with LDM/SGM names, mapped by sdlora's own name map
+    (so the tests also prove that map against diffusers' converters)."""
     out = {}
     for key, value in unet.state_dict().items():
-        for ldm, hf in pairs:
-            if key.startswith(hf):
-                rest = key[len(hf):]
-                if ".resnets." in hf or hf.startswith("mid_block.resnets"):
-                    for a, b in _RESNET:
-                        rest = rest.replace(b, a) if rest.startswith(b) else rest
-                out["model.diffusion_model." + ldm + rest] = value
-                break
-        else:
+        ldm = diffusers_to_ldm(key, unet.config)
+        if ldm is None:
             raise KeyError(f"unmapped UNet key {key}")
+        out["model.diffusion_model." + ldm] = value
     return out
 
 
@@ -96,15 +63,16 @@ def vae_to_ldm(vae) -> dict[str, torch.Tensor]:
     return out
 
 
-def text_encoder_to_ldm(text_encoder) -> dict[str, torch.Tensor]:
-    """SD1: the transformers CLIPTextModel state dict under cond_stage_model.transformer.text_model."""
+def text_encoder_to_ldm(text_encoder, prefix: str = "cond_stage_model.transformer.") -> dict[str, torch.Tensor]:
+    """SD1 (and SDXL's first encoder under `conditioner.embedders.0.transformer.`): the transformers CLIPTextModel
+    state dict under `<prefix>text_model.`."""
     out = {}
     for key, value in text_encoder.state_dict().items():
         key = key if key.startswith("text_model.") else "text_model." + key
-        out["cond_stage_model.transformer." + key] = value
-    # Real SD1 files carry the (since non-persistent) position_ids buffer too.
+        out[prefix + key] = value
+    # Real SD1/SDXL files carry the (since non-persistent) position_ids buffer too.
     n = text_encoder.config.max_position_embeddings
-    out["cond_stage_model.transformer.text_model.embeddings.position_ids"] = torch.arange(n, device=value.device)[None]
+    out[prefix + "text_model.embeddings.position_ids"] = torch.arange(n, device=value.device)[None]
     return out
 
 
@@ -112,16 +80,25 @@ _OPENCLIP_LAYER = [("layer_norm1.", "ln_1."), ("layer_norm2.", "ln_2."), ("mlp.f
                    ("self_attn.out_proj.", "attn.out_proj.")]
 
 
-def text_encoder_to_openclip_ldm(text_encoder) -> dict[str, torch.Tensor]:
-    """SD2: the OpenCLIP layout (cond_stage_model.model.*), q/k/v fused into in_proj like open_clip stores them."""
+def text_encoder_to_openclip_ldm(text_encoder, prefix: str = "cond_stage_model.model.") -> dict[str, torch.Tensor]:
+    """The OpenCLIP layout (SD2: `cond_stage_model.model.`, SDXL's second encoder: `conditioner.embedders.1.model.`),
+    q/k/v fused into in_proj like open_clip stores them. A CLIPTextModelWithProjection's projection is written as
+    OpenCLIP's `text_projection` of shape (width, projection_dim): the transpose of the nn.Linear weight, which is
+    what diffusers' convert_open_clip_checkpoint transposes back."""
     sd = {k.removeprefix("text_model."): v for k, v in text_encoder.state_dict().items()}
-    p = "cond_stage_model.model."
+    sd.pop("embeddings.position_ids", None)
+    p = prefix
     out = {p + "token_embedding.weight": sd.pop("embeddings.token_embedding.weight"),
            p + "positional_embedding": sd.pop("embeddings.position_embedding.weight"),
            p + "ln_final.weight": sd.pop("final_layer_norm.weight"), p + "ln_final.bias": sd.pop("final_layer_norm.bias")}
-    hidden = text_encoder.config.hidden_size
-    out[p + "text_projection"] = torch.zeros(hidden, hidden, device=out[p + "ln_final.weight"].device)
-    out[p + "logit_scale"] = torch.ones((), device=out[p + "ln_final.weight"].device)
+    device = out[p + "ln_final.weight"].device
+    projection = sd.pop("text_projection.weight", None)
+    if projection is not None:
+        out[p + "text_projection"] = projection.T
+    else:  # SD2's CLIPTextModel has no projection; the file's is unused (diffusers skips it)
+        hidden = text_encoder.config.hidden_size
+        out[p + "text_projection"] = torch.zeros(hidden, hidden, device=device)
+    out[p + "logit_scale"] = torch.ones((), device=device)
     for i in range(text_encoder.config.num_hidden_layers):
         layer, block = f"encoder.layers.{i}.", f"{p}transformer.resblocks.{i}."
         for kind in ("weight", "bias"):
@@ -133,12 +110,41 @@ def text_encoder_to_openclip_ldm(text_encoder) -> dict[str, torch.Tensor]:
     return out
 
 
-def pipeline_to_ldm(base, *, openclip: bool = False) -> dict[str, torch.Tensor]:
-    """The whole model as one original-layout state dict, with the extra entries real SD files carry."""
+def _text_encoders(base) -> list:
+    encoders = getattr(base, "text_encoders", None)
+    if encoders:
+        return list(encoders)
+    return [base.text_encoder] + ([base.text_encoder_2] if getattr(base, "text_encoder_2", None) is not None else [])
+
+
+def _is_xl(base) -> bool:
+    cfg = base.unet.config
+    return (cfg.get("addition_embed_type") if isinstance(cfg, dict) else getattr(cfg, "addition_embed_type", None)) == "text_time"
+
+
+def sdxl_pipeline_to_ldm(base) -> dict[str, torch.Tensor]:
+    """An SDXL pipeline (or BaseModel) as one state dict in the `sd_xl_base_1.0.safetensors` layout: UNet under
+    `model.diffusion_model.` (add_embedding as `label_emb.0.0/0.2`), VAE under `first_stage_model.`, CLIP-L under
+    `conditioner.embedders.0.transformer.text_model.`, OpenCLIP bigG under `conditioner.embedders.1.model.`."""
+    te1, te2 = _text_encoders(base)
     sd = {}
     sd.update(unet_to_ldm(base.unet))
     sd.update(vae_to_ldm(base.vae))
-    sd.update(text_encoder_to_openclip_ldm(base.text_encoder) if openclip else text_encoder_to_ldm(base.text_encoder))
+    sd.update(text_encoder_to_ldm(te1, prefix="conditioner.embedders.0.transformer."))
+    sd.update(text_encoder_to_openclip_ldm(te2, prefix="conditioner.embedders.1.model."))
+    return {k: v.detach().contiguous().clone() for k, v in sd.items()}
+
+
+def pipeline_to_ldm(base, *, openclip: bool = False) -> dict[str, torch.Tensor]:
+    """The whole model as one original-layout state dict, with the extra entries real SD files carry (SDXL models,
+    told apart by their text_time UNet, go to sdxl_pipeline_to_ldm)."""
+    if _is_xl(base):
+        return sdxl_pipeline_to_ldm(base)
+    text_encoder = _text_encoders(base)[0]
+    sd = {}
+    sd.update(unet_to_ldm(base.unet))
+    sd.update(vae_to_ldm(base.vae))
+    sd.update(text_encoder_to_openclip_ldm(text_encoder) if openclip else text_encoder_to_ldm(text_encoder))
     betas = torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000) ** 2
     sd.update({"betas": betas, "alphas_cumprod": torch.cumprod(1 - betas, 0), "model_ema.decay": torch.tensor(0.9999),
                "model_ema.num_updates": torch.tensor(0, dtype=torch.int32)})

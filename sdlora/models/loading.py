@@ -84,6 +84,12 @@ class BaseModel:
                                     tokenizers=self.tokenizers, scheduler=sched)
 
 
+def _first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (its class name when it has none), for an error sentence."""
+    lines = str(exc).strip().splitlines()
+    return lines[0][:240] if lines else type(exc).__name__
+
+
 def _check_complete(module, path: Path, part: str) -> None:
     missing = [n for n, t in list(module.named_parameters()) + list(module.named_buffers()) if t.is_meta]
     if missing:
@@ -138,6 +144,11 @@ def _load_single_file(path: Path, *, dtype, allow_pickle: bool, prediction_type:
         config = Path(config_dir).expanduser()
         if not (config / "unet" / "config.json").is_file():
             raise ModelLoadError(f"config_dir '{config}' is not a diffusers model folder (no unet/config.json).")
+        index = _read_json(config / "model_index.json") if (config / "model_index.json").is_file() else {}
+        config_family = family_of_folder(index, _read_json(config / "unet" / "config.json")) or FAMILIES["sd1"]
+        if (config_family.name == "sdxl") != (family.name == "sdxl"):  # one text encoder or two: never loadable
+            raise ModelLoadError(f"config_dir '{config}' holds an {config_family.label} model, but '{path.name}' is an "
+                                 f"{family.label} checkpoint: pass a diffusers folder of the same family and sizes.")
     elif arch in ("tiny", "tiny-xl"):
         config = tiny_model_dir(TINY_XL_SPEC if arch == "tiny-xl" else TINY_SPEC)
     elif arch == "custom":
@@ -148,28 +159,38 @@ def _load_single_file(path: Path, *, dtype, allow_pickle: bool, prediction_type:
         # SD2 512-base and 768-v share one layout; loaded with the 768-v configs, then settled by predicts_v below.
         variant = {"sd15": "sd15", "sd2": "sd2-v", "sdxl": "sdxl"}[arch]
         config = config_folder(variant)
+    stage = "UNet"  # the part being loaded, for the error sentence
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             unet = UNet2DConditionModel.from_single_file(state, config=str(config), subfolder="unet", local_files_only=True,
                                                          torch_dtype=dtype)
-            _check_complete(unet, path, "UNet")
+            _check_complete(unet, path, stage)
+            stage = "VAE"
             vae = AutoencoderKL.from_single_file(state, config=str(config), subfolder="vae", local_files_only=True,
                                                  torch_dtype=torch.float32)
-            _check_complete(vae, path, "VAE")
+            _check_complete(vae, path, stage)
             text_encoders = []
             for i, part in enumerate(family.text_encoder_names):
+                stage = f"text encoder {i + 1}" if len(family.text_encoder_names) > 1 else "text encoder"
                 cls = getattr(transformers, _TEXT_ENCODER_CLASSES[part])
                 te = create_diffusers_clip_model_from_ldm(cls, state, subfolder=part, config=str(config), torch_dtype=dtype,
                                                           local_files_only=True)
-                _check_complete(te, path, f"text encoder {i + 1}" if len(family.text_encoder_names) > 1 else "text encoder")
+                _check_complete(te, path, stage)
                 text_encoders.append(te)
+            stage = "tokenizer"
             tokenizers = [CLIPTokenizer.from_pretrained(config / part, local_files_only=True) for part in family.tokenizer_names]
     except ModelLoadError:
         raise
     except Exception as exc:
-        raise ModelLoadError(f"Could not load '{path.name}' as an {family.label} checkpoint: "
-                             f"{str(exc).strip().splitlines()[0][:240]}. " + SUPPORTED) from None
+        # diffusers' converters index the tensors they need (KeyError), and a model left with weights the file lacks
+        # fails when diffusers moves it off the meta device: both mean an incomplete file, not a diffusers problem.
+        if isinstance(exc, KeyError) or "meta tensor" in str(exc):
+            example = f" (e.g. {exc.args[0]})" if isinstance(exc, KeyError) and exc.args else ""
+            raise ModelLoadError(f"'{path.name}' lacks weights for the {stage}{example}: the file is incomplete or of an "
+                                 "unsupported variant. " + SUPPORTED) from None
+        raise ModelLoadError(f"Could not load '{path.name}' as an {family.label} checkpoint ({stage}): "
+                             f"{_first_line(exc)}. " + SUPPORTED) from None
     del state
     scheduler_config = _read_json(config / "scheduler" / "scheduler_config.json")
     resolution = None
@@ -223,7 +244,7 @@ def _load_folder(folder: Path) -> dict:
             }
     except (OSError, ValueError, TypeError, KeyError) as exc:
         parts = ", ".join(f"{p}/" for p in ("unet", "vae", *family.text_encoder_names, *family.tokenizer_names))
-        raise ModelLoadError(f"Could not load the diffusers model in '{folder}': {str(exc).strip().splitlines()[0][:240]}. "
+        raise ModelLoadError(f"Could not load the diffusers model in '{folder}': {_first_line(exc)}. "
                              f"Check that {parts} and scheduler/ are complete.") from None
     comps["scheduler_config"] = _read_json(folder / "scheduler" / "scheduler_config.json")
     return comps
