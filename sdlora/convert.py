@@ -20,11 +20,15 @@ def _source_file(source: Path) -> Path:
 
 
 def reexport(source: Path, out: Path, *, fmt: str = "kohya", precision: str = "fp16", base_model: str | None = None) -> Path:
+    from .outputs import check_output_file
+
+    check_output_file(out, what="export destination")  # never a folder, a device or a pipe
     src = _source_file(Path(source))
     tensors, metadata = read_lora(src)
     src_fmt = detect_format(tensors)
     if src_fmt == "unknown":
         raise ExportError(f"'{src}' is not a LoRA in kohya or diffusers format.")
+    _refuse_broken(src, tensors, metadata, src_fmt)
     metadata["ss_save_precision"] = precision
     if fmt == src_fmt:
         cast = {k: v.to(PRECISIONS[precision]).contiguous() for k, v in tensors.items()}
@@ -38,7 +42,13 @@ def reexport(source: Path, out: Path, *, fmt: str = "kohya", precision: str = "f
     spec = base_model or _base_from_metadata(src, metadata)
     base = load_base_model(spec)
     pipe = base.make_pipeline()
-    pipe.load_lora_weights(str(src), adapter_name="default")
+    try:
+        pipe.load_lora_weights(str(src), adapter_name="default")
+    except Exception as exc:  # noqa: BLE001 - whatever diffusers trips over in a file that passed the checks above
+        from .errorlog import what_went_wrong
+
+        raise ExportError(f"diffusers could not load '{src}' onto {spec} ({what_went_wrong(exc)}). Check it with "
+                          "python -m sdlora verify, or pass the right --base-model.") from None
     # The components diffusers put a LoRA into: the UNet and each text encoder the file adapts.
     modules = {"unet": pipe.unet}
     modules.update({n: getattr(pipe, n) for n in base.family.text_encoder_names
@@ -48,10 +58,27 @@ def reexport(source: Path, out: Path, *, fmt: str = "kohya", precision: str = "f
     return writer(Path(out), base.family, modules, metadata=keep, precision=precision)
 
 
+def _refuse_broken(src: Path, tensors: dict, metadata: dict, src_fmt: str) -> None:
+    """A file with NaN weights, integer tensors, odd ranks/alpha shapes or damaged diffusers metadata is not exported."""
+    from .inference import LoraLoadError, diffusers_to_kohya
+    from .lora_check import refuse_broken
+
+    try:
+        kohya = diffusers_to_kohya(tensors, metadata, source=src) if src_fmt == "diffusers" else tensors
+    except LoraLoadError as exc:
+        raise ExportError(str(exc)) from None
+    refuse_broken(kohya, src, ExportError)
+
+
 def _base_from_metadata(src: Path, metadata: dict) -> str:
     state = src.parent / "state.json"
     if state.is_file():
-        return json.loads(state.read_text(encoding="utf-8"))["config"]["base_model"]
+        try:
+            base = json.loads(state.read_text(encoding="utf-8"))["config"]["base_model"]
+            if isinstance(base, str) and base:
+                return base
+        except (OSError, ValueError, KeyError, TypeError, RecursionError):
+            pass  # a damaged state.json: fall back to the file's own metadata
     name = metadata.get("ss_sd_model_name", "")
     if name.startswith("builtin:"):
         return name

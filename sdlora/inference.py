@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import re
 from pathlib import Path
 
@@ -26,17 +27,65 @@ def parse_lora_arg(arg: str) -> tuple[Path, float]:
     return Path(arg).expanduser(), 1.0
 
 
-def diffusers_to_kohya(tensors: dict[str, torch.Tensor], metadata: dict[str, str], family=None,
-                       unet_config=None) -> dict[str, torch.Tensor]:
-    """A diffusers/PEFT-format file in kohya terms (used by verify), named by the family's rule; alpha comes from the
-    stored LoRA config."""
-    family = family or FAMILIES["sd1"]
-    configs = {}
-    if "lora_adapter_metadata" in metadata:
+def _adapter_configs(metadata: dict[str, str], source) -> dict[str, dict]:
+    """The LoRA configs diffusers stores in the file ("unet.lora_alpha": 4, ...), grouped by component; a damaged one is
+    refused with a sentence (diffusers would fail on it with a traceback, or load wrong ranks silently)."""
+    from .safetext import shown
+
+    if "lora_adapter_metadata" not in metadata:
+        return {}
+
+    def bad(why: str) -> LoraLoadError:
+        return LoraLoadError(f"'{shown(source)}' has damaged diffusers metadata: {why}. Re-export the LoRA "
+                             "(python -m sdlora export FILE --format diffusers) or use the kohya file.")
+
+    try:
         raw = json.loads(metadata["lora_adapter_metadata"])
-        for key, value in raw.items():
-            prefix, _, field = key.partition(".")
-            configs.setdefault(prefix, {})[field] = value
+    except (ValueError, RecursionError):
+        raise bad("lora_adapter_metadata is not valid JSON") from None
+    if not isinstance(raw, dict):
+        raise bad("lora_adapter_metadata is not a JSON object")
+    configs: dict[str, dict] = {}
+    for key, value in raw.items():
+        prefix, _, field = str(key).partition(".")
+        configs.setdefault(prefix, {})[field] = value
+    for part, cfg in configs.items():
+        for name in ("lora_alpha", "r"):
+            v = cfg.get(name)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0):
+                raise bad(f"{part}.{name} is {v!r}, not a positive number")
+        for name in ("alpha_pattern", "rank_pattern"):
+            patterns = cfg.get(name)
+            if patterns is None:
+                continue
+            if not isinstance(patterns, dict):
+                raise bad(f"{part}.{name} is not a mapping")
+            for pattern, v in patterns.items():
+                try:
+                    re.compile(pattern)
+                except re.error:
+                    raise bad(f"{part}.{name} has an invalid pattern {pattern!r}") from None
+                if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
+                    raise bad(f"{part}.{name}[{pattern!r}] is {v!r}, not a positive number")
+    return configs
+
+
+def _configured(cfg: dict, field: str, pattern_field: str, path: str, default):
+    value = cfg.get(field, default)
+    for pattern, v in (cfg.get(pattern_field) or {}).items():
+        if re.search(pattern, path):
+            value = v
+    return value
+
+
+def diffusers_to_kohya(tensors: dict[str, torch.Tensor], metadata: dict[str, str], family=None,
+                       unet_config=None, *, source="LoRA file") -> dict[str, torch.Tensor]:
+    """A diffusers/PEFT-format file in kohya terms (used by verify), named by the family's rule; alpha comes from the
+    stored LoRA config. Damaged metadata raises LoraLoadError naming `source`."""
+    from .safetext import shown
+
+    family = family or FAMILIES["sd1"]
+    configs = _adapter_configs(metadata, source)
     out = {}
     for key, value in tensors.items():
         m = re.fullmatch(r"(unet|text_encoder|text_encoder_2)\.(.+)\.lora_([AB])\.weight", key)
@@ -52,12 +101,15 @@ def diffusers_to_kohya(tensors: dict[str, torch.Tensor], metadata: dict[str, str
             out[key] = value
             continue
         out[f"{prefix}.{'lora_down' if ab == 'A' else 'lora_up'}.weight"] = value
-        if ab == "A":
+        if ab == "A" and value.dim() >= 1:  # a malformed A (0-d) is named by the shape checks later
             cfg = configs.get(part, {})
-            alpha = cfg.get("lora_alpha", value.shape[0])
-            for pattern, a in (cfg.get("alpha_pattern") or {}).items():
-                if re.search(pattern, path):
-                    alpha = a
+            # Only the plain case is judged here (per-module patterns are PEFT's to match); diffusers builds the layers
+            # from this number, so a wrong one would fail inside its loader.
+            rank = None if cfg.get("rank_pattern") else cfg.get("r")
+            if rank is not None and int(rank) != value.shape[0]:
+                raise LoraLoadError(f"'{shown(source)}' has damaged diffusers metadata: it says rank {rank} for {part}.{path}, "
+                                    f"but the weights have rank {value.shape[0]}. Re-export the LoRA or use the kohya file.")
+            alpha = _configured(cfg, "lora_alpha", "alpha_pattern", path, value.shape[0])
             out[f"{prefix}.alpha"] = torch.tensor(float(alpha))
     return out
 
@@ -76,7 +128,10 @@ def check_lora_fits(path: Path, pipe) -> None:
     if fmt == "unknown":
         raise LoraMismatchError(f"'{path.name}' does not look like a LoRA (no lora_unet_/lora_te_ or unet./text_encoder. keys).")
     if fmt == "diffusers":
-        tensors = diffusers_to_kohya(tensors, metadata, family, pipe.unet.config)
+        tensors = diffusers_to_kohya(tensors, metadata, family, pipe.unet.config, source=path)
+    from .lora_check import refuse_broken
+
+    refuse_broken(tensors, path, LoraLoadError)  # NaN weights, integer tensors, odd ranks or alpha shapes
     report = VerifyReport(path=str(path))
     components = {"unet": pipe.unet, **{n: getattr(pipe, n, None) for n in family.text_encoder_names}}
     check_keys(tensors, family, components, report)
@@ -99,7 +154,18 @@ def load_loras(pipe, loras: list[tuple[Path, float]]) -> list[str]:
             raise LoraLoadError(f"LoRA file '{path}' not found.")
         check_lora_fits(path, pipe)
         name = adapter_name_for(i, path)
-        pipe.load_lora_weights(str(path), adapter_name=name)
+        try:
+            pipe.load_lora_weights(str(path), adapter_name=name)
+        except Exception as exc:  # noqa: BLE001 - whatever diffusers trips over in a file that passed our checks
+            from .errorlog import what_went_wrong
+            from .safetext import shown
+
+            try:
+                pipe.delete_adapters(name)  # no half-loaded adapter may stay behind in a shared pipeline
+            except Exception:  # noqa: BLE001
+                pass
+            raise LoraLoadError(f"diffusers could not load '{shown(path)}' ({what_went_wrong(exc)}). Check it with "
+                                "python -m sdlora verify.") from None
         names.append(name)
     if names:
         pipe.set_adapters(names, adapter_weights=[float(s) for _, s in loras])

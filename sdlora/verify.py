@@ -191,12 +191,21 @@ def verify_lora(path: str | Path, base, *, numeric: bool = True, tolerance: floa
     tensors, metadata = read_lora(Path(path))
     report = VerifyReport(path=str(path), format=detect_format(tensors), tolerance=tolerance)
     if report.format == "diffusers":
-        from .inference import diffusers_to_kohya
+        from .inference import LoraLoadError, diffusers_to_kohya
 
-        tensors = diffusers_to_kohya(tensors, metadata, base.family, base.unet.config)
+        try:
+            tensors = diffusers_to_kohya(tensors, metadata, base.family, base.unet.config, source=path)
+        except LoraLoadError as exc:  # damaged metadata: a finding, not a crash
+            report.problems.append(str(exc))
+            return report
     elif report.format != "kohya":
         fam = describe_family(tensors)
         report.problems.append(f"not a recognised LoRA layout{f' (looks like {fam})' if fam else ''}")
+        return report
+    from .lora_check import lora_file_problems
+
+    report.problems += lora_file_problems(tensors)  # NaN/inf weights, non-float tensors, odd ranks and alpha shapes
+    if report.problems:
         return report
     fam = describe_family(tensors, base.family)
     if fam:

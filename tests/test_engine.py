@@ -117,7 +117,7 @@ def test_text_encoder_mapping_is_explicit():
 def test_every_key_maps_and_diffusers_reproduces_trained_output(trained):
     trainer, result = trained
     trained_unet = trainer.accelerator.unwrap_model(trainer.unet).eval()
-    trained_te = trainer.accelerator.unwrap_model(trainer.text_encoder).eval()
+    trained_te = trainer.accelerator.unwrap_model(trainer.text_encoders[0]).eval()
     fresh = load_base_model("builtin:tiny")
     latents, t, ids = _probe(fresh)
     with torch.no_grad():
@@ -135,9 +135,9 @@ def test_every_key_maps_and_diffusers_reproduces_trained_output(trained):
     tensors, _ = read_lora(result.lora_path)
     ref = load_base_model("builtin:tiny")
     report = VerifyReport(path=str(result.lora_path))
-    mapped = check_keys(tensors, ref.unet, ref.text_encoder, report)
+    mapped = check_keys(tensors, ref.family, ref.components(), report)
     assert report.unmapped == [] and report.problems == [] and report.mapped == report.modules > 0
-    apply_kohya_by_hand(ref.unet, ref.text_encoder, mapped)
+    apply_kohya_by_hand(ref.components(), mapped)
     with torch.no_grad():
         by_hand = ref.unet(latents, t, ref.text_encoder(ids)[0]).sample
     assert (by_hand - want).abs().max() <= 1e-5
@@ -150,7 +150,7 @@ def test_lora_learned_something(trained, demo_dataset):
     """Denoising loss on the training images over fixed noises/timesteps is lower with the LoRA."""
     trainer, _ = trained
     unet = trainer.accelerator.unwrap_model(trainer.unet).eval()
-    te = trainer.accelerator.unwrap_model(trainer.text_encoder).eval()
+    te = trainer.accelerator.unwrap_model(trainer.text_encoders[0]).eval()
     ds = trainer.dataset
     latents = torch.stack([trainer.latents.get(e.item_index, False) for e in ds.entries[: len(ds.items) * 1: 1]][:6])
     captions = [ds.fixed_caption(e.item_index) for e in ds.entries[:6]]
@@ -197,7 +197,7 @@ def test_strength_scales_the_effect(trained):
     full, half = load_base_model("builtin:tiny"), load_base_model("builtin:tiny")
     for model, s in ((full, 1.0), (half, 0.5)):
         r = VerifyReport(path="")
-        apply_kohya_by_hand(model.unet, model.text_encoder, check_keys(tensors, model.unet, model.text_encoder, r), strength=s)
+        apply_kohya_by_hand(model.components(), check_keys(tensors, model.family, model.components(), r), strength=s)
     w0 = base.unet.get_submodule("mid_block.attentions.0.transformer_blocks.0.attn2.to_k").weight
     w1 = full.unet.get_submodule("mid_block.attentions.0.transformer_blocks.0.attn2.to_k").weight
     wh = half.unet.get_submodule("mid_block.attentions.0.transformer_blocks.0.attn2.to_k").weight

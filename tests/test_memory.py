@@ -23,37 +23,46 @@ def _dtype(cfg):
     return {"bf16": torch.bfloat16}.get(cfg.mixed_precision, torch.float32)
 
 
-def _real_step_bytes(cfg, res: int) -> int:
+def _real_step_bytes(cfg, res: int, spec: str = "builtin:tiny") -> int:
     """One real training step on the CPU (frozen weights in the compute dtype, LoRA fp32, autocast), counted by the
-    same live-bytes counter."""
-    base = load_base_model("builtin:tiny")
-    unet, te = base.unet, base.text_encoder
-    unet.requires_grad_(False)
-    te.requires_grad_(False)
+    same live-bytes counter, through the family's own encode and UNet call."""
+    from sdlora.families import SampleGeometry
+
+    base = load_base_model(spec)
+    family, unet, encoders = base.family, base.unet, base.text_encoders
+    for m in (unet, *encoders):
+        m.requires_grad_(False)
     inject_unet_lora(unet, cfg.targets, cfg.rank, cfg.alpha, conv_rank=cfg.conv_rank, conv_alpha=cfg.conv_alpha)
     if cfg.train_text_encoder:
-        inject_text_encoder_lora(te, cfg.rank, cfg.alpha)
+        for te in encoders:
+            inject_text_encoder_lora(te, cfg.rank, cfg.alpha)
     unet.to(dtype=_dtype(cfg))
     make_lora_params_fp32(unet)
     if cfg.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
+        if cfg.train_text_encoder:
+            for te in encoders:
+                te.activation_checkpointing_enable()
     unet.train()
-    te.train()
+    for te in encoders:
+        te.train()
     b = cfg.batch_size
     latents = torch.randn(b, 4, res // 8, res // 8, dtype=_dtype(cfg))
     t = torch.randint(0, 1000, (b,))
-    ids = base.tokenizer(["a photo of a thing"] * b, padding="max_length", max_length=77, return_tensors="pt").input_ids
+    ids = family.tokenize(base.tokenizers, ["a photo of a thing"] * b)
+    geometry = [SampleGeometry((res, res), (0, 0), (res, res))] * b
     with torch.no_grad():
-        frozen_hidden = te(ids)[0].to(_dtype(cfg))
-    weights = [x for m in (unet, te) for x in (*m.parameters(), *m.buffers())]
-    counter = LiveTensorBytes(*weights, latents, t, ids, frozen_hidden)
+        frozen = family.conditioning(family.encode_tokens(encoders, ids), geometry).to(dtype=_dtype(cfg))
+    weights = [x for m in (unet, *encoders) for x in (*m.parameters(), *m.buffers())]
+    inputs = [x for x in (frozen.hidden, frozen.pooled, frozen.time_ids) if x is not None]
+    counter = LiveTensorBytes(*weights, latents, t, *ids, *inputs)
     with counter:
         with torch.autocast("cpu", dtype=_dtype(cfg), enabled=cfg.mixed_precision != "no"):
-            hidden = te(ids)[0] if cfg.train_text_encoder else frozen_hidden
-            pred = unet(latents, t, hidden).sample
+            cond = family.conditioning(family.encode_tokens(encoders, ids), geometry) if cfg.train_text_encoder else frozen
+            pred = family.unet_forward(unet, latents, t, cond)
         loss = F.mse_loss(pred.float(), torch.zeros_like(pred))
         loss.backward()
-        del pred, loss, hidden
+        del pred, loss, cond
     return counter.peak
 
 
@@ -68,9 +77,24 @@ def _real_step_bytes(cfg, res: int) -> int:
 def test_trace_matches_a_real_cpu_step(over):
     cfg = _cfg(**over)
     base = load_base_model("builtin:tiny")
-    traced = trace_step_bytes(base.unet, config=cfg, compute_dtype=_dtype(cfg), height=cfg.resolution, width=cfg.resolution,
-                              text_encoder=base.text_encoder)
+    traced = trace_step_bytes(base.unet, family=base.family, config=cfg, compute_dtype=_dtype(cfg), height=cfg.resolution,
+                              width=cfg.resolution,
+                              trained_text_encoders={"text_encoder": base.text_encoder} if cfg.train_text_encoder else None)
     real = _real_step_bytes(cfg, cfg.resolution)
+    assert real > 0
+    assert abs(traced - real) <= 0.05 * real, (traced, real)
+
+
+@pytest.mark.parametrize("over", [{}, {"train_text_encoder": True, "gradient_checkpointing": True},
+                                  {"mixed_precision": "bf16"}], ids=["plain", "both-text-encoders", "bf16"])
+def test_trace_matches_a_real_cpu_step_sdxl(over):
+    """SDXL: pooled embedding and size conditioning in the step, both text encoders when they train."""
+    cfg = _cfg(**over)
+    base = load_base_model("builtin:tiny-xl")
+    trained = dict(zip(base.family.text_encoder_names, base.text_encoders)) if cfg.train_text_encoder else None
+    traced = trace_step_bytes(base.unet, family=base.family, config=cfg, compute_dtype=_dtype(cfg), height=cfg.resolution,
+                              width=cfg.resolution, trained_text_encoders=trained)
+    real = _real_step_bytes(cfg, cfg.resolution, "builtin:tiny-xl")
     assert real > 0
     assert abs(traced - real) <= 0.05 * real, (traced, real)
 
@@ -80,20 +104,20 @@ def test_trace_scales_with_batch_and_resolution_and_checkpointing_saves():
 
     def traced(**over):
         cfg = _cfg(**over)
-        return trace_step_bytes(base.unet, config=cfg, compute_dtype=torch.float32, height=cfg.resolution, width=cfg.resolution)
+        return trace_step_bytes(base.unet, family=base.family, config=cfg, compute_dtype=torch.float32, height=cfg.resolution, width=cfg.resolution)
 
     one, two = traced(batch_size=1), traced(batch_size=2)
     assert 1.7 * one < two < 2.3 * one
     assert traced(batch_size=1, resolution=128) > 3 * one
     assert traced(batch_size=1, gradient_checkpointing=True) < 0.8 * one
     bf16 = _cfg(batch_size=1)
-    assert trace_step_bytes(base.unet, config=bf16, compute_dtype=torch.bfloat16, height=64, width=64) < 0.7 * one
+    assert trace_step_bytes(base.unet, family=base.family, config=bf16, compute_dtype=torch.bfloat16, height=64, width=64) < 0.7 * one
 
 
 def test_trace_leaves_the_real_model_alone():
     base = load_base_model("builtin:tiny")
     before = {n: p.clone() for n, p in base.unet.named_parameters()}
-    trace_step_bytes(base.unet, config=_cfg(), compute_dtype=torch.float32, height=64, width=64)
+    trace_step_bytes(base.unet, family=base.family, config=_cfg(), compute_dtype=torch.float32, height=64, width=64)
     after = dict(base.unet.named_parameters())
     assert before.keys() == after.keys()  # no LoRA added to the real UNet
     assert all(torch.equal(before[n], after[n]) for n in before)
@@ -104,10 +128,10 @@ def test_estimate_counts_what_stays_on_the_device(monkeypatch):
 
     base = load_base_model("builtin:tiny")
     cfg = _cfg(optimizer="adamw")
-    kwargs = dict(unet=base.unet, text_encoder=base.text_encoder, vae=base.vae, lora_params=1000, config=cfg,
-                  device=torch.device("cpu"))
-    everything = estimate_training_memory(**kwargs, vae_on_device=True, text_encoder_on_device=True)
-    cached = estimate_training_memory(**kwargs, vae_on_device=False, text_encoder_on_device=False)
+    kwargs = dict(family=base.family, unet=base.unet, text_encoders=base.text_encoders, vae=base.vae, lora_params=1000,
+                  config=cfg, device=torch.device("cpu"), trained_text_encoders=[])
+    everything = estimate_training_memory(**kwargs, vae_on_device=True, text_encoders_on_device=True)
+    cached = estimate_training_memory(**kwargs, vae_on_device=False, text_encoders_on_device=False)
     vae_bytes = sum(p.numel() for p in base.vae.parameters()) * 4
     te_bytes = sum(p.numel() for p in base.text_encoder.parameters()) * 4
     assert everything.weights - cached.weights == vae_bytes + te_bytes
@@ -119,13 +143,13 @@ def test_estimate_counts_what_stays_on_the_device(monkeypatch):
     assert cached.resident == cached.weights
     to_come = cached.total - cached.resident
     monkeypatch.setattr(memory, "available_memory", lambda device: int(to_come / 0.9) + 1)
-    assert estimate_training_memory(**kwargs, vae_on_device=False, text_encoder_on_device=False).fits()
+    assert estimate_training_memory(**kwargs, vae_on_device=False, text_encoders_on_device=False).fits()
     monkeypatch.setattr(memory, "available_memory", lambda device: to_come)
-    tight = estimate_training_memory(**kwargs, vae_on_device=False, text_encoder_on_device=False)
+    tight = estimate_training_memory(**kwargs, vae_on_device=False, text_encoders_on_device=False)
     assert not tight.fits()
     assert " available besides the " in tight.describe() and "MiB" in tight.describe()
     on_meta = estimate_training_memory(**{**kwargs, "device": torch.device("meta")}, vae_on_device=False,
-                                       text_encoder_on_device=False)
+                                       text_encoders_on_device=False)
     assert on_meta.resident == 0
 
 

@@ -358,7 +358,8 @@ class Service:
         with self._model_lock:
             base, pipe = self._pipeline(spec)
             # Fresh adapters every call: files may have been re-trained or re-exported since the last one.
-            if getattr(pipe.unet, "peft_config", None) or getattr(pipe.text_encoder, "peft_config", None):
+            if any(getattr(m, "peft_config", None) for m in base.components().values() if m is not None) or \
+                    getattr(pipe.unet, "peft_config", None):
                 pipe.unload_lora_weights()
             names = load_loras(pipe, paths)
             if grid_strengths:
