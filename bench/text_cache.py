@@ -37,7 +37,9 @@ def main() -> int:
     cfg = {k: v for k, v in MODEL_CONFIGS["sd15"]["text_encoder"].items() if k != "architectures"}
     te = CLIPTextModel(CLIPTextConfig(**cfg)).to(args.device).eval()
     tok = CLIPTokenizer.from_pretrained(write_config_folder("sd15", cache_dir() / "configs" / "sd15") / "tokenizer")
-    cache = TextEmbeddingCache(tok, te, args.device)
+    from sdlora.families import FAMILIES
+
+    cache = TextEmbeddingCache(FAMILIES["sd1"], [tok], [te], args.device)
     caption = "ohwx person, portrait, smiling, outdoors, daylight, red jacket, looking at viewer, detailed face"
     with torch.no_grad():
         cache.encode([caption])

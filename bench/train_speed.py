@@ -1,4 +1,4 @@
-"""Training-step speed and memory on an SD1.5-shaped model (random weights: compute is what matters).
+"""Training-step speed and memory on an SD1.5- or SDXL-shaped model (random weights: compute is what matters).
 
 Three loops over the same LoRA-injected UNet, timed interleaved in one process after warm-up:
   floor   a bare loop: UNet forward + backward + AdamW step on precomputed latents and text embeddings
@@ -7,7 +7,8 @@ Three loops over the same LoRA-injected UNet, timed interleaved in one process a
 
 Peak memory per loop is measured in a separate process each (`--memory`), since RSS peaks are per process.
 
-    python bench/train_speed.py                      # CPU, 256 px
+    python bench/train_speed.py                      # CPU, 256 px, SD1.5-shaped
+    python bench/train_speed.py --model sdxl --resolution 128 --steps 2   # SDXL-shaped (2.6B UNet, both encoders)
     python bench/train_speed.py --device cuda --resolution 512 --precision bf16
     python bench/train_speed.py --json results.json
 """
@@ -33,29 +34,39 @@ sys.path.insert(0, str(ROOT))
 import sdlora  # noqa: E402,F401  (first: it quiets libraries that log on import)
 
 
-def build_sd15_random(device: str, dtype: torch.dtype):
-    """SD1.5-shaped pipeline components with random weights, wrapped as sdlora's BaseModel."""
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+BENCH_MODELS = {"sd15": "SD1.5-shaped", "sdxl": "SDXL-shaped", "tiny": "builtin:tiny", "tiny-xl": "builtin:tiny-xl"}
 
+
+def build_random(model: str, device: str, dtype: torch.dtype):
+    """Full-size pipeline components of `model` ('sd15', 'sdxl') with random weights, wrapped as sdlora's BaseModel."""
+    import transformers
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTokenizer
+
+    from sdlora.families import family as family_named
     from sdlora.model_configs import MODEL_CONFIGS, write_config_folder
     from sdlora.models import BaseModel
     from sdlora.paths import cache_dir
 
-    cfg = MODEL_CONFIGS["sd15"]
-    folder = write_config_folder("sd15", cache_dir() / "configs" / "sd15")
+    cfg = MODEL_CONFIGS[model]
+    family = family_named(cfg["family"])
+    folder = write_config_folder(model, cache_dir() / "configs" / model)
     torch.manual_seed(0)
     unet = UNet2DConditionModel.from_config(cfg["unet"])
     vae = AutoencoderKL.from_config(cfg["vae"])
-    te = CLIPTextModel(CLIPTextConfig(**{k: v for k, v in cfg["text_encoder"].items() if k != "architectures"}))
-    tok = CLIPTokenizer.from_pretrained(folder / "tokenizer")
+    encoders = []
+    for part in family.text_encoder_names:
+        cls = getattr(transformers, (cfg[part].get("architectures") or ["CLIPTextModel"])[0])
+        encoders.append(cls(CLIPTextConfig(**{k: v for k, v in cfg[part].items() if k != "architectures"})))
+    tokenizers = [CLIPTokenizer.from_pretrained(folder / part) for part in family.tokenizer_names]
     sched = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000)
     unet.to(device, dtype)
-    te.to(device, dtype)
+    for te in encoders:
+        te.to(device, dtype)
     vae.to(device, torch.float32)
-    return BaseModel(unet=unet, vae=vae, text_encoder=te, tokenizer=tok, noise_scheduler=sched, family="sd1",
-                     prediction_type="epsilon", source="bench:sd15-random", kind="builtin", default_resolution=512,
-                     model_hash="bench-sd15-random", name="sd15-random")
+    return BaseModel(family=family, unet=unet, vae=vae, text_encoders=encoders, tokenizers=tokenizers, noise_scheduler=sched,
+                     prediction_type="epsilon", source=f"bench:{model}-random", kind="builtin",
+                     default_resolution=cfg["resolution"], model_hash=f"bench-{model}-random", name=f"{model}-random")
 
 
 def make_images(folder: Path, n: int, size: int) -> Path:
@@ -82,14 +93,16 @@ class Bench:
         self.device = args.device
         self.dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.precision]
         t0 = time.perf_counter()
-        if args.model == "tiny":  # the same loops on builtin:tiny: keeps this script tested (tests/test_bench.py)
+        if args.model.startswith("tiny"):  # the same loops on a built-in model: keeps this script tested (test_bench.py)
             from sdlora.models import load_base_model
 
-            self.base = load_base_model("builtin:tiny")
+            self.base = load_base_model(f"builtin:{args.model}")
             self.base.unet.to(self.device, self.dtype)
-            self.base.text_encoder.to(self.device, self.dtype)
+            for te in self.base.text_encoders:
+                te.to(self.device, self.dtype)
         else:
-            self.base = build_sd15_random(self.device, self.dtype)
+            self.base = build_random(args.model, self.device, self.dtype)
+        self.family = self.base.family
         self.build_s = time.perf_counter() - t0
         self.tmp = Path(tempfile.mkdtemp(prefix="sdlora-bench-"))
         data = make_images(self.tmp / "data", 4, args.resolution)
@@ -111,8 +124,9 @@ class Bench:
         # Precomputed inputs for the floor loop, and the raw files for the naive loop.
         ds = self.trainer.dataset
         self.latents = self.trainer.latents.get(0, False).unsqueeze(0).to(self.device)
-        # From sdlora's text cache: on CUDA its frozen text encoder has left the GPU by now.
-        self.hidden = self.trainer.text_cache.get([ds.fixed_caption(0)]).to(self.device)
+        # From sdlora's text cache: on CUDA its frozen text encoders have left the GPU by now.
+        self.geometry = [ds.geometry_for(0, 0, flip=False)]
+        self.cond = self.family.conditioning(self.trainer.text_cache.get([ds.fixed_caption(0)]), self.geometry).to(self.device)
         self.items = self.trainer.report.items
         params = [p for p in self.base.unet.parameters() if p.requires_grad]
         self.floor_opt = torch.optim.AdamW(params, lr=1e-4)
@@ -121,14 +135,15 @@ class Bench:
         if "naive" in args.loops:
             # The naive loop encodes every step, so its VAE and text encoder live on the device (sdlora moves them off).
             self.base.vae.to(self.device)
-            self.base.text_encoder.to(self.device)
+            for te in self.base.text_encoders:
+                te.to(self.device)
 
-    def _unet_step(self, latents, hidden, opt):
+    def _unet_step(self, latents, cond, opt):
         noise = torch.randn_like(latents)
         t = torch.randint(0, 1000, (latents.shape[0],), device=self.device)
         noisy = self.sched.add_noise(latents, noise, t)
         with torch.autocast(self.device, dtype=self.dtype, enabled=self.dtype != torch.float32):
-            pred = self.base.unet(noisy.to(self.dtype), t, hidden.to(self.dtype)).sample
+            pred = self.family.unet_forward(self.base.unet, noisy.to(self.dtype), t, cond.to(self.device, self.dtype))
         loss = F.mse_loss(pred.float(), noise.float())
         loss.backward()
         opt.step()
@@ -136,7 +151,7 @@ class Bench:
         return loss.item()
 
     def floor(self):
-        return self._unet_step(self.latents, self.hidden, self.floor_opt)
+        return self._unet_step(self.latents, self.cond, self.floor_opt)
 
     def sdlora(self):
         self.step_no += 1
@@ -151,9 +166,8 @@ class Bench:
         pixels = load_training_image(item.path, (self.args.resolution, self.args.resolution)).unsqueeze(0).to(self.device)
         with torch.no_grad():
             latents = self.base.vae.encode(pixels).latent_dist.sample() * self.base.vae.config.scaling_factor
-            ids = self.base.tokenizer([item.caption], padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
-            hidden = self.base.text_encoder(ids.to(self.device))[0]
-        return self._unet_step(latents, hidden, self.naive_opt)
+            text = self.family.encode(self.base.text_encoders, self.base.tokenizers, [item.caption], self.device)
+        return self._unet_step(latents, self.family.conditioning(text, self.geometry), self.naive_opt)
 
     def timed(self, name):
         sync(self.device)
@@ -290,7 +304,8 @@ def main(argv=None) -> int:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--resolution", type=int, default=None, help="default: 256 on CPU, 512 on CUDA")
     p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default=None, help="default: fp32 on CPU, bf16 on CUDA")
-    p.add_argument("--model", choices=["sd15", "tiny"], default="sd15", help="tiny: builtin:tiny, to check the script quickly")
+    p.add_argument("--model", choices=list(BENCH_MODELS), default="sd15",
+                   help="sd15 / sdxl: full-size random weights; tiny / tiny-xl: the built-in models, to check the script quickly")
     p.add_argument("--rank", type=int, default=16)
     p.add_argument("--steps", type=int, default=4, help="measured steps per loop (after one warm-up step each)")
     p.add_argument("--gradient-checkpointing", action="store_true")
@@ -302,7 +317,8 @@ def main(argv=None) -> int:
     p.add_argument("--memory-only", choices=["floor", "sdlora", "naive"], help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     args.loops = ["floor", "sdlora", "naive"]
-    args.resolution = args.resolution or (64 if args.model == "tiny" else 512 if args.device == "cuda" else 256)
+    native = {"sdxl": 1024}.get(args.model, 512)
+    args.resolution = args.resolution or (64 if args.model.startswith("tiny") else native if args.device == "cuda" else 256)
     args.precision = args.precision or ("bf16" if args.device == "cuda" else "fp32")
     os.environ.setdefault("SDLORA_CACHE", str(Path(tempfile.gettempdir()) / "sdlora-bench-cache"))
     from sdlora.models import quiet_libraries
@@ -330,7 +346,7 @@ def main(argv=None) -> int:
 
 
 def print_table(r: dict) -> None:
-    print(f"\n{'SD1.5-shaped' if r['model'] == 'sd15' else 'builtin:tiny'} UNet, {r['device']} {r['precision']}, {r['resolution']} px, batch 1, rank {r['rank']}, "
+    print(f"\n{BENCH_MODELS[r['model']]} UNet, {r['device']} {r['precision']}, {r['resolution']} px, batch 1, rank {r['rank']}, "
           f"{r['steps_measured']} interleaved steps after warm-up")
     print(f"{'loop':<8} {'s/step*':>9} {'steps/s':>9} {'peak RSS MiB':>13} {'peak CUDA MiB':>14}")
     for name in ("floor", "sdlora", "naive"):

@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import json
 import subprocess
+
+import pytest
 import sys
 from pathlib import Path
 
 from conftest import ROOT, subprocess_env
 
 
-def test_train_speed_benchmark_runs_and_reports(tmp_path):
+@pytest.mark.parametrize("model", ["tiny", "tiny-xl"])
+def test_train_speed_benchmark_runs_and_reports(tmp_path, model):
     out = tmp_path / "r.json"
-    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "train_speed.py"), "--model", "tiny", "--steps", "2",
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "train_speed.py"), "--model", model, "--steps", "2",
                            "--json", str(out)], capture_output=True, text=True, env=subprocess_env(), timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "sdlora/floor =" in proc.stdout and "memory estimate: one step" in proc.stdout

@@ -11,7 +11,7 @@ import gradio as gr
 
 from ..config import config_from_preset, make_config
 from . import dataset_tab, export_tab, model_tab, run_tab, training_tab, try_tab
-from .common import guard
+from .common import guard, user_message
 from .fields import LAYER_CHOICES, config_to_form, form_to_config
 from .service import Service
 
@@ -106,6 +106,24 @@ def build_app(service: Service) -> gr.Blocks:
             value = current or service.status().get("lora_path") or (choices[0] if choices else "")
             return gr.update(choices=choices, value=value)
 
+        native_sizes = {64, 512, 768, 1024}  # the built-in, SD1, SD2-v and SDXL defaults
+
+        def show_family(spec, resolution, allow_pickle):
+            """Family and native resolution next to the base model; a resolution still at some family's default follows
+            the new model's (a size the user typed stays)."""
+            try:
+                info = service.model_info(spec, allow_pickle=bool(allow_pickle))
+            except Exception as exc:  # noqa: BLE001 - shown next to the field
+                return f"⚠️ {user_message(exc)}", gr.skip()
+            native = info["resolution"]
+            follow = resolution in native_sizes and int(resolution) != native
+            return f"**{info['label']}** · native resolution {native} px", (native if follow else gr.skip())
+
+        fam_inputs = [ctx["fields"]["base_model"], ctx["fields"]["resolution"], ctx["fields"]["allow_pickle"]]
+        fam_outputs = [ctx["family_info"], ctx["fields"]["resolution"]]
+        ctx["fields"]["base_model"].change(show_family, fam_inputs, fam_outputs, api_visibility="private",
+                                           show_progress="minimal", trigger_mode="always_last")
+        ctx["on_load"].append((show_family, fam_inputs, fam_outputs))
         try_tab_el.select(try_choices, ctx["try_lora"], ctx["try_lora"], api_visibility="private", queue=False)
         export_tab_el.select(export_choices, ctx["export_source"], ctx["export_source"], api_visibility="private", queue=False)
         restored = demo.load(restore, saved, inputs, api_visibility="private", show_progress="hidden", queue=False)

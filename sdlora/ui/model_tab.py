@@ -24,10 +24,12 @@ def show_scale(rank, alpha, conv_rank=None, conv_alpha=None, layers=None) -> str
 def build(service, ctx: dict, defaults: dict) -> None:
     f = ctx["fields"]
     with gr.Row():
-        f["base_model"] = gr.Dropdown(["builtin:tiny"], value=defaults["base_model"], label="Base model", scale=4,
+        f["base_model"] = gr.Dropdown(["builtin:tiny", "builtin:tiny-xl"], value=defaults["base_model"], label="Base model", scale=4,
                                       allow_custom_value=True, filterable=True, elem_id="base-model",
-                                      info="builtin:tiny (offline demo), a diffusers folder, an SD1.x/SD2.x .safetensors/.ckpt "
-                                           "file, or a hub id such as stable-diffusion-v1-5/stable-diffusion-v1-5")
+                                      info="builtin:tiny / builtin:tiny-xl (offline demos), a diffusers folder, an "
+                                           "SD1.x/SD2.x/SDXL .safetensors/.ckpt file, or a hub id such as "
+                                           "stabilityai/stable-diffusion-xl-base-1.0")
+        ctx["family_info"] = gr.Markdown("", elem_id="model-family")
         f["prediction_type"] = gr.Dropdown(["auto", "epsilon", "v_prediction"], value=defaults["prediction_type"],
                                            label="Prediction type", scale=1)
         trusted = service.access.pickle_from_clients
@@ -46,7 +48,8 @@ def build(service, ctx: dict, defaults: dict) -> None:
                                    precision=0, elem_id="conv-rank")
         f["conv_alpha"] = gr.Number(label="Conv 3x3 alpha", value=defaults["conv_alpha"], elem_id="conv-alpha")
     with gr.Row():
-        f["train_text_encoder"] = gr.Checkbox(label="Train a text-encoder LoRA too", value=defaults["train_text_encoder"],
+        f["train_text_encoder"] = gr.Checkbox(label="Train a text-encoder LoRA too (SDXL: both encoders)",
+                                              value=defaults["train_text_encoder"],
                                               elem_id="train-te")
         f["text_encoder_lr"] = gr.Number(label="Text-encoder LR (0 = same as the UNet LR)", value=defaults["text_encoder_lr"], elem_id="te-lr")
     params = gr.Markdown("Trainable parameters: …", elem_id="param-count")

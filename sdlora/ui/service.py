@@ -178,6 +178,11 @@ class Service:
                 self._pipes.pop(old, None)
             return base
 
+    def model_info(self, spec: str, *, allow_pickle: bool = False) -> dict[str, Any]:
+        """The base model's family (label, name) and native resolution, shown next to the base-model field."""
+        base = self.base_model(spec, allow_pickle=allow_pickle)
+        return {"family": base.family.name, "label": base.family.label, "resolution": int(base.default_resolution)}
+
     def _pipeline(self, spec: str, allow_pickle: bool = False):
         key = f"{(spec or '').strip()}|pickle={bool(allow_pickle)}"
         base = self.base_model(spec, allow_pickle=allow_pickle)
