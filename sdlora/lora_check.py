@@ -38,8 +38,11 @@ def lora_file_problems(tensors: dict[str, torch.Tensor]) -> list[str]:
         down, up, alpha = parts.get("lora_down"), parts.get("lora_up"), parts.get("alpha")
         if alpha is not None and alpha.numel() != 1:
             shape_problems.append(f"{prefix}: alpha has shape {tuple(alpha.shape)}; it must be a single number")
+        if "unknown" in parts:
+            continue  # not a LoRA key: the key check names it (unmapped)
         if down is None or up is None:
-            continue  # named by the key check (needs both lora_down and lora_up)
+            shape_problems.append(f"{prefix}: needs both lora_down and lora_up")
+            continue
         if down.dim() not in (2, 4) or up.dim() != down.dim():
             shape_problems.append(f"{prefix}: lora_down {tuple(down.shape)} / lora_up {tuple(up.shape)} are not a linear (2-d) or "
                                   "conv (4-d) LoRA pair")

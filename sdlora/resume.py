@@ -137,6 +137,8 @@ def read_checkpoint(path, *, modules: dict, optimizer) -> LoadedCheckpoint:
                 raise CheckpointError("it was saved with train_text_encoder on; this run has it off")
             raise CheckpointError(f"its lora_state.safetensors holds weights this run does not train ({part or 'unnamed'})")
     for part, module in modules.items():
+        if part not in weights and part.startswith("text_encoder"):
+            raise CheckpointError("it was saved with train_text_encoder off; this run has it on")
         _check_tensors(weights.get(part, {}), _expected(module), _PART_NAMES.get(part, part))
 
     try:

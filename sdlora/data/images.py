@@ -36,7 +36,9 @@ class ImageLoadError(ValueError):
 
 
 def _fail(path: Path, reason: str) -> ImageLoadError:
-    return ImageLoadError(f"Cannot use image '{path}': {reason}. Re-save it as PNG or JPEG, or remove it from the "
+    from ..safetext import shown
+
+    return ImageLoadError(f"Cannot use image '{shown(path)}': {reason}. Re-save it as PNG or JPEG, or remove it from the "
                           "dataset folder.", path=path, reason=reason)
 
 
@@ -152,6 +154,9 @@ def open_image_rgb(path, *, background=(255, 255, 255), max_side: int | None = W
     return out
 
 
+_CROP_FIRST_FACTOR = 16  # scaled image this many times the crop: crop in source coordinates instead
+
+
 def resize_and_crop(img: Image.Image, size: tuple[int, int], *, crop: str = "center", rng: random.Random | None = None):
     """Scale so the image covers `size` (w, h) - small images are upscaled - then crop "center" or "random".
 
@@ -159,6 +164,12 @@ def resize_and_crop(img: Image.Image, size: tuple[int, int], *, crop: str = "cen
     conditioning needs it)."""
     tw, th = int(size[0]), int(size[1])
     (nw, nh), (left, top) = crop_box(img.size, (tw, th), crop=crop, rng=rng)
+    if nw * nh > _CROP_FIRST_FACTOR * tw * th:
+        # An extreme aspect ratio (a 1x100000 strip) would scale to gigapixels only to keep a sliver: resample just the
+        # part that is kept, straight from the source.
+        sx, sy = img.width / nw, img.height / nh
+        box = (left * sx, top * sy, (left + tw) * sx, (top + th) * sy)
+        return img.resize((tw, th), Image.Resampling.LANCZOS, box=box), (left, top)
     if (nw, nh) != img.size:
         # reducing_gap: Pillow first shrinks by an integer factor, then LANCZOS - same look, much faster for big inputs
         img = img.resize((nw, nh), Image.Resampling.LANCZOS, reducing_gap=3.0)

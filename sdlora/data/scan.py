@@ -14,7 +14,7 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from ..safetext import clean_text
+from ..safetext import clean_text, shown
 from .captions import split_tags
 from .images import ImageLoadError, exif_orientation, open_image
 
@@ -81,7 +81,7 @@ class DatasetReport:
         lines += [f"  skipped {self._rel(s.path)}: {s.reason}" for s in self.skipped]
         lines += [f"  note {self._rel(i.path)}: {w}" for i in self.items for w in i.warnings]
         lines += [f"  warning: {w}" for w in self.warnings]
-        return "\n".join(lines)
+        return shown("\n".join(lines))  # file names that are not UTF-8 appear escaped: the text goes to terminals and web pages
 
     def _rel(self, path: Path) -> str:
         path = Path(path)
@@ -370,7 +370,7 @@ def _no_usable_images_message(report: DatasetReport) -> str:
     if not report.skipped:
         return (f"No usable images in '{report.root}': it holds no image files. Accepted types: {accepted}. "
                 "Point --data at a folder of images (captions go in same-name .txt files).")
-    shown = "; ".join(f"{report._rel(s.path)}: {s.reason}" for s in report.skipped[:3])
+    listed = "; ".join(f"{report._rel(s.path)}: {s.reason}" for s in report.skipped[:3])
     more = f"; and {report.num_skipped - 3} more" if report.num_skipped > 3 else ""
-    return (f"No usable images in '{report.root}': all {report.num_skipped} image file(s) were skipped ({shown}{more}). "
-            f"Accepted types: {accepted}. Fix or replace those files, or point --data at another folder.")
+    return shown(f"No usable images in '{report.root}': all {report.num_skipped} image file(s) were skipped ({listed}{more}). "
+                 f"Accepted types: {accepted}. Fix or replace those files, or point --data at another folder.")
