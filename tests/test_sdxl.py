@@ -316,3 +316,20 @@ def test_web_ui_service_on_sdxl(tmp_path, trained):
     assert grid.width == 3 * 64
     out, summary, ok = service.export(str(lora), fmt="diffusers", precision="fp32", name="xl_export", base_spec=XL)
     assert ok and out.is_file() and summary.strip().endswith("OK"), summary
+
+
+def test_low_memory_recipe_on_sdxl(tmp_path, demo_dataset):
+    """sdxl-low-vram's settings: bf16, gradient checkpointing, 8-bit AdamW, cached latents and cached text-encoder
+    outputs (both encoders freed after encoding); the file still verifies."""
+    cfg = _config(tmp_path / "lv", demo_dataset, steps=3, mixed_precision="bf16", gradient_checkpointing=True,
+                  optimizer="adamw8bit", cache_latents=True, train_text_encoder=False, sample_every=3,
+                  sample_prompts=["a red circle --s 2"])
+    trainer = Trainer(cfg)
+    trainer.prepare()
+    assert trainer.base.text_encoders == [None, None]  # owned model: both encoders dropped once captions are cached
+    assert trainer.base.unet.dtype == torch.bfloat16 and trainer.base.vae.dtype == torch.float32
+    result = trainer.run()
+    assert result.steps == 3 and result.final_loss is not None and len(result.samples) == 1
+    tensors, md = read_lora(result.lora_path)
+    assert not any(k.startswith("lora_te") for k in tensors) and md["ss_network_train_unet_only"] == "True"
+    assert verify_lora(result.lora_path, load_base_model(XL)).ok
