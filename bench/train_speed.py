@@ -328,6 +328,9 @@ def main(argv=None) -> int:
         print(json.dumps(run_memory_only(args, args.memory_only)))
         return 0
     result = run_timing(args)
+    import gc
+
+    gc.collect()  # the timing run's model must be gone before each memory process loads its own (SDXL: ~15 GB each)
     if args.memory:
         result["peak_memory"] = {}
         for loop in ("floor", "sdlora", "naive"):

@@ -147,7 +147,7 @@ class Trainer:
         self.base = self._given_base or load_base_model(cfg.base_model, allow_pickle=cfg.allow_pickle, prediction_type=pred)
         base = self.base
         self.family = base.family
-        self.te_names = [n for n in self.family.text_encoder_names]
+        self.te_names = list(self.family.text_encoder_names)
         for module in (base.unet, base.vae, *base.text_encoders):
             module.requires_grad_(False)
         te_lrs = cfg.text_encoder_lrs(len(self.te_names))
@@ -245,7 +245,8 @@ class Trainer:
         self.text_encoders = list(base.text_encoders)
         for i, module in zip(self.trained_te, prepared[1:]):
             self.text_encoders[i] = module
-        self.text_cache.text_encoders = self.text_encoders if self.trained_te else self.text_cache.text_encoders
+        if self.trained_te:  # captions are encoded every step through the modules that train
+            self.text_cache.text_encoders = self.text_encoders
         self.noise_scheduler = base.noise_scheduler
         self.prediction_type = base.prediction_type
         self.start_step = 0
