@@ -18,6 +18,10 @@ def _lr_list(value: str):
 _TRAIN_FLAGS: list[tuple[str, str, dict]] = [
     ("--base-model", "base_model", {}),
     ("--data", "data_dir", {}),
+    ("--dataset-config", "dataset_config", {"help": "kohya dataset TOML ([general], [[datasets]], [[datasets.subsets]])"}),
+    ("--reg-data", "reg_data_dir", {"help": "regularization images in kohya N_class folders"}),
+    ("--prior-loss-weight", "prior_loss_weight", {"type": float, "help": "loss weight of regularization samples (1.0)"}),
+    ("--loraplus-lr-ratio", "loraplus_lr_ratio", {"type": float, "help": "LoRA+: up/B matrices learn at lr x ratio (16 is usual)"}),
     ("--output", "output_dir", {}),
     ("--output-name", "output_name", {}),
     ("--rank", "rank", {"type": int}),
@@ -120,6 +124,10 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("scan", help="scan a dataset folder and print the report")
     s.add_argument("folder")
     s.add_argument("--json", action="store_true")
+
+    k = sub.add_parser("import-kohya", help="turn a kohya_ss GUI LoRA config (.json) into an sdlora TOML preset")
+    k.add_argument("file", help="the .json file kohya_ss's Save button wrote")
+    k.add_argument("--out", required=True, help="preset to write, e.g. presets/mine.toml")
 
     d = sub.add_parser("demo-data", help="write the generated demo dataset")
     d.add_argument("folder", nargs="?", default="demo_data")
@@ -267,7 +275,21 @@ def cmd_demo_data(args) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "generate": cmd_generate, "verify": cmd_verify, "export": cmd_export, "scan": cmd_scan,
+def cmd_import_kohya(args) -> int:
+    from .config import save_preset
+    from .kohya_import import import_kohya_json
+    from .outputs import check_output_file
+
+    check_output_file(args.out, what="--out")
+    result = import_kohya_json(args.file)
+    out = save_preset(result.config, args.out, header=result.header())
+    for line in result.report_lines():
+        print(line, file=sys.stderr)
+    print(str(Path(out).resolve()))
+    return 0
+
+
+COMMANDS = {"import-kohya": cmd_import_kohya, "train": cmd_train, "generate": cmd_generate, "verify": cmd_verify, "export": cmd_export, "scan": cmd_scan,
             "demo-data": cmd_demo_data}
 
 
@@ -286,6 +308,8 @@ def _context(args) -> str:
         return shown(f"verify '{args.file}'")
     if args.command == "export":
         return shown(f"export '{args.source}' to '{args.out}'")
+    if args.command == "import-kohya":
+        return shown(f"import-kohya '{args.file}'")
     if args.command in ("scan", "demo-data"):
         return shown(f"{args.command} '{args.folder}'")
     return args.command

@@ -40,6 +40,10 @@ class TrainConfig(BaseModel):
     # what to train on / from
     base_model: str = Field("builtin:tiny", description="builtin:tiny, a diffusers folder, a .safetensors/.ckpt file or a hub id")
     data_dir: str = Field("", description="folder of images with captions")
+    dataset_config: str = Field("", description="kohya dataset TOML ([general], [[datasets]], [[datasets.subsets]]); "
+                                                "replaces data_dir")
+    reg_data_dir: str = Field("", description="regularization images in kohya's N_class folders (class images)")
+    prior_loss_weight: float = Field(1.0, description="loss weight of regularization samples (kohya's prior_loss_weight)")
     output_dir: str = Field("outputs/lora", description="where the LoRA, samples, checkpoints and logs go")
     output_name: str = Field("lora", description="file name of the exported LoRA, without extension")
     prediction_type: Literal["auto", "epsilon", "v_prediction"] = "auto"
@@ -58,6 +62,8 @@ class TrainConfig(BaseModel):
 
     # optimisation
     lr: float = 1e-4
+    loraplus_lr_ratio: float | None = Field(None, description="LoRA+: the up (B) matrices learn at lr x this ratio "
+                                                               "(16 is usual); unset = off")
     steps: int | None = Field(None, description="optimizer steps; if unset, --epochs decides")
     epochs: int | None = None
     batch_size: int = 1
@@ -201,6 +207,20 @@ class TrainConfig(BaseModel):
             raise ValueError("must be 0 or a positive number")
         return v
 
+    @field_validator("prior_loss_weight")
+    @classmethod
+    def _prior_weight(cls, v: float) -> float:
+        if not math.isfinite(v) or v < 0 or v > 1000:
+            raise ValueError("must be between 0 and 1000 (1.0 is usual)")
+        return v
+
+    @field_validator("loraplus_lr_ratio")
+    @classmethod
+    def _loraplus(cls, v: float | None) -> float | None:
+        if v is not None and (not math.isfinite(v) or v < 1 or v > 1000):
+            raise ValueError("must be between 1 and 1000 (16 is usual), or unset to turn LoRA+ off")
+        return v
+
     @field_validator("min_snr_gamma")
     @classmethod
     def _gamma_positive(cls, v: float | None) -> float | None:
@@ -237,6 +257,12 @@ class TrainConfig(BaseModel):
             raise ValueError("text_encoder_lr is set but train_text_encoder is off: turn on train_text_encoder or remove text_encoder_lr")
         if self.bucket_no_upscale and not self.enable_buckets:
             raise ValueError("bucket_no_upscale needs aspect-ratio buckets: turn on enable_buckets (--buckets) or remove bucket_no_upscale")
+        if self.dataset_config and self.data_dir:
+            raise ValueError("data_dir and dataset_config are both set: the dataset TOML names its own image folders, so "
+                             "clear data_dir (--data) or dataset_config")
+        if self.reg_data_dir and self.dataset_config:
+            raise ValueError("reg_data_dir and dataset_config are both set: put the regularization folders in the dataset "
+                             "TOML as subsets with is_reg = true, or clear dataset_config")
         if self.steps is None and self.epochs is None:
             object.__setattr__(self, "steps", 500)
         if self.warmup_steps and self.steps and self.warmup_steps >= self.steps:
@@ -270,6 +296,11 @@ class TrainConfig(BaseModel):
                 raise ConfigError(f"sample_prompts_file: {exc}. Give a prompt file (one prompt per line) or clear the field.") from None
             except OSError as exc:
                 raise ConfigError(f"sample_prompts_file: cannot read '{path}' ({exc.strerror or exc}). Fix the path or clear the field.") from exc
+            if "\x00" in text:  # a binary file picked by mistake would become a screenful of garbage previews
+                from .safetext import shown
+
+                raise ConfigError(f"sample_prompts_file: '{shown(path)}' is a binary file, not a text file of prompts. Give a "
+                                  "prompt file (one prompt per line) or clear the field.")
             prompts += [line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
         return prompts
 

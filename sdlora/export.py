@@ -108,7 +108,7 @@ def _iso(ts: float | None) -> str:
 
 def build_metadata(*, config, base, num_images: int, tag_frequency: dict, steps_done: int, epochs_done: int,
                    started_at: float | None, finished_at: float | None, resolution: tuple[int, int] | None = None,
-                   unet_modules: int = 0, te_modules: int = 0) -> dict[str, str]:
+                   unet_modules: int = 0, te_modules: int = 0, data=None) -> dict[str, str]:
     """kohya `ss_*` keys and `modelspec.*` keys; every value is a string, as safetensors requires."""
     family = base.family
     pred = getattr(base, "prediction_type", "epsilon")
@@ -166,6 +166,14 @@ def build_metadata(*, config, base, num_images: int, tag_frequency: dict, steps_
         "modelspec.date": _iso(finished_at or started_at),
         "modelspec.prediction_type": "v" if pred == "v_prediction" else "epsilon",
     }
+    md["ss_prior_loss_weight"] = str(config.prior_loss_weight)
+    md["ss_num_reg_images"] = str(data.num_reg_images if data is not None else 0)
+    if config.loraplus_lr_ratio:
+        md["ss_loraplus_lr_ratio"] = str(config.loraplus_lr_ratio)
+    if data is not None:  # kohya's dataset keys (training_data.TrainingData)
+        md["ss_dataset_dirs"] = json.dumps(data.dataset_dirs(reg=False))
+        md["ss_reg_dataset_dirs"] = json.dumps(data.dataset_dirs(reg=True))
+        md["ss_datasets"] = json.dumps(data.datasets_metadata(config.batch_size))
     if config.trigger_word:
         md["modelspec.trigger_phrase"] = config.trigger_word
     return md
@@ -231,7 +239,9 @@ def export_diffusers(path: Path, family, modules: dict, *, metadata: dict[str, s
 def read_lora(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     path = Path(path)
     if not path.is_file():
-        raise ExportError(f"LoRA file '{path}' not found.")
+        from .lora_check import not_a_file
+
+        raise ExportError(not_a_file(path))
     try:
         tensors = {}
         with safe_open(str(path), framework="pt") as fh:

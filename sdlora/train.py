@@ -52,9 +52,12 @@ class TrainResult:
     stopped_early: bool = False
 
 
-def plan_steps(config: TrainConfig, dataset_len: int, num_processes: int = 1) -> tuple[int, int]:
-    """(total optimizer steps, optimizer steps per epoch)."""
-    batches = math.ceil(dataset_len / config.batch_size)
+def plan_steps(config: TrainConfig, dataset_len: int | None = None, num_processes: int = 1, *,
+               num_batches: int | None = None) -> tuple[int, int]:
+    """(total optimizer steps, optimizer steps per epoch). `num_batches` (per epoch, all processes; a TrainingSet's
+    num_batches(), which counts the partial batches of buckets and datasets) is exact; dataset_len alone assumes one
+    bucket. The run itself uses training_data.make_step_plan, which computes the same numbers."""
+    batches = num_batches if num_batches is not None else math.ceil(dataset_len / config.batch_size)
     per_process = max(1, batches // num_processes) if num_processes > 1 else batches
     per_epoch = max(1, math.ceil(per_process / config.grad_accum))
     total = config.steps if config.steps is not None else per_epoch * config.epochs
@@ -75,6 +78,17 @@ def _make_optimizer(config: TrainConfig, groups: list[dict]):
 
         return Prodigy(groups, lr=config.lr, weight_decay=config.weight_decay)
     raise ConfigError(f"optimizer: unknown optimizer '{config.optimizer}' (use adamw, adamw8bit or prodigy).")
+
+
+def _param_groups(module, lr: float, loraplus_ratio: float | None) -> list[dict]:
+    """The module's LoRA parameters as optimizer groups. LoRA+ (kohya's loraplus_lr_ratio): the up/B matrices get their own
+    group at lr x ratio."""
+    named = [(n, p) for n, p in module.named_parameters() if "lora_" in n]
+    if not loraplus_ratio:
+        return [{"params": [p for _, p in named], "lr": lr}]
+    up = [p for n, p in named if "lora_B" in n.split(".")]
+    down = [p for n, p in named if "lora_B" not in n.split(".")]
+    return [{"params": down, "lr": lr}, {"params": up, "lr": lr * loraplus_ratio}]
 
 
 def _min_snr_weights(scheduler, timesteps: torch.Tensor, gamma: float, prediction_type: str) -> torch.Tensor:
@@ -120,11 +134,13 @@ class Trainer:
 
         cfg = self.config
         # Cheap checks first: a bad folder or model path fails before any model is loaded.
-        if not cfg.data_dir:
-            raise ConfigError("data_dir: no dataset folder given. Pass --data DIR (a folder of images with .txt captions), or builtin:demo.")
-        self.data_dir = resolve_data_dir(cfg.data_dir)
-        self.report = scan_dataset(self.data_dir, default_caption=cfg.default_caption, min_size=0 if cfg.upscale_small else cfg.resolution,
-                                   upscale_small=cfg.upscale_small)
+        from .training_data import build_training_data
+
+        self.data = build_training_data(cfg)  # every folder and the dataset TOML are checked here, before any model
+        self.report = self.data.reports[0][1]
+        self.data_dir = self.report.root
+        self.dataset = self.data.dataset
+        self._shuffles = any(s.shuffle_tags for s in self.dataset.subsets)
         if self._given_base is None:
             resolve_model_spec(cfg.base_model)
         self.sample_prompts = [parse_prompt_line(p) for p in cfg.all_sample_prompts()]
@@ -136,7 +152,7 @@ class Trainer:
         AcceleratorState._reset_state(reset_partial_state=False)
         self.accelerator = Accelerator(mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=1)
         acc = self.accelerator
-        self.emit("status", message=self.report.summary())
+        self.emit("status", message=self.data.summary())
         set_seed(cfg.seed)
         self.device = acc.device
         self.weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(cfg.mixed_precision, torch.float32)
@@ -171,7 +187,7 @@ class Trainer:
         # previews bring it back.
         on_cuda = self.device.type == "cuda"
         self.vae_leaves_device = cfg.cache_latents and (on_cuda or self.owns_base)
-        self.te_leaves_device = not self.trained_te and not cfg.shuffle_tags and (on_cuda or self.owns_base)
+        self.te_leaves_device = not self.trained_te and not self._shuffles and (on_cuda or self.owns_base)
         self._check_memory(n_params)
 
         # Frozen weights in the compute dtype, LoRA weights in fp32; the VAE stays fp32 (fp16 VAEs overflow to NaN).
@@ -190,30 +206,27 @@ class Trainer:
         if cfg.compile:
             base.unet.compile()  # in place: the module (and its LoRA parameters) stay the same objects
 
-        self.dataset = TrainingSet(
-            self.report.items, resolution=cfg.resolution, enable_buckets=cfg.enable_buckets,
-            center_crop=cfg.center_crop or cfg.cache_latents, random_flip=cfg.random_flip, seed=cfg.seed,
-            trigger_word=cfg.trigger_word, shuffle_tags=cfg.shuffle_tags, keep_tokens=cfg.keep_tokens,
-            caption_dropout=cfg.caption_dropout, default_caption=cfg.default_caption, bucket_no_upscale=cfg.bucket_no_upscale,
-        )
         self.dataset.on_unreadable = self._on_unreadable  # an image failing mid-run is skipped with a warning
-        if cfg.cache_latents and not cfg.center_crop:
+        if cfg.cache_latents and any(s.random_crop for s in self.dataset.subsets):
             self.emit("warning", message="Random crop is off while latents are cached (each image is encoded once, centre-cropped). Set cache_latents = false for random crops.")
-        self.total_steps, self.steps_per_epoch = plan_steps(cfg, len(self.dataset), acc.num_processes)
+        from .training_data import make_step_plan
+
+        self.plan = make_step_plan(cfg, self.dataset, acc.num_processes)
+        self.total_steps, self.steps_per_epoch = self.plan.total_steps, self.plan.steps_per_epoch
 
         self.latents = None
         if cfg.cache_latents:
             self.emit("status", message="Caching latents ...")
             self.latents = LatentCache(base.vae, vae_id=f"{base.model_hash}:vae", cache_dir=self.out_dir / "cache" / "latents" if acc.is_main_process else None,
                                        device=self.device)
-            flips = (False, True) if cfg.random_flip else (False,)
+            flips = (False, True) if self.dataset.any_flip else (False,)
             self.latents.build(self.dataset, flips=flips)
             if self.vae_leaves_device:
                 if self.owns_base:
                     base.vae.encoder = base.vae.quant_conv = None  # only decoding is left to do
                 base.vae.to("cpu")
         self.text_cache = TextEmbeddingCache(self.family, base.tokenizers, base.text_encoders, self.device)
-        if not self.trained_te and not cfg.shuffle_tags:
+        if not self.trained_te and not self._shuffles:
             # Every caption the run can see is known now (fixed, or "" under dropout), and so are the preview prompts:
             # encode them once.
             captions = {self.dataset.fixed_caption(i) for i in range(len(self.dataset.items))} | {""}
@@ -231,8 +244,9 @@ class Trainer:
         self._loader = ThreadPoolExecutor(max_workers=max(1, cfg.num_workers), thread_name_prefix="sdlora-data")
         self._epoch_batches, self._prefetched = {}, {}
 
-        groups = [{"params": lora_parameters(base.unet), "lr": cfg.lr}]
-        groups += [{"params": lora_parameters(base.text_encoders[i]), "lr": te_lrs[i]} for i in self.trained_te]
+        groups = _param_groups(base.unet, cfg.lr, cfg.loraplus_lr_ratio)
+        for i in self.trained_te:
+            groups += _param_groups(base.text_encoders[i], te_lrs[i], cfg.loraplus_lr_ratio)
         self.trainable = [p for g in groups for p in g["params"]]
         optimizer = _make_optimizer(cfg, groups)
         from diffusers.optimization import get_scheduler
@@ -307,7 +321,7 @@ class Trainer:
         captions = [ds.caption_for(epoch, i) for i in indices]
         if self.trained_te:
             text = self.text_cache.encode(captions)
-        elif self.config.shuffle_tags:
+        elif self._shuffles:
             with torch.no_grad():
                 text = self.text_cache.encode(captions)  # too many variants to cache
         else:
@@ -315,7 +329,9 @@ class Trainer:
         geometries = [ds.geometry_for(epoch, i, flip=f) for i, f in zip(indices, flips)]
         return latents, self.family.conditioning(text, geometries)
 
-    def _loss(self, latents: torch.Tensor, cond: Conditioning, step: int, micro: int) -> torch.Tensor:
+    def _loss(self, latents: torch.Tensor, cond: Conditioning, step: int, micro: int,
+              weights: torch.Tensor | None = None) -> torch.Tensor:
+        """Mean of the per-sample losses times `weights` (kohya's loss_weights: prior_loss_weight for reg samples)."""
         cfg = self.config
         # Noise and timesteps depend only on (seed, step, micro-batch, process): resume reproduces them exactly.
         gen = torch.Generator().manual_seed(hash((cfg.seed, step, micro, self.accelerator.process_index)) & 0x7FFFFFFF)
@@ -335,6 +351,8 @@ class Trainer:
         loss = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
         if cfg.min_snr_gamma:
             loss = loss * _min_snr_weights(self.noise_scheduler, timesteps, cfg.min_snr_gamma, self.prediction_type).to(loss.device)
+        if weights is not None:
+            loss = loss * weights.to(loss.device, loss.dtype)
         return loss.mean()
 
     # the loop ----------------------------------------------------------------
@@ -364,6 +382,13 @@ class Trainer:
                 self._prefetched = {nxt: self._loader.submit(self._pixels, n_epoch, n_indices)}
         return self._batch(epoch, indices, pixels)
 
+    def _loss_weights(self, step: int, micro: int) -> torch.Tensor | None:
+        """Per-sample loss weights of a micro-batch; None when every sample weighs 1 (no reg images)."""
+        if not self.dataset.num_reg_samples or self.dataset.prior_loss_weight == 1.0:
+            return None
+        _, indices = self._indices(step, micro)
+        return torch.tensor([self.dataset.loss_weight(i) for i in indices], dtype=torch.float32)
+
     def position_at(self, step: int) -> None:
         """Reset the data position to optimizer step `step` (start, resume, benchmarks)."""
         self._epoch_batches = {}
@@ -378,11 +403,12 @@ class Trainer:
         for micro in range(cfg.grad_accum):
             t0 = time.perf_counter()
             latents, cond = self._next_batch(step, micro)
+            weights = self._loss_weights(step, micro)
             self.data_seconds += time.perf_counter() - t0
             last_micro = micro == cfg.grad_accum - 1
             # Under DDP, only the last micro-batch all-reduces gradients.
             with contextlib.nullcontext() if last_micro else acc.no_sync(self.unet):
-                loss = self._loss(latents, cond, step, micro)
+                loss = self._loss(latents, cond, step, micro, weights)
                 if not torch.isfinite(loss):
                     self.optimizer.zero_grad(set_to_none=True)
                     return None
@@ -410,7 +436,8 @@ class Trainer:
         last_loss = None
         self.started_at = time.time()
         t_prev = time.perf_counter()
-        self.emit("start", step=step, total=self.total_steps, images=self.report.num_images, samples=len(self.dataset))
+        self.emit("status", step=step, message=self.plan.describe(), plan=self.plan.__dict__)
+        self.emit("start", step=step, total=self.total_steps, images=self.data.num_images, samples=len(self.dataset))
         self.unet.train()
         while step < self.total_steps:
             if self.stop_event.is_set():
@@ -528,8 +555,8 @@ class Trainer:
         return {k: clean_text(v) for k, v in self._raw_metadata(step, finished).items()}
 
     def _raw_metadata(self, step: int, finished: float | None) -> dict[str, str]:
-        return build_metadata(config=self.config, base=self.base, num_images=self.report.num_images,
-                              tag_frequency=self.report.tag_frequency, steps_done=step, epochs_done=step // self.steps_per_epoch,
+        return build_metadata(config=self.config, base=self.base, num_images=self.dataset.num_train_samples,
+                              tag_frequency=self.data.tag_frequency, data=self.data, steps_done=step, epochs_done=step // self.steps_per_epoch,
                               started_at=self.started_at, finished_at=finished, unet_modules=len(self.unet_modules),
                               te_modules=sum(len(m) for m in self.te_modules.values()))
 

@@ -7,6 +7,7 @@ resumed run sees exactly the data an uninterrupted run would have seen.
 from __future__ import annotations
 
 import hashlib
+import math
 import random
 import threading
 from dataclasses import dataclass
@@ -30,16 +31,87 @@ def _rng(*parts) -> random.Random:
 class Entry:
     item_index: int
     size: tuple[int, int]  # (w, h) after bucketing
+    group: int = 0  # which dataset ([[datasets]] block): batches never mix datasets
+    is_reg: bool = False
+
+
+@dataclass
+class Subset:
+    """Options of one subset (kohya's [[datasets.subsets]]); items point at their subset by index."""
+
+    name: str = ""
+    is_reg: bool = False
+    shuffle_tags: bool = False
+    keep_tokens: int = 0
+    caption_dropout: float = 0.0
+    flip: bool = False
+    random_crop: bool = False
+    default_caption: str = ""  # kohya's class_tokens: the caption of an image without a caption file
+    caption_prefix: str = ""
+    caption_suffix: str = ""
+    trigger_word: str = ""
+    group: int = 0
+    image_dir: str = ""
+    num_repeats: int = 1
+    img_count: int = 0
+
+
+@dataclass
+class Group:
+    """One dataset (kohya's [[datasets]]): its own resolution, buckets and batch size."""
+
+    resolution: int
+    enable_buckets: bool = False
+    bucket_no_upscale: bool = False
+    batch_size: int | None = None  # None: the batch size the loop asks for
+    min_bucket_reso: int | None = None
+    max_bucket_reso: int | None = None
+    bucket_reso_steps: int = 64
+
+
+def balance_reg_repeats(train_samples: int, reg_repeats: list[int]) -> list[int]:
+    """kohya's DreamBoothDataset balancing: reg images are registered in order with their own repeats until they reach the
+    number of train samples (repeats included); if they fall short, further rounds add one repeat per image, in order,
+    until the counts match. Reg images past that point get 0 (unused, as kohya warns)."""
+    out = [0] * len(reg_repeats)
+    if not reg_repeats or train_samples <= 0:
+        return out
+    n, first = 0, True
+    while n < train_samples:
+        for i, r in enumerate(reg_repeats):
+            if first:
+                out[i] = r
+                n += r
+            else:
+                out[i] += 1
+                n += 1
+            if n >= train_samples:
+                break
+        first = False
+    return out
 
 
 class TrainingSet:
     def __init__(self, items, *, resolution: int, enable_buckets: bool, center_crop: bool, random_flip: bool, seed: int,
                  trigger_word: str = "", shuffle_tags: bool = False, keep_tokens: int = 0, caption_dropout: float = 0.0,
-                 default_caption: str = "", bucket_no_upscale: bool = False):
+                 default_caption: str = "", bucket_no_upscale: bool = False, subsets: list[Subset] | None = None,
+                 item_subsets: list[int] | None = None, groups: list[Group] | None = None, prior_loss_weight: float = 1.0):
+        """Without `subsets`, every item forms one subset with the options given here (and its own folder repeats).
+        With them, `item_subsets[i]` is item i's subset and `groups` the datasets; reg subsets are balanced to the
+        train samples as kohya does, and their samples' loss is weighted by prior_loss_weight."""
         self.items = items
         self.seed = seed
         self.center_crop = center_crop
         self.random_flip = random_flip
+        self.prior_loss_weight = prior_loss_weight
+        if subsets is None:
+            subsets = [Subset(shuffle_tags=shuffle_tags, keep_tokens=keep_tokens, caption_dropout=caption_dropout,
+                              flip=random_flip, random_crop=not center_crop, default_caption=default_caption,
+                              trigger_word=trigger_word)]
+            item_subsets = [0] * len(items)
+        self.subsets = subsets
+        self.item_subsets = list(item_subsets or [0] * len(items))
+        self.groups = groups or [Group(resolution, enable_buckets, bucket_no_upscale)]
         self.caption_options = dict(trigger_word=trigger_word or None, shuffle_tags=shuffle_tags, keep_tokens=keep_tokens,
                                     caption_dropout=caption_dropout)
         self.default_caption = default_caption
@@ -48,28 +120,65 @@ class TrainingSet:
         self._stand_in: dict[int, int] = {}
         self._bad_lock = threading.Lock()
         self.on_unreadable = None  # callback(path, reason, stand-in path) the first time an image fails
-        buckets = make_buckets(resolution) if enable_buckets else None
+        bucket_lists = [make_buckets(g.resolution, step=g.bucket_reso_steps, min_size=g.min_bucket_reso,
+                                     max_size=g.max_bucket_reso) if g.enable_buckets else None for g in self.groups]
+        train_idx = [i for i in range(len(items)) if not self.subsets[self.item_subsets[i]].is_reg]
+        reg_idx = [i for i in range(len(items)) if self.subsets[self.item_subsets[i]].is_reg]
+        repeats = {i: max(1, items[i].repeats) for i in train_idx}
+        self.num_train_samples = sum(repeats.values())
+        self.num_reg_images = sum(max(1, items[i].repeats) for i in reg_idx)  # kohya's num_reg_images: repeats included
+        repeats.update(zip(reg_idx, balance_reg_repeats(self.num_train_samples, [max(1, items[i].repeats) for i in reg_idx])))
         self.entries: list[Entry] = []
-        for i, item in enumerate(items):
+        for i in train_idx + reg_idx:
+            sub = self.subsets[self.item_subsets[i]]
+            group, buckets, item = self.groups[sub.group], bucket_lists[sub.group], items[i]
             if not buckets:
-                size = (resolution, resolution)
-            elif bucket_no_upscale and item.width * item.height < resolution * resolution:
-                size = own_size_bucket(item.width, item.height, resolution)
+                size = (group.resolution, group.resolution)
+            elif group.bucket_no_upscale and item.width * item.height < group.resolution ** 2:
+                size = own_size_bucket(item.width, item.height, group.resolution)
             else:
                 size = assign_bucket(item.width, item.height, buckets)
-            self.entries.extend(Entry(i, size) for _ in range(max(1, item.repeats)))
+            self.entries.extend(Entry(i, size, sub.group, sub.is_reg) for _ in range(repeats[i]))
+        self.num_reg_samples = sum(1 for e in self.entries if e.is_reg)
 
     def __len__(self) -> int:
         return len(self.entries)
 
+    def subset_of(self, index: int) -> Subset:
+        return self.subsets[self.item_subsets[self.entries[index].item_index]]
+
     @property
     def captions_vary(self) -> bool:
-        o = self.caption_options
-        return bool(o["shuffle_tags"] or o["caption_dropout"] > 0)
+        return any(s.shuffle_tags or s.caption_dropout > 0 for s in self.subsets)
+
+    @property
+    def any_flip(self) -> bool:
+        return any(s.flip for s in self.subsets)
+
+    def loss_weight(self, index: int) -> float:
+        return self.prior_loss_weight if self.entries[index].is_reg else 1.0
+
+    def _group_batch_size(self, group: int, batch_size: int) -> int:
+        return self.groups[group].batch_size or batch_size
+
+    def num_batches(self, batch_size: int) -> int:
+        """Batches per epoch (before splitting over processes): per dataset and bucket, ceil(samples / batch size)."""
+        counts: dict[tuple, int] = {}
+        for e in self.entries:
+            counts[(e.group, e.size)] = counts.get((e.group, e.size), 0) + 1
+        return sum(math.ceil(n / self._group_batch_size(k[0], batch_size)) for k, n in counts.items())
 
     def batches_for_epoch(self, epoch: int, batch_size: int, *, process_index: int = 0, num_processes: int = 1) -> list[list[int]]:
-        keys = [e.size for e in self.entries]
-        batches = bucket_batches(keys, batch_size, rng=_rng(self.seed, "order", epoch))
+        rng = _rng(self.seed, "order", epoch)
+        if len(self.groups) == 1:
+            batches = bucket_batches([e.size for e in self.entries], self._group_batch_size(0, batch_size), rng=rng)
+        else:
+            batches = []
+            for g in range(len(self.groups)):
+                idx = [i for i, e in enumerate(self.entries) if e.group == g]
+                part = bucket_batches([self.entries[i].size for i in idx], self._group_batch_size(g, batch_size), rng=rng)
+                batches += [[idx[j] for j in b] for b in part]
+            rng.shuffle(batches)
         if num_processes > 1:
             # Every process gets the same number of batches so DDP steps stay in lock-step.
             usable = len(batches) - len(batches) % num_processes
@@ -77,7 +186,10 @@ class TrainingSet:
         return batches
 
     def flip_for(self, epoch: int, index: int) -> bool:
-        return self.random_flip and _rng(self.seed, "flip", epoch, index).random() < 0.5
+        return self.subset_of(index).flip and _rng(self.seed, "flip", epoch, index).random() < 0.5
+
+    def _crop(self, index: int) -> str:
+        return "random" if self.subset_of(index).random_crop and not self.center_crop else "center"
 
     # images that fail mid-run --------------------------------------------------------------------------------
     def source_item(self, item_index: int) -> int:
@@ -115,22 +227,28 @@ class TrainingSet:
         if self.on_unreadable is not None:
             self.on_unreadable(self.items[item_index].path, reason, stand_in)
 
+    def _raw_caption(self, item_index: int, sub: Subset) -> str:
+        item = self.items[item_index]
+        text = item.caption or sub.default_caption
+        return ", ".join(p for p in (sub.caption_prefix.strip(" ,"), text, sub.caption_suffix.strip(" ,")) if p)
+
     def caption_for(self, epoch: int, index: int) -> str:
-        item = self.items[self.source_item(self.entries[index].item_index)]
-        raw = item.caption or self.default_caption
-        return build_caption(raw, rng=_rng(self.seed, "caption", epoch, index), **self.caption_options)
+        sub = self.subset_of(index)
+        raw = self._raw_caption(self.source_item(self.entries[index].item_index), sub)
+        return build_caption(raw, rng=_rng(self.seed, "caption", epoch, index), trigger_word=sub.trigger_word or None,
+                             shuffle_tags=sub.shuffle_tags, keep_tokens=sub.keep_tokens, caption_dropout=sub.caption_dropout)
 
     def fixed_caption(self, item_index: int) -> str:
         """The caption with trigger word but no shuffle/dropout (what the text cache stores)."""
-        item = self.items[item_index]
-        return build_caption(item.caption or self.default_caption, trigger_word=self.caption_options["trigger_word"])
+        sub = self.subsets[self.item_subsets[item_index]]
+        return build_caption(self._raw_caption(item_index, sub), trigger_word=sub.trigger_word or None)
 
     def geometry_for(self, epoch: int, index: int, *, flip: bool) -> SampleGeometry:
         """SDXL's size conditioning for a sample, computed from the scan's image size with the same crop choice as
         pixels_for (no decoding): original size, crop offset (mirrored when flipped, as the pixels are), target."""
         entry = self.entries[index]
         item = self.items[self.source_item(entry.item_index)]
-        crop = "center" if self.center_crop else "random"
+        crop = self._crop(index)
         (nw, _nh), (left, top) = crop_box((item.width, item.height), entry.size, crop=crop,
                                           rng=_rng(self.seed, "crop", epoch, index))
         tw, th = entry.size
@@ -142,7 +260,7 @@ class TrainingSet:
         """The sample's pixels. An image that no longer loads (deleted, truncated, undecodable) is reported once and
         skipped: the sample takes the image and caption of the next readable item, at this sample's size and crop."""
         entry = self.entries[index]
-        crop = "center" if self.center_crop else "random"
+        crop = self._crop(index)
         while True:
             source = self.source_item(entry.item_index)
             try:

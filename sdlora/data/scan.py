@@ -43,6 +43,7 @@ class ImageItem:
     width: int  # after EXIF orientation
     height: int
     warnings: list[str] = field(default_factory=list)
+    subset: str = ""  # the kohya N_name folder it belongs to (the key of its tag frequency)
 
 
 @dataclass
@@ -260,7 +261,7 @@ def _examine(path: Path, root: Path, full_check: bool) -> tuple[int, int, list[s
 
 # folders -------------------------------------------------------------------------------------------------
 
-def _image_files(root: Path, warns: list[str]) -> list[Path]:
+def _image_files(root: Path, warns: list[str], recursive: bool = True) -> list[Path]:
     def unreadable(exc: OSError):
         warns.append(f"folder '{exc.filename}' is unreadable ({exc.strerror or exc}); images in it were skipped")
 
@@ -273,6 +274,8 @@ def _image_files(root: Path, warns: list[str]) -> list[Path]:
                 warns.append(f"folder link '{(folder / d).relative_to(root).as_posix()}' was not followed; "
                              "copy those images into the dataset folder instead")
         files += [folder / n for n in filenames if not n.startswith(".") and Path(n).suffix.lower() in IMAGE_EXTENSIONS]
+        if not recursive:
+            break
     return sorted(files, key=lambda p: p.relative_to(root).as_posix())
 
 
@@ -308,7 +311,7 @@ def _check_root(root: Path) -> Path:
 
 
 def scan_dataset(root, *, default_caption: str = "", caption_extensions=(".txt", ".caption"), min_size: int = 0,
-                 upscale_small: bool = True, check_images: bool = True) -> DatasetReport:
+                 upscale_small: bool = True, check_images: bool = True, recursive: bool = True) -> DatasetReport:
     """Find every image under `root` (recursively) with its caption and repeats; report what was skipped and why.
 
     check_images=False reads headers only (fast, for galleries); True also test-decodes each image so truncated
@@ -332,7 +335,7 @@ def scan_dataset(root, *, default_caption: str = "", caption_extensions=(".txt",
                 return metadata[folder][key]
         return None
 
-    for path in _image_files(root, report.warnings):
+    for path in _image_files(root, report.warnings, recursive):
         try:
             w, h, notes = _examine(path, root, check_images)
         except _Skip as skip:
@@ -350,7 +353,7 @@ def scan_dataset(root, *, default_caption: str = "", caption_extensions=(".txt",
                          "by the text encoder")
         repeats, subset = _repeats_and_subset(path, root, warned_folders, report.warnings)
         report.items.append(ImageItem(path=path, caption=caption, caption_source=source, caption_path=caption_path,
-                                      repeats=repeats, width=w, height=h, warnings=notes))
+                                      repeats=repeats, width=w, height=h, warnings=notes, subset=subset))
         tags.setdefault(subset, Counter()).update(split_tags(caption or default_caption))
         if caption_path.is_file():
             caption_users.setdefault(caption_path, []).append(path)
