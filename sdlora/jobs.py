@@ -38,6 +38,7 @@ class Job:
     log: deque = field(default_factory=lambda: deque(maxlen=400))
     error: str = ""
     lora_path: str = ""
+    plan: str = ""  # the step plan, shown before the first step
     started: float | None = None
     finished: float | None = None
     step_times: deque = field(default_factory=lambda: deque(maxlen=20))
@@ -69,6 +70,8 @@ class Job:
             self.checkpoints.append(event.data["path"])
             self.log.append(f"step {event.step}: checkpoint saved")
         elif event.kind in ("status", "warning"):
+            if str(event.data.get("message", "")).startswith("Step plan:"):
+                self.plan = str(event.data["message"])
             prefix = "warning: " if event.kind == "warning" else ""
             # File names that are not UTF-8 are shown escaped: the page's JSON cannot carry them as they are.
             self.log.extend(f"{prefix}{shown(line)}" for line in str(event.data.get("message", "")).splitlines())
@@ -95,7 +98,7 @@ class Job:
             "losses": list(self.losses), "samples": list(self.samples), "checkpoints": list(self.checkpoints),
             "log": list(self.log), "error": self.error, "lora_path": self.lora_path,
             "it_per_s": self.speed(), "eta_s": self.eta_seconds(), "output_dir": self.config.output_dir,
-            "output_name": self.config.output_name, "base_model": self.config.base_model,
+            "output_name": self.config.output_name, "base_model": self.config.base_model, "plan": self.plan,
         }
 
 

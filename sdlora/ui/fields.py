@@ -14,7 +14,7 @@ LAYER_CHOICES = list(LAYER_GROUPS) + [CONV_GROUP]
 FORM_ONLY = ("layers", "sample_prompts_text", "length_mode", "length")
 INT_FIELDS = ("rank", "conv_rank", "batch_size", "grad_accum", "resolution", "seed", "warmup_steps", "keep_tokens",
               "sample_every", "save_every", "sample_steps")
-FLOAT_FIELDS = ("alpha", "conv_alpha", "lr", "noise_offset", "caption_dropout")
+FLOAT_FIELDS = ("alpha", "conv_alpha", "lr", "noise_offset", "caption_dropout", "prior_loss_weight")
 # Expansion of the config's shorthands into the UI's layer-group names.
 _SHORTHANDS = {"attn": {"attn1", "attn2"},
                "transformer": {"attn1", "attn2", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2"}}
@@ -83,6 +83,9 @@ def form_to_config(form: dict[str, Any]) -> dict[str, Any]:
     values["text_encoder_lr"] = float(te_lr) if values.get("train_text_encoder") and te_lr else None
     gamma = values.get("min_snr_gamma")
     values["min_snr_gamma"] = float(gamma) if gamma else None
+    if "loraplus_lr_ratio" in values:
+        ratio = values["loraplus_lr_ratio"]
+        values["loraplus_lr_ratio"] = _number(values, "loraplus_lr_ratio", float) if ratio not in (None, "", 0, 0.0) else None
     for key in ("data_dir", "base_model", "output_name", "trigger_word", "default_caption"):
         if isinstance(values.get(key), str):
             values[key] = values[key].strip()
@@ -100,6 +103,7 @@ def config_to_form(cfg: dict[str, Any]) -> dict[str, Any]:
         form["length_mode"], form["length"] = "steps", cfg.get("steps") or 500
     form["text_encoder_lr"] = cfg.get("text_encoder_lr") or 0.0
     form["min_snr_gamma"] = cfg.get("min_snr_gamma") or 0.0
+    form["loraplus_lr_ratio"] = cfg.get("loraplus_lr_ratio") or 0.0
     if not form.get("conv_rank"):
         form["conv_rank"] = 4
     return form

@@ -467,6 +467,10 @@ def progress_text(snap: dict[str, Any]) -> str:
     total = snap["total_steps"] or "?"
     text = (f"**Job {snap['id']}: {state}** — step {snap['step']}/{total} · loss {loss} · {speed} · "
             f"time left {format_eta(snap.get('eta_s'))}")
+    if snap.get("plan"):
+        text += f"\n\n{snap['plan']}"
+        if snap.get("it_per_s"):
+            text += f" (about {format_eta(snap['total_steps'] / snap['it_per_s'])} in all at {snap['it_per_s']:.2f} it/s)"
     waiting = [j for j in snap.get("queue", []) if j["state"] == "queued"]
     if waiting:
         text += f" · {len(waiting)} job(s) waiting"

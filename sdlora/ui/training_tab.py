@@ -47,6 +47,11 @@ def build(service, ctx: dict, defaults: dict) -> None:
         f["bucket_no_upscale"] = gr.Checkbox(label="Buckets: never upscale small images", value=defaults["bucket_no_upscale"],
                                              elem_id="bucket-no-upscale")
         f["random_flip"] = gr.Checkbox(label="Random horizontal flip", value=defaults["random_flip"], elem_id="flip")
+    with gr.Row():
+        f["loraplus_lr_ratio"] = gr.Number(label="LoRA+ ratio: up matrices learn at lr x this (0 = off, 16 is usual)",
+                                           value=defaults.get("loraplus_lr_ratio") or 0, elem_id="loraplus")
+        f["prior_loss_weight"] = gr.Number(label="Regularization images: loss weight (prior_loss_weight)",
+                                           value=defaults.get("prior_loss_weight", 1.0), elem_id="prior-loss-weight")
     gr.Markdown("**Captions** (the trigger word is on the Dataset tab)")
     with gr.Row():
         f["shuffle_tags"] = gr.Checkbox(label="Shuffle tags", value=defaults["shuffle_tags"], elem_id="shuffle-tags")
