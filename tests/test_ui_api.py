@@ -269,6 +269,12 @@ def test_stop_queue_and_resume_through_the_service(tmp_path, monkeypatch):
         time.sleep(0.05)
     assert job.state == "stopped" and job.checkpoints and Path(job.lora_path).is_file()
     stopped_at = job.step
+    # Try/Export offer LoRA files only: not the run's latent cache (one .safetensors per image) or training state.
+    assert list((service.output_root / "resumable" / "cache" / "latents").glob("*.safetensors"))
+    offered = service.list_loras()
+    assert job.lora_path in offered and any(Path(p).name == "lora.safetensors" for p in offered)
+    assert not any("cache" in Path(p).parts or Path(p).name == "lora_state.safetensors" for p in offered)
+    assert not any("cache" in Path(p).parts for p in service.list_export_sources())
     checkpoint = next(p for p in service.list_export_sources() if Path(p).parent.name == "checkpoints")  # newest first
     assert Path(checkpoint).name == f"step{stopped_at:06d}"
     path, report, ok = service.export(checkpoint, fmt="kohya", precision="fp16", name="from_checkpoint", base_spec="builtin:tiny")

@@ -313,8 +313,11 @@ class Service:
         })
 
     def _safetensors_files(self) -> list[Path]:
+        """LoRA files under the output root: not the latent cache (OUTPUT/run/cache/..., one file per image), not a
+        checkpoint's training state, nothing hidden, and only files whose keys are a LoRA layout (header read only)."""
         found = [p for p in self.output_root.rglob("*.safetensors")
-                 if not any(part.startswith(".") for part in p.relative_to(self.output_root).parts)]
+                 if not any(part.startswith(".") or part == "cache" for part in p.relative_to(self.output_root).parts)
+                 and p.name != "lora_state.safetensors" and _is_lora_file(p)]
         return _newest_first(found)
 
     def list_loras(self) -> list[str]:
@@ -407,6 +410,18 @@ def _saved_from_web_ui(path: Path) -> bool:
         with open(path, encoding="utf-8", errors="replace") as fh:
             return WEB_UI_PRESET in fh.readline(400)
     except OSError:
+        return False
+
+
+def _is_lora_file(path: Path) -> bool:
+    from safetensors import safe_open
+
+    from ..verify import detect_format
+
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            return detect_format(dict.fromkeys(fh.keys())) != "unknown"
+    except Exception:  # noqa: BLE001 - unreadable or half-written: not offered
         return False
 
 
