@@ -10,12 +10,13 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from .errors import UserError
 from .export import read_lora
 from .families import FAMILIES, family_of_pipeline
 from .sampling import SamplePrompt, generate, label_image, make_grid
 
 
-class LoraLoadError(ValueError):
+class LoraLoadError(UserError, ValueError):
     pass
 
 
@@ -116,7 +117,13 @@ def diffusers_to_kohya(tensors: dict[str, torch.Tensor], metadata: dict[str, str
 
 def check_lora_fits(path: Path, pipe) -> None:
     """Refuse a LoRA made for another architecture before diffusers half-loads it."""
-    from .verify import LoraMismatchError, VerifyReport, check_keys, describe_family, detect_format
+    from .verify import (
+        LoraMismatchError,
+        VerifyReport,
+        check_keys,
+        describe_family,
+        detect_format,
+    )
 
     tensors, metadata = read_lora(path)
     fmt = detect_format(tensors)
@@ -151,7 +158,9 @@ def load_loras(pipe, loras: list[tuple[Path, float]]) -> list[str]:
     for i, (path, _) in enumerate(loras):
         path = Path(path)
         if not path.is_file():
-            raise LoraLoadError(f"LoRA file '{path}' not found.")
+            from .lora_check import not_a_file
+
+            raise LoraLoadError(not_a_file(path))
         check_lora_fits(path, pipe)
         name = adapter_name_for(i, path)
         try:

@@ -58,6 +58,18 @@ def lora_file_problems(tensors: dict[str, torch.Tensor]) -> list[str]:
     return problems
 
 
+def not_a_file(path) -> str:
+    """Why `path` (which is not a regular file) cannot be a LoRA file, as a sentence."""
+    from pathlib import Path
+
+    path = Path(path)
+    if path.is_dir():
+        return f"'{shown(path)}' is a folder, not a LoRA file. Give the .safetensors file inside it."
+    if path.exists():
+        return f"'{shown(path)}' is not a regular file (a device, pipe or socket). Give a .safetensors LoRA file."
+    return f"LoRA file '{shown(path)}' not found."
+
+
 def refuse_broken(tensors: dict[str, torch.Tensor], path, error=ValueError) -> None:
     """Raise `error` with one sentence naming the file when it has any of the problems above."""
     problems = lora_file_problems(tensors)
