@@ -10,8 +10,16 @@ from pathlib import Path
 from typing import Any, Literal
 
 import tomli_w
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
+from .errors import UserError
 from .fileio import atomic_write_text
 
 TARGET_SHORTHANDS = ("attn", "attn1", "attn2", "transformer")
@@ -28,7 +36,7 @@ _MAX_INT = {"rank": 4096, "conv_rank": 4096, "steps": 10_000_000, "epochs": 1_00
             "save_every": 10_000_000, "sample_every": 10_000_000}
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A configuration problem, phrased for the user: names the field and what to do."""
 
 

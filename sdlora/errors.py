@@ -1,23 +1,14 @@
-"""The exception types whose messages are written for the user (CLI prints them, UI shows them)."""
+"""The user-facing error base: every exception whose message is a sentence for the user (naming the file or setting
+and what to do) derives from UserError. The CLI, the job queue and the UI print those as they are; anything else is
+a bug, reported with a pointer to the traceback log. This module imports nothing, so catching user errors does not
+load torch or diffusers."""
 
 from __future__ import annotations
 
 
-def _collect() -> tuple[type[BaseException], ...]:
-    from .config import ConfigError
-    from .data.captions import CaptionWriteError
-    from .data.images import ImageLoadError
-    from .data.scan import DatasetError
-    from .export import ExportError
-    from .inference import LoraLoadError
-    from .models import ModelLoadError
-    from .outputs import OutputError
-    from .resume import CheckpointError
-    from .train import TrainingError
-    from .verify import LoraMismatchError
-
-    return (ConfigError, DatasetError, ImageLoadError, ModelLoadError, TrainingError, ExportError, LoraLoadError,
-            LoraMismatchError, OutputError, CheckpointError, CaptionWriteError, FileNotFoundError, PermissionError)
+class UserError(Exception):
+    """A failure phrased for the user."""
 
 
-USER_ERRORS = _collect()
+# OS errors about a named path (a missing file, no permission) read well as they are.
+USER_ERRORS: tuple[type[BaseException], ...] = (UserError, FileNotFoundError, PermissionError)

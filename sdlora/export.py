@@ -20,13 +20,18 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from .errors import UserError
 from .fileio import atomic_path
-from .formats.kohya_names import KohyaNameError, text_encoder_kohya_prefix, unet_kohya_prefix  # noqa: F401 (re-exported)
+from .formats.kohya_names import (  # noqa: F401 (re-exported)
+    KohyaNameError,
+    text_encoder_kohya_prefix,
+    unet_kohya_prefix,
+)
 from .lora import lora_modules
 
 PRECISIONS = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
-class ExportError(RuntimeError):
+class ExportError(UserError, RuntimeError):
     pass
 
 

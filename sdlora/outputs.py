@@ -12,12 +12,13 @@ import stat
 import time
 from pathlib import Path
 
+from .errors import UserError
 from .safetext import shown
 
 LOCK_NAME = ".sdlora.lock"
 
 
-class OutputError(ValueError):
+class OutputError(UserError, ValueError):
     """An output path that cannot be used; the message names it and says what to do."""
 
 

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from .errors import UserError
 from .safetext import shown
 
 _STEP_DIR = re.compile(r"^step(\d{6,})$")
@@ -23,7 +24,7 @@ _EXACT_SHAPE = {"exp_avg", "exp_avg_sq", "max_exp_avg_sq"}
 _PARAM_SHAPED = _EXACT_SHAPE | {"state1", "state2"}
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError, ValueError):
     """A checkpoint that cannot be resumed from; the message names it and why."""
 
 

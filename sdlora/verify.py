@@ -10,13 +10,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .errors import UserError
 from .export import read_lora
 from .families import FAMILIES, SampleGeometry, family_of_lora
 
 _SUFFIXES = (".lora_down.weight", ".lora_up.weight", ".alpha")
 
 
-class LoraMismatchError(ValueError):
+class LoraMismatchError(UserError, ValueError):
     pass
 
 

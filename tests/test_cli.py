@@ -138,3 +138,21 @@ def test_generate_refuses_a_lora_for_another_architecture(tmp_path):
     assert proc.returncode == 2 and "SDXL" in proc.stderr and "Traceback" not in proc.stderr
     missing = run_cli("generate", "--lora", tmp_path / "nope.safetensors", "--prompt", "x", "--out", tmp_path / "y.png", check=False)
     assert missing.returncode == 2 and "not found" in missing.stderr
+
+
+def test_scan_and_help_do_not_import_torch(tmp_path):
+    """The first commands a new user types answer at once: no torch/diffusers/bitsandbytes imports."""
+    from PIL import Image
+
+    Image.new("RGB", (64, 64), "red").save(tmp_path / "a.png")
+    code = ("import sys; from sdlora.cli import main; rc = main(['scan', sys.argv[1]]); "
+            "heavy = [m for m in ('torch', 'diffusers', 'transformers', 'bitsandbytes', 'peft') if m in sys.modules]; "
+            "print('HEAVY', heavy); sys.exit(rc)")
+    proc = subprocess.run([sys.executable, "-c", code, str(tmp_path)], cwd=ROOT, env=subprocess_env(), capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "HEAVY []" in proc.stdout, proc.stdout
+    proc = subprocess.run([sys.executable, "-c", "import sys; import sdlora.cli as c\ntry:\n    c.main(['--help'])\n"
+                           "except SystemExit:\n    pass\nprint('HEAVY', [m for m in ('torch', 'diffusers') if m in sys.modules])"],
+                          cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=120)
+    assert "HEAVY []" in proc.stdout, proc.stdout + proc.stderr

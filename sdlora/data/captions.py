@@ -6,12 +6,13 @@ import os
 import random
 from pathlib import Path
 
+from ..errors import UserError
 from ..fileio import atomic_path
 
 CAPTION_EXTENSIONS = (".txt", ".caption")
 
 
-class CaptionWriteError(ValueError):
+class CaptionWriteError(UserError, ValueError):
     """Caption files that could not be written; the message names them. `written` is how many others were."""
 
     def __init__(self, message: str, *, failed=(), written: int = 0):

@@ -7,10 +7,15 @@ import threading
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 from PIL import ExifTags, Image, UnidentifiedImageError
+
+from ..errors import UserError
+
+if TYPE_CHECKING:
+    import torch
 
 # Pillow refuses images above ~179 MP; photo sets hold panoramas and scans beyond that. We allow up to
 # 250 MP and refuse larger files with a message that says what to do.
@@ -26,7 +31,7 @@ _UPRIGHT = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4
             8: Image.Transpose.ROTATE_90}
 
 
-class ImageLoadError(ValueError):
+class ImageLoadError(UserError, ValueError):
     """A file that cannot be used as a training image. `reason` is the short why; the message names the file."""
 
     def __init__(self, message: str, *, path=None, reason: str | None = None):
@@ -196,6 +201,8 @@ def crop_box(image_size: tuple[int, int], size: tuple[int, int], *, crop: str = 
 
 def image_to_tensor(img: Image.Image) -> torch.Tensor:
     """float32 3xHxW in [-1, 1], the range the VAE expects."""
+    import torch  # here, not at import time: `sdlora scan` never needs torch
+
     arr = np.asarray(img.convert("RGB"), dtype=np.float32) / 127.5 - 1.0
     return torch.from_numpy(arr).permute(2, 0, 1).contiguous()
 

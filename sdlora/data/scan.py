@@ -14,6 +14,7 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from ..errors import UserError
 from ..safetext import clean_text, shown
 from .captions import split_tags
 from .images import ImageLoadError, exif_orientation, open_image
@@ -29,7 +30,7 @@ _DECODE_CHECK_PIXELS = 50_000_000
 _CHECK_DRAFT_SIZE = (256, 256)
 
 
-class DatasetError(ValueError):
+class DatasetError(UserError, ValueError):
     """A dataset folder that cannot be trained on. The message names the folder and says what to do."""
 
 

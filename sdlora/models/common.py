@@ -6,6 +6,8 @@ import json
 import threading
 from pathlib import Path
 
+from ..errors import UserError
+
 
 def quiet_libraries() -> None:
     """Loading bars and config notices from diffusers/transformers drown sdlora's own progress output."""
@@ -25,7 +27,7 @@ SUPPORTED = ("Supported base models: SD1.x, SD2.x (512 and 768-v) and SDXL (1.0 
              "diffusers folder or a single .safetensors/.ckpt checkpoint, or builtin:tiny / builtin:tiny-xl.")
 
 
-class ModelLoadError(ValueError):
+class ModelLoadError(UserError, ValueError):
     """A base model could not be resolved or loaded; the message is a sentence for the user."""
 
 
