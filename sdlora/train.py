@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from .checkpoints import save_checkpoint
 from .config import ConfigError, TrainConfig
 from .data.scan import scan_dataset
+from .errors import UserError
 from .events import TrainEvent
 from .families import Conditioning
 from .export import build_metadata, export_diffusers, export_kohya
@@ -37,7 +38,7 @@ MAX_CONSECUTIVE_NONFINITE = 3
 _STEP_DELAY = float(os.environ.get("SDLORA_STEP_DELAY", "0") or 0)
 
 
-class TrainingError(RuntimeError):
+class TrainingError(UserError, RuntimeError):
     """A failure with a message meant for the user."""
 
 
