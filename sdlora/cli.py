@@ -270,6 +270,9 @@ def cmd_scan(args) -> int:
 
 def cmd_demo_data(args) -> int:
     from .data.demo import make_demo_dataset
+    from .outputs import check_output_dir
+
+    check_output_dir(args.folder, what="demo-data folder")
 
     print(str(Path(make_demo_dataset(args.folder)).resolve()))
     return 0
