@@ -3,7 +3,7 @@ computes exactly W + (alpha/r)·up·down."""
 
 from __future__ import annotations
 
-import copy
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -187,8 +187,49 @@ def _forward(family, unet, encoders, ids, latents, t, geometry) -> tuple[torch.T
         return family.unet_forward(unet, latents, t, cond), text.hidden
 
 
+def _has_adapters(components) -> bool:
+    return any(getattr(m, "peft_config", None) for m in components.values() if m is not None)
+
+
+@contextmanager
+def _adapters_off(pipe, components):
+    """The bare base weights for the reference, even when a shared pipeline carries LoRAs."""
+    loaded = _has_adapters(components)
+    if loaded:
+        pipe.disable_lora()
+    try:
+        yield
+    finally:
+        if loaded:
+            pipe.enable_lora()
+
+
+def _enable_only(pipe, components, name: str) -> None:
+    pipe.enable_lora()
+    pipe.set_adapters([name], adapter_weights=[1.0])
+
+
+@contextmanager
+def _hand_applied(components, mapped):
+    """W += (alpha/r)·up·down on the adapted modules for the duration of the block; the exact weights come back."""
+    saved = []
+    for parts in mapped.values():
+        kind, path = parts["target"]
+        module = components[kind].get_submodule(path)
+        module = getattr(module, "base_layer", module)
+        saved.append((module.weight, module.weight.detach().clone()))
+    try:
+        apply_kohya_by_hand(components, mapped)
+        yield
+    finally:
+        with torch.no_grad():
+            for weight, original in saved:
+                weight.copy_(original)
+
+
 def verify_lora(path: str | Path, base, *, numeric: bool = True, tolerance: float = 1e-4) -> VerifyReport:
-    """`base` is a loaded BaseModel (from sdlora.models). The base's modules are not modified."""
+    """`base` is a loaded BaseModel (from sdlora.models). The base's weights are the same afterwards (the check runs
+    on its own modules and restores them; LoRAs a shared pipeline carries are switched off, then on again)."""
     tensors, metadata = read_lora(Path(path))
     report = VerifyReport(path=str(path), format=detect_format(tensors), tolerance=tolerance)
     if report.format == "diffusers":
@@ -216,31 +257,31 @@ def verify_lora(path: str | Path, base, *, numeric: bool = True, tolerance: floa
     if not numeric or not mapped or report.problems or report.unmapped:
         return report
 
-    from .inference import load_loras
-    from .lora import strip_lora
-
+    # Everything runs on the base's own modules, nothing is copied (an SDXL UNet is 10 GB in fp32): the hand-applied
+    # weights are restored from a copy of just the adapted weights, and diffusers' adapter is deleted afterwards.
     family = base.family
     latents, t, ids, geometry = _probe_inputs(base)
-
-    def clean(module):
-        # The base may be shared with a pipeline that has LoRAs loaded: compare against the bare weights.
-        return strip_lora(copy.deepcopy(module)).float()
-
-    # Reference: hand-applied math on copies of the base.
-    ref = {name: clean(module) for name, module in components.items()}
-    ref_encoders = [ref[n] for n in family.text_encoder_names]
-    base_out, _ = _forward(family, ref["unet"], ref_encoders, ids, latents, t, geometry)
-    apply_kohya_by_hand(ref, mapped)
-    ref_out, ref_hidden = _forward(family, ref["unet"], ref_encoders, ids, latents, t, geometry)
-    # diffusers' own loader (the family's pipeline class) on other copies.
-    pipe = base.make_pipeline(unet=clean(base.unet), text_encoders=[clean(te) for te in base.text_encoders])
-    load_loras(pipe, [(Path(path), 1.0)])
-    encoders = [getattr(pipe, n) for n in family.text_encoder_names]
-    _, hidden = _forward(family, pipe.unet, encoders, ids, latents, t, geometry)
-    # The UNet is compared on the reference conditioning, so a text-encoder difference cannot hide in it.
-    with torch.no_grad():
-        cond = family.conditioning(family.encode_tokens(ref_encoders, ids), [geometry])
-        out = family.unet_forward(pipe.unet, latents, t, cond)
+    encoders = [components[n] for n in family.text_encoder_names]
+    pipe = base.make_pipeline()
+    with _adapters_off(pipe, components):  # the UI's Try may have LoRAs loaded into this shared base
+        base_out, _ = _forward(family, base.unet, encoders, ids, latents, t, geometry)
+        with _hand_applied(components, mapped):
+            ref_out, ref_hidden = _forward(family, base.unet, encoders, ids, latents, t, geometry)
+            with torch.no_grad():
+                ref_cond = family.conditioning(family.encode_tokens(encoders, ids), [geometry])
+    name = "sdlora_verify"
+    active = pipe.get_active_adapters() if _has_adapters(components) else []
+    pipe.load_lora_weights(str(path), adapter_name=name)
+    try:
+        _enable_only(pipe, components, name)
+        _, hidden = _forward(family, pipe.unet, encoders, ids, latents, t, geometry)
+        # The UNet is compared on the reference conditioning, so a text-encoder difference cannot hide in it.
+        with torch.no_grad():
+            out = family.unet_forward(pipe.unet, latents, t, ref_cond)
+    finally:
+        pipe.delete_adapters(name)
+        if active:  # the shared pipeline's own LoRAs are active again, as before
+            pipe.set_adapters(active)
     report.unet_max_diff = float((out - ref_out).abs().max())
     report.text_encoder_max_diff = float((hidden - ref_hidden).abs().max())
     report.lora_effect = float((ref_out - base_out).abs().max())

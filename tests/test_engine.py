@@ -251,9 +251,16 @@ def test_verify_on_a_base_that_already_carries_a_lora(trained):
     base = load_base_model("builtin:tiny")
     pipe = base.make_pipeline()
     pipe.load_lora_weights(str(result.lora_path), adapter_name="already")
+    before = {k: v.clone() for k, v in {**base.unet.state_dict(), **base.text_encoder.state_dict()}.items()}
     report = verify_lora(result.lora_path, base)
     assert report.ok, report.summary()
     assert report.lora_effect > 1e-3
+    # Verify runs on the shared modules and gives them back as they were: weights, the adapter, and that it is active.
+    after = {**base.unet.state_dict(), **base.text_encoder.state_dict()}
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    assert pipe.get_active_adapters() == ["already"]
+    bare = load_base_model("builtin:tiny")
+    assert verify_lora(result.lora_path, bare).ok and not getattr(bare.unet, "peft_config", None)
 
 
 def _mixed_aspect_dataset(folder: Path) -> Path:
