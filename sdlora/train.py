@@ -6,13 +6,13 @@ Reading order: `train()` prepares everything, `_run_loop()` is the loop, small h
 from __future__ import annotations
 
 import contextlib
-from concurrent.futures import ThreadPoolExecutor
 import json
 import math
 import os
 import tempfile
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -22,16 +22,18 @@ import torch.nn.functional as F
 
 from .checkpoints import save_checkpoint
 from .config import ConfigError, TrainConfig
-from .data.scan import scan_dataset
 from .errors import UserError
 from .events import TrainEvent
-from .families import Conditioning
 from .export import build_metadata, export_diffusers, export_kohya
-from .paths import resolve_data_dir
-from .lora import (count_lora_parameters, inject_text_encoder_lora, inject_unet_lora, lora_parameters,
-                   make_lora_params_fp32)
+from .families import Conditioning
+from .lora import (
+    count_lora_parameters,
+    inject_text_encoder_lora,
+    inject_unet_lora,
+    make_lora_params_fp32,
+)
 from .sampling import generate, parse_prompt_line, sample_filename, save_png_atomic
-from .training_set import LatentCache, TextEmbeddingCache, TrainingSet
+from .training_set import LatentCache, TextEmbeddingCache
 
 MAX_CONSECUTIVE_NONFINITE = 3
 # Test hook: slows every step so kill -9 tests can land mid-run on a fast machine.
@@ -551,7 +553,9 @@ class Trainer:
         return modules
 
     def _metadata(self, step: int, finished: float | None) -> dict[str, str]:
-        from .safetext import clean_text  # safetensors metadata must be valid UTF-8 (paths may not be)
+        from .safetext import (
+            clean_text,  # safetensors metadata must be valid UTF-8 (paths may not be)
+        )
 
         return {k: clean_text(v) for k, v in self._raw_metadata(step, finished).items()}
 
