@@ -8,7 +8,6 @@ makes, and is the very number the loop runs.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from dataclasses import dataclass, field
