@@ -17,6 +17,7 @@ from sdlora.data import (
     split_tags,
     write_caption,
 )
+from sdlora.data.captions import CaptionWriteError
 
 
 def test_split_tags():
@@ -87,7 +88,7 @@ def test_failed_write_keeps_the_original_and_leaves_no_temp_file(tmp_path, monke
         monkeypatch.setattr(Path, "write_text", disk_full)
     else:
         monkeypatch.setattr(os, failing, disk_full)
-    with pytest.raises(OSError, match="No space left"):
+    with pytest.raises(CaptionWriteError, match="Cannot write caption .*img.txt.*No space left"):
         write_caption(cap, "new", root=tmp_path)
     monkeypatch.undo()
     assert cap.read_text() == "original"

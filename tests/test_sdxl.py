@@ -207,7 +207,6 @@ def test_size_conditioning_reaches_the_unet(tmp_path):
             assert geo.original_size == (item.height, item.width) and geo.target_size == (th, tw)
             # The crop the pixels really came from: same scale and random offset as the loader, mirrored when flipped.
             from sdlora.data.images import crop_box
-            import random as _r
             from sdlora.training_set import _rng
 
             (nw, nh), (left, top) = crop_box((item.width, item.height), (tw, th), crop="random",
