@@ -246,12 +246,12 @@ def verify_lora(path: str | Path, base, *, numeric: bool = True, tolerance: floa
         return report
     from .lora_check import lora_file_problems
 
-    report.problems += lora_file_problems(tensors)  # NaN/inf weights, non-float tensors, odd ranks and alpha shapes
-    if report.problems:
-        return report
     fam = describe_family(tensors, base.family)
     if fam:
         report.problems.append(f"this LoRA is for {fam}, not for this {base.family.label} base model")
+    report.problems += lora_file_problems(tensors)  # NaN/inf weights, non-float tensors, odd ranks and alpha shapes
+    if report.problems:
+        return report  # the key and numeric checks below assume well-formed tensors
     components = base.components()
     mapped = check_keys(tensors, base.family, components, report)
     if not numeric or not mapped or report.problems or report.unmapped:
