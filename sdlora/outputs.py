@@ -156,8 +156,11 @@ def output_lock(out_dir, *, what: str = "output_dir"):
     if fd is None:
         raise OutputError(_busy_message(out_dir, _read_owner(lock)))
     me = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.time()}
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, json.dumps(me).encode(), 0)
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps(me).encode(), 0)
+    except OSError:
+        pass  # a full disk: the flock still holds; only the owner's name is missing from the file
     try:
         yield lock
     finally:
