@@ -77,8 +77,8 @@ def _config(tmp_path, data, **over):
 def test_single_nan_step_is_skipped_and_reported(tmp_path, demo_dataset, monkeypatch):
     original = Trainer._loss
 
-    def flaky(self, latents, hidden, step, micro):
-        loss = original(self, latents, hidden, step, micro)
+    def flaky(self, latents, hidden, step, micro, *rest):
+        loss = original(self, latents, hidden, step, micro, *rest)
         return loss * float("nan") if step == 3 else loss
 
     monkeypatch.setattr(Trainer, "_loss", flaky)
@@ -93,7 +93,7 @@ def test_single_nan_step_is_skipped_and_reported(tmp_path, demo_dataset, monkeyp
 
 def test_repeated_nan_stops_with_cause_and_keeps_checkpoint(tmp_path, demo_dataset, monkeypatch):
     original = Trainer._loss
-    monkeypatch.setattr(Trainer, "_loss", lambda self, l, h, step, m: original(self, l, h, step, m) * (float("nan") if step >= 4 else 1.0))
+    monkeypatch.setattr(Trainer, "_loss", lambda self, l, h, step, m, *rest: original(self, l, h, step, m, *rest) * (float("nan") if step >= 4 else 1.0))
     with pytest.raises(TrainingError, match="learning rate") as info:
         train(_config(tmp_path, demo_dataset))
     assert "fp16" in str(info.value)
