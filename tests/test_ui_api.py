@@ -286,3 +286,31 @@ def test_stop_queue_and_resume_through_the_service(tmp_path, monkeypatch):
     assert queued.state == "done" and resumed.state == "done", (queued.error, resumed.error)
     assert resumed.step == 16 and resumed.losses[0][0] == stopped_at + 1  # continued, not restarted
     assert Path(resumed.lora_path).is_file()
+
+
+def test_ui_error_boundary_names_the_failure_and_logs_the_traceback(monkeypatch, tmp_path):
+    """A bug in a handler becomes one sentence with the log file's path; the traceback is in that file, not on screen."""
+    import gradio as gr
+
+    from sdlora.config import ConfigError
+    from sdlora.ui.common import guard
+
+    monkeypatch.setenv("SDLORA_CACHE", str(tmp_path / "cache"))
+
+    @guard
+    def broken():
+        raise KeyError("internal detail")
+
+    @guard
+    def refused():
+        raise ConfigError("rank: must be at least 1.")
+
+    with pytest.raises(gr.Error) as info:
+        broken()
+    message = str(info.value.message)
+    assert "web UI: broken failed" in message and "Traceback" not in message
+    log = Path(message.split("The full error is in ")[1].rstrip("."))
+    assert log.is_file() and "Traceback" in log.read_text() and "internal detail" in log.read_text()
+    with pytest.raises(gr.Error) as info:
+        refused()
+    assert str(info.value.message) == "rank: must be at least 1."

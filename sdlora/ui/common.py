@@ -11,18 +11,17 @@ import gradio as gr
 log = logging.getLogger("sdlora.ui")
 
 
-def user_message(exc: BaseException) -> str:
-    """The library's own sentence for user errors; one line for anything else."""
-    from ..errors import USER_ERRORS
+def user_message(exc: BaseException, context: str = "the web UI") -> str:
+    """The library's own sentence for user errors; for anything else one sentence saying what failed and where its
+    traceback was written (the same error boundary as the CLI and the job queue: sdlora.errorlog)."""
+    from ..errorlog import describe
 
-    if isinstance(exc, USER_ERRORS):
-        return str(exc)
-    return f"Unexpected error: {type(exc).__name__}: {exc}".splitlines()[0]
+    return describe(exc, context=context)
 
 
 def guard(fn):
     """Wrap a UI/API handler: user errors become their message in an error pop-up (and the API's error text);
-    anything else becomes a one-line 'Unexpected error: ...' and its traceback goes to the server log."""
+    anything else becomes one sentence naming what failed and the log file holding its traceback."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
@@ -32,11 +31,9 @@ def guard(fn):
             exc.print_exception = False  # our own messages: no traceback in the console
             raise
         except Exception as exc:
-            from ..errors import USER_ERRORS
-
-            if not isinstance(exc, USER_ERRORS):
-                log.exception("handler %s failed", getattr(fn, "__name__", fn))
+            # The traceback goes to a log file (named in the message), not onto the page or the console.
+            message = user_message(exc, context=f"web UI: {getattr(fn, '__name__', 'handler')}")
             # The pop-up renders HTML: escape, so a file name can never inject markup.
-            raise gr.Error(html.escape(user_message(exc), quote=False), duration=None, print_exception=False) from None
+            raise gr.Error(html.escape(message, quote=False), duration=None, print_exception=False) from None
 
     return wrapper
