@@ -169,6 +169,23 @@ def test_data_dir_and_resume_cannot_leave_the_roots(site):
     assert_idle(site)
 
 
+def test_reg_folders_and_dataset_configs_cannot_leave_the_roots(site):
+    """The dataset fields that came with regularization images and kohya's dataset TOML are checked like data_dir:
+    the TOML itself, and every image folder it names."""
+    c = client(site)
+    with pytest.raises(Exception, match="reg_data_dir: .*--data-root"):
+        c.predict({"steps": 1, "data_dir": str(site["data"]), "reg_data_dir": str(site["victim"])}, api_name="/train")
+    outside = site["base"] / "outside.toml"
+    outside.write_text(f'[[datasets]]\n[[datasets.subsets]]\nimage_dir = "{site["data"]}"\n')
+    with pytest.raises(Exception, match="dataset_config: .*outside the folders"):
+        c.predict({"steps": 1, "data_dir": "", "dataset_config": str(outside)}, api_name="/train")
+    inside = site["data"] / "sneaky.toml"  # a TOML the server may read, naming a folder it may not
+    inside.write_text(f'[[datasets]]\n[[datasets.subsets]]\nimage_dir = "{site["victim"]}"\n')
+    with pytest.raises(Exception, match="dataset_config .*outside the folders this server may open"):
+        c.predict({"steps": 1, "data_dir": "", "dataset_config": str(inside)}, api_name="/train")
+    assert_idle(site)
+
+
 # --- 3: running code ------------------------------------------------------------------------------------------
 def test_uploaded_pickle_never_loads(site):
     import torch

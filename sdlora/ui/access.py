@@ -122,13 +122,14 @@ class AccessPolicy:
                               "folder. Scan the folder and select an image in the gallery.")
         return image
 
-    def prompt_file(self, value: str) -> Path:
-        """A sample-prompt file: inside a dataset root, the output root or the presets folder."""
+    def prompt_file(self, value: str, *, what: str = "sample_prompts_file") -> Path:
+        """A file a run reads (sample prompts, a dataset TOML): inside a dataset root, the output root or the presets
+        folder."""
         path = resolved(value)
         if not self._inside_any(path, [*self.dataset_roots(), self.output_root, self.presets_dir]):
-            raise ConfigError(f"sample_prompts_file: {_quote(value)} is outside the folders this server may read; put the "
-                              "file in a dataset folder (start the server with --data-root DIR) or give the prompts as "
-                              "sample_prompts.")
+            instead = "give the prompts as sample_prompts" if what == "sample_prompts_file" else "upload the images"
+            raise ConfigError(f"{what}: {_quote(value)} is outside the folders this server may read; put the file in a "
+                              f"dataset folder (start the server with --data-root DIR) or {instead}.")
         return path
 
     # models ----------------------------------------------------------------------------------------------

@@ -18,7 +18,7 @@ from ..config import ConfigError, TrainConfig, make_config, save_preset
 from ..jobs import JobQueue, smooth
 from ..models import MODEL_LOCK
 from ..paths import DEMO_DATA, resolve_data_dir
-from .access import THUMBS_DIR, AccessPolicy, is_inside, too_broad
+from .access import THUMBS_DIR, AccessPolicy, is_inside, resolved, too_broad
 
 __all__ = ["Service", "is_inside", "sanitize_name", "parse_lora_lines", "parse_strengths", "format_eta", "progress_text"]
 
@@ -242,6 +242,17 @@ class Service:
             self.access.prompt_file(cfg.sample_prompts_file)
         if cfg.data_dir.strip():
             self.dataset_root(cfg.data_dir)
+        if cfg.reg_data_dir.strip():
+            self.access.dataset_folder(resolve_data_dir(cfg.reg_data_dir), cfg.reg_data_dir, what="reg_data_dir")
+        if cfg.dataset_config.strip():
+            # The TOML itself, then every image folder it names: a client must not reach other folders through it.
+            from ..data.dataset_config import load_dataset_config
+
+            self.access.prompt_file(cfg.dataset_config, what="dataset_config")
+            for dataset in load_dataset_config(resolved(cfg.dataset_config)).datasets:
+                for subset in dataset.subsets:
+                    self.access.dataset_folder(subset.image_dir, str(subset.image_dir),
+                                               what=f"dataset_config ({subset.where or 'image_dir'})")
 
     def list_presets(self) -> list[str]:
         return sorted(p.stem for p in self.presets_dir.glob("*.toml"))
