@@ -246,6 +246,16 @@ def test_form_fields_map_to_a_config():
     assert parse_strengths("0, 0.5;1") == [0.0, 0.5, 1.0]
     with pytest.raises(ConfigError, match="Strengths"):
         parse_strengths("zero")
+    # SDXL's two text-encoder LRs survive the form both ways; one value, 0 and empty keep their meaning.
+    xl = config_to_form(make_config(train_text_encoder=True, text_encoder_lr=[3e-5, 1e-5]).model_dump())
+    assert xl["text_encoder_lr"] == "3e-05, 1e-05"
+    assert form_to_config(xl)["text_encoder_lr"] == [3e-5, 1e-5]
+    assert form_to_config(dict(xl, text_encoder_lr="5e-5"))["text_encoder_lr"] == 5e-5
+    assert form_to_config(dict(xl, text_encoder_lr="0"))["text_encoder_lr"] is None
+    assert form_to_config(dict(xl, text_encoder_lr=" "))["text_encoder_lr"] is None
+    with pytest.raises(ConfigError, match="text_encoder_lr: 'fast'"):
+        form_to_config(dict(xl, text_encoder_lr="fast"))
+    assert form_to_config(dict(xl, reg_data_dir=" /r ", dataset_config=""))["reg_data_dir"] == "/r"
 
 
 def test_stop_queue_and_resume_through_the_service(tmp_path, monkeypatch):

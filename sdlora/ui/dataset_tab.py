@@ -41,6 +41,15 @@ def build(service, ctx: dict, defaults: dict) -> None:
             caption_msg = gr.Markdown(elem_id="caption-msg")
     f["trigger_word"] = gr.Textbox(label="Trigger word (put at the front of every caption while training)",
                                    value=defaults["trigger_word"], elem_id="trigger-word", placeholder="e.g. sks_style")
+    with gr.Accordion("Regularization images, or a kohya dataset config (optional)", open=False):
+        gr.Markdown("Class (prior-preservation) images in kohya's `N_class` folders are mixed in with the same count as "
+                    "the training images; their loss is weighted by *Prior loss weight* (Training tab). A kohya dataset "
+                    "TOML (`[[datasets]]` / `[[datasets.subsets]]`) names its own folders: clear the dataset folder "
+                    "above to use it. Both must lie in a folder this server may open.")
+        f["reg_data_dir"] = gr.Textbox(label="Regularization folder", value=defaults.get("reg_data_dir") or "",
+                                       elem_id="reg-data-dir", placeholder="/path/to/reg (e.g. 1_person/ inside)")
+        f["dataset_config"] = gr.Textbox(label="kohya dataset config (.toml)", value=defaults.get("dataset_config") or "",
+                                         elem_id="dataset-config", placeholder="/path/to/dataset.toml")
     with gr.Accordion("Edit all captions", open=False):
         with gr.Row():
             find = gr.Textbox(label="Find", elem_id="bulk-find")

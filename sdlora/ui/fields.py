@@ -54,6 +54,21 @@ def _number(form: dict[str, Any], key: str, kind):
     return number
 
 
+def _text_encoder_lr(value) -> float | list[float] | None:
+    """The text-encoder LR field: one number, or two for SDXL's encoders ("3e-5, 1e-5"); 0 or empty = the UNet's LR."""
+    if isinstance(value, (int, float)):
+        return float(value) or None
+    parts = [p for p in str(value or "").replace(";", ",").split(",") if p.strip()]
+    try:
+        numbers = [float(p) for p in parts]
+    except ValueError:
+        raise ConfigError(f"text_encoder_lr: '{value}' is not a number, or two numbers separated by a comma "
+                          "(SDXL: one per text encoder).") from None
+    if not numbers or not any(numbers):
+        return None
+    return numbers[0] if len(numbers) == 1 else numbers
+
+
 def form_to_config(form: dict[str, Any]) -> dict[str, Any]:
     """Form values -> TrainConfig fields (still to be validated by make_config)."""
     values = {k: v for k, v in form.items() if k not in FORM_ONLY}
@@ -79,14 +94,13 @@ def form_to_config(form: dict[str, Any]) -> dict[str, Any]:
     for key in FLOAT_FIELDS:
         if key in values:
             values[key] = _number(values, key, float)
-    te_lr = values.get("text_encoder_lr")
-    values["text_encoder_lr"] = float(te_lr) if values.get("train_text_encoder") and te_lr else None
+    values["text_encoder_lr"] = _text_encoder_lr(values.get("text_encoder_lr")) if values.get("train_text_encoder") else None
     gamma = values.get("min_snr_gamma")
     values["min_snr_gamma"] = float(gamma) if gamma else None
     if "loraplus_lr_ratio" in values:
         ratio = values["loraplus_lr_ratio"]
         values["loraplus_lr_ratio"] = _number(values, "loraplus_lr_ratio", float) if ratio not in (None, "", 0, 0.0) else None
-    for key in ("data_dir", "base_model", "output_name", "trigger_word", "default_caption"):
+    for key in ("data_dir", "base_model", "output_name", "trigger_word", "default_caption", "reg_data_dir", "dataset_config"):
         if isinstance(values.get(key), str):
             values[key] = values[key].strip()
     return values
@@ -101,7 +115,8 @@ def config_to_form(cfg: dict[str, Any]) -> dict[str, Any]:
         form["length_mode"], form["length"] = "epochs", cfg["epochs"]
     else:
         form["length_mode"], form["length"] = "steps", cfg.get("steps") or 500
-    form["text_encoder_lr"] = cfg.get("text_encoder_lr") or 0.0
+    te_lr = cfg.get("text_encoder_lr")
+    form["text_encoder_lr"] = ", ".join(f"{v:g}" for v in te_lr) if isinstance(te_lr, list) else f"{te_lr or 0:g}"
     form["min_snr_gamma"] = cfg.get("min_snr_gamma") or 0.0
     form["loraplus_lr_ratio"] = cfg.get("loraplus_lr_ratio") or 0.0
     if not form.get("conv_rank"):

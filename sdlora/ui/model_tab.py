@@ -51,7 +51,8 @@ def build(service, ctx: dict, defaults: dict) -> None:
         f["train_text_encoder"] = gr.Checkbox(label="Train a text-encoder LoRA too (SDXL: both encoders)",
                                               value=defaults["train_text_encoder"],
                                               elem_id="train-te")
-        f["text_encoder_lr"] = gr.Number(label="Text-encoder LR (0 = same as the UNet LR)", value=defaults["text_encoder_lr"], elem_id="te-lr")
+        f["text_encoder_lr"] = gr.Textbox(label="Text-encoder LR (0 = same as the UNet LR; SDXL: one, or two as 'TE1, TE2')",
+                                          value=str(defaults["text_encoder_lr"]), elem_id="te-lr")
     params = gr.Markdown("Trainable parameters: …", elem_id="param-count")
 
     def show_params(spec, layers, rank, conv_rank, train_te, allow_pickle):

@@ -221,16 +221,17 @@ class Service:
 
         cfg = self.build_config(values)
         self._check_access(cfg)
-        if not cfg.data_dir.strip():
-            raise ConfigError(f"data_dir: choose a dataset folder on the Dataset tab (or {DEMO_DATA}).")
-        root = self.dataset_root(cfg.data_dir)
+        if not cfg.data_dir.strip() and not cfg.dataset_config.strip():
+            raise ConfigError(f"data_dir: choose a dataset folder on the Dataset tab (or {DEMO_DATA}), or a kohya dataset "
+                              "config.")
+        root = self.dataset_root(cfg.data_dir) if cfg.data_dir.strip() else None
         resolve_model_spec(cfg.base_model)
         for line in cfg.all_sample_prompts():
             try:
                 parse_prompt_line(line)
             except ValueError as exc:
                 raise ConfigError(f"sample_prompts: {exc}") from None
-        if not root.is_dir():
+        if root is not None and not root.is_dir():
             raise ConfigError(f"data_dir: '{cfg.data_dir}' is not a folder. Fix the path on the Dataset tab.")
         return cfg
 
