@@ -21,6 +21,9 @@ _TRAIN_FLAGS: list[tuple[str, str, dict]] = [
     ("--dataset-config", "dataset_config", {"help": "kohya dataset TOML ([general], [[datasets]], [[datasets.subsets]])"}),
     ("--reg-data", "reg_data_dir", {"help": "regularization images in kohya N_class folders"}),
     ("--prior-loss-weight", "prior_loss_weight", {"type": float, "help": "loss weight of regularization samples (1.0)"}),
+    ("--validation-split", "validation_split", {"type": float, "help": "fraction of the images held out for validation loss"}),
+    ("--validation-dir", "validation_dir", {"help": "separate folder of validation images (replaces --validation-split)"}),
+    ("--validate-every", "validate_every", {"type": int, "help": "validation loss every N steps (0 = only at the end)"}),
     ("--loraplus-lr-ratio", "loraplus_lr_ratio", {"type": float, "help": "LoRA+: up/B matrices learn at lr x ratio (16 is usual)"}),
     ("--output", "output_dir", {}),
     ("--output-name", "output_name", {}),
@@ -182,6 +185,9 @@ class _Progress:
             (self.bar.write(msg, file=sys.stderr) if self.bar else print(msg, file=sys.stderr))
         elif event.kind == "sample":
             text = f"step {event.step}: samples " + ", ".join(event.data["paths"])
+            (self.bar.write(text, file=sys.stderr) if self.bar else print(text, file=sys.stderr))
+        elif event.kind == "validation":
+            text = f"step {event.step}: validation loss {event.data['val_loss']:.4f}"
             (self.bar.write(text, file=sys.stderr) if self.bar else print(text, file=sys.stderr))
         elif event.kind == "checkpoint":
             text = f"step {event.step}: checkpoint {event.data['path']}"

@@ -33,7 +33,7 @@ MAX_SEED = 2**32 - 1  # numpy's seed range (accelerate's set_seed seeds numpy to
 # Upper bounds for settings whose absurd values would pass every other check and then hang or overflow a run.
 _MAX_INT = {"rank": 4096, "conv_rank": 4096, "steps": 10_000_000, "epochs": 1_000_000, "batch_size": 4096, "grad_accum": 4096,
             "sample_steps": 1000, "keep_tokens": 1000, "num_workers": 256, "warmup_steps": 10_000_000,
-            "save_every": 10_000_000, "sample_every": 10_000_000}
+            "save_every": 10_000_000, "sample_every": 10_000_000, "validate_every": 10_000_000}
 
 
 class ConfigError(UserError, ValueError):
@@ -52,6 +52,12 @@ class TrainConfig(BaseModel):
                                                 "replaces data_dir")
     reg_data_dir: str = Field("", description="regularization images in kohya's N_class folders (class images)")
     prior_loss_weight: float = Field(1.0, description="loss weight of regularization samples (kohya's prior_loss_weight)")
+    validation_split: float = Field(0.0, description="fraction of the training images held out for validation loss "
+                                                     "(chosen from the seed; 0 = none)")
+    validation_dir: str = Field("", description="folder of validation images with captions (scanned like data_dir); "
+                                                "replaces validation_split")
+    validate_every: int = Field(0, description="validation loss every N steps (0 = only at the end, when validation "
+                                               "images are given)")
     output_dir: str = Field("outputs/lora", description="where the LoRA, samples, checkpoints and logs go")
     output_name: str = Field("lora", description="file name of the exported LoRA, without extension")
     prediction_type: Literal["auto", "epsilon", "v_prediction"] = "auto"
@@ -144,7 +150,14 @@ class TrainConfig(BaseModel):
             raise ValueError("must be at least 1 (typical: 4-128)")
         return v
 
-    @field_validator("conv_rank", "warmup_steps", "save_every", "sample_every", "keep_tokens", "num_workers")
+    @field_validator("validation_split")
+    @classmethod
+    def _split_fraction(cls, v: float) -> float:
+        if not math.isfinite(v) or not 0 <= v < 1:
+            raise ValueError("must be at least 0 and below 1 (a fraction of the training images; 0.1 is usual)")
+        return v
+
+    @field_validator("conv_rank", "warmup_steps", "save_every", "sample_every", "keep_tokens", "num_workers", "validate_every")
     @classmethod
     def _non_negative_int(cls, v: int) -> int:
         if v < 0:
@@ -271,6 +284,12 @@ class TrainConfig(BaseModel):
         if self.reg_data_dir and self.dataset_config:
             raise ValueError("reg_data_dir and dataset_config are both set: put the regularization folders in the dataset "
                              "TOML as subsets with is_reg = true, or clear dataset_config")
+        if self.validation_split and self.validation_dir:
+            raise ValueError("validation_split and validation_dir are both set: hold out part of the training images "
+                             "(validation_split) or give a separate folder (validation_dir), not both")
+        if self.validate_every and not (self.validation_split or self.validation_dir):
+            raise ValueError("validate_every is set but there are no validation images: set validation_split (e.g. 0.1) "
+                             "or validation_dir")
         if self.steps is None and self.epochs is None:
             object.__setattr__(self, "steps", 500)
         if self.warmup_steps and self.steps and self.warmup_steps >= self.steps:

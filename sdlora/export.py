@@ -173,6 +173,9 @@ def build_metadata(*, config, base, num_images: int, tag_frequency: dict, steps_
     }
     md["ss_prior_loss_weight"] = str(config.prior_loss_weight)
     md["ss_num_reg_images"] = str(data.num_reg_images if data is not None else 0)
+    if config.validation_split or config.validation_dir:
+        md["ss_validation_split"] = str(config.validation_split)
+        md["ss_validate_every"] = str(config.validate_every)
     if config.loraplus_lr_ratio:
         md["ss_loraplus_lr_ratio"] = str(config.loraplus_lr_ratio)
     if data is not None:  # kohya's dataset keys (training_data.TrainingData)

@@ -33,6 +33,7 @@ class Job:
     step: int = 0
     total_steps: int = 0
     losses: list[tuple[int, float]] = field(default_factory=list)
+    val_losses: list[tuple[int, float]] = field(default_factory=list)  # (step, validation loss)
     samples: list[tuple[int, str, str]] = field(default_factory=list)  # (step, path, prompt)
     checkpoints: list[str] = field(default_factory=list)
     log: deque = field(default_factory=lambda: deque(maxlen=400))
@@ -62,6 +63,9 @@ class Job:
             self.step_times.append(float(event.data["seconds"]))
             if event.step % 10 == 0 or event.step == self.total_steps:
                 self.log.append(f"step {event.step}/{self.total_steps} loss {event.data['loss']:.4f} lr {event.data['lr']:.2e}")
+        elif event.kind == "validation":
+            self.val_losses.append((event.step, float(event.data["val_loss"])))
+            self.log.append(f"step {event.step}: validation loss {event.data['val_loss']:.4f}")
         elif event.kind == "sample":
             for path, prompt in zip(event.data["paths"], event.data["prompts"]):
                 self.samples.append((event.step, path, prompt))
@@ -95,7 +99,7 @@ class Job:
     def snapshot(self) -> dict[str, Any]:
         return {
             "id": self.id, "state": self.state, "step": self.step, "total_steps": self.total_steps,
-            "losses": list(self.losses), "samples": list(self.samples), "checkpoints": list(self.checkpoints),
+            "losses": list(self.losses), "val_losses": list(self.val_losses), "samples": list(self.samples), "checkpoints": list(self.checkpoints),
             "log": list(self.log), "error": self.error, "lora_path": self.lora_path,
             "it_per_s": self.speed(), "eta_s": self.eta_seconds(), "output_dir": self.config.output_dir,
             "output_name": self.config.output_name, "base_model": self.config.base_model, "plan": self.plan,

@@ -36,6 +36,8 @@ from .sampling import generate, parse_prompt_line, sample_filename, save_png_ato
 from .training_set import LatentCache, TextEmbeddingCache
 
 MAX_CONSECUTIVE_NONFINITE = 3
+# Validation loss: each validation image is noised at this many fixed timesteps, spread over the schedule.
+VALIDATION_TIMESTEPS = 4
 # Test hook: slows every step so kill -9 tests can land mid-run on a fast machine.
 _STEP_DELAY = float(os.environ.get("SDLORA_STEP_DELAY", "0") or 0)
 
@@ -217,6 +219,7 @@ class Trainer:
         self.plan = make_step_plan(cfg, self.dataset, acc.num_processes)
         self.total_steps, self.steps_per_epoch = self.plan.total_steps, self.plan.steps_per_epoch
 
+        self._prepare_validation()
         self.latents = None
         if cfg.cache_latents:
             self.emit("status", message="Caching latents ...")
@@ -233,6 +236,7 @@ class Trainer:
             # Every caption the run can see is known now (fixed, or "" under dropout), and so are the preview prompts:
             # encode them once.
             captions = {self.dataset.fixed_caption(i) for i in range(len(self.dataset.items))} | {""}
+            captions |= set(self._val_captions)
             captions |= {p.prompt for p in self.sample_prompts} | {p.negative for p in self.sample_prompts}
             captions = sorted(captions)
             for start in range(0, len(captions), 16):
@@ -270,6 +274,84 @@ class Trainer:
         if cfg.resume:
             self._resume(cfg.resume)
         self.time_to_prepare = time.perf_counter() - t0
+
+    def _prepare_validation(self) -> None:
+        """Encode the validation images once (centre crop, no flip) while the VAE encoder is still here, and fix each
+        sample's caption (no shuffle or dropout) and size conditioning."""
+        val = self.validation = self.data.validation
+        self._val_latents, self._val_captions, self._val_geometry = [], [], []
+        if val is None:
+            return
+        self.emit("status", message=f"Encoding {len(val.entries)} validation image(s) ...")
+        encoder = LatentCache(self.base.vae, vae_id="", cache_dir=None, device=self.device)
+        encoder.build(val, flips=(False,))
+        self._val_latents = [encoder.get(e.item_index, False) for e in val.entries]
+        self._val_captions = [val.fixed_caption(e.item_index) for e in val.entries]
+        self._val_geometry = [val.geometry_for(0, k, flip=False) for k in range(len(val.entries))]
+
+    @torch.no_grad()
+    def validation_loss(self) -> float:
+        """Mean MSE over the validation images, each at VALIDATION_TIMESTEPS timesteps spread over the schedule, with
+        noise and timesteps seeded from (seed, "validation", index): the same numbers at every step, in every run and
+        after a resume, so the values compare. Eval mode, no gradients, through the training's conditioning and
+        family.unet_forward."""
+        from .families import TextEmbedding
+        from .training_set import _rng
+
+        cfg, acc = self.config, self.accelerator
+        unet = acc.unwrap_model(self.unet)
+        encoders = [acc.unwrap_model(te) if te is not None else None for te in self.text_encoders]
+        trained = [unet] + [encoders[i] for i in self.trained_te]
+        modes = [m.training for m in trained]
+        for m in trained:
+            m.eval()
+        n_t, horizon = VALIDATION_TIMESTEPS, self.noise_scheduler.config.num_train_timesteps
+        total = 0.0
+        try:
+            for k, latent in enumerate(self._val_latents):
+                gen = torch.Generator().manual_seed(_rng(cfg.seed, "validation", k).getrandbits(63))
+                latents = latent.float().unsqueeze(0).repeat(n_t, 1, 1, 1)
+                noise = torch.randn(latents.shape, generator=gen)
+                offset = torch.rand((), generator=gen).item()
+                timesteps = ((torch.arange(n_t) + offset) * horizon / n_t).long().clamp(0, horizon - 1)
+                latents, noise, timesteps = latents.to(self.device), noise.to(self.device), timesteps.to(self.device)
+                noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
+                target = noise if self.prediction_type == "epsilon" else self.noise_scheduler.get_velocity(latents, noise, timesteps)
+                caption = [self._val_captions[k]]
+                if self.trained_te:
+                    text = self.family.encode(encoders, self.base.tokenizers, caption, self.device)
+                else:
+                    text = self.text_cache.get(caption)
+                text = TextEmbedding.stack(text.rows() * n_t)
+                cond = self.family.conditioning(text, [self._val_geometry[k]] * n_t)
+                if self.device.type == "cuda":
+                    noisy = noisy.contiguous(memory_format=torch.channels_last)
+                with acc.autocast():
+                    pred = self.family.unet_forward(unet, noisy.to(self.weight_dtype), timesteps,
+                                                    cond.to(self.device, self.weight_dtype))
+                total += F.mse_loss(pred.float(), target.float()).item()
+        finally:
+            for m, mode in zip(trained, modes):
+                m.train(mode)
+        return total / len(self._val_latents)
+
+    def _validate(self, step: int) -> float | None:
+        """Validation loss at `step`: logged to train_log.jsonl and emitted as a "validation" event (main process)."""
+        acc = self.accelerator
+        acc.wait_for_everyone()
+        if self.validation is None or not acc.is_main_process:
+            return None
+        try:
+            value = self.validation_loss()
+        except Exception as exc:  # noqa: BLE001 - like previews, a failed validation must not end the run
+            from .errorlog import what_went_wrong
+
+            self.emit("warning", step=step, message=f"Validation at step {step} failed ({what_went_wrong(exc)}); training "
+                      "continues.")
+            return None
+        self._write_log(self.out_dir / "train_log.jsonl", step, {"step": step, "val_loss": value})
+        self.emit("validation", step=step, val_loss=value)
+        return value
 
     def _check_memory(self, n_params: int) -> None:
         from .memory import estimate_training_memory
@@ -467,21 +549,29 @@ class Trainer:
             lr = self.scheduler.get_last_lr()[0]
             self._log(log_path, step, loss, lr, seconds, self.epoch)
             self.emit("step", step=step, loss=loss, lr=lr, seconds=seconds, data_seconds=self.data_seconds, epoch=self.epoch)
+            if self.validation is not None and cfg.validate_every and step % cfg.validate_every == 0:
+                self._validate(step)
+                t_prev = time.perf_counter()
             if cfg.sample_every and step % cfg.sample_every == 0 and step < self.total_steps:
                 self._safe_sample(step)
                 t_prev = time.perf_counter()  # previews are not training time
             if cfg.save_every and step % cfg.save_every == 0 and step < self.total_steps:
                 self._checkpoint(step)
                 t_prev = time.perf_counter()
+        if self.validation is not None and not (cfg.validate_every and step % cfg.validate_every == 0):
+            self._validate(step)  # the end of the run is always validated
         return self._finish(step, last_loss, stopped=False)
 
     def _log(self, path: Path, step: int, loss: float, lr: float, seconds: float, epoch: int) -> None:
+        self._write_log(path, step, {"step": step, "loss": loss, "lr": lr, "seconds": round(seconds, 5),
+                                     "data_seconds": round(self.data_seconds, 5), "epoch": epoch})
+
+    def _write_log(self, path: Path, step: int, record: dict) -> None:
         if not self.accelerator.is_main_process:
             return
         try:
             with open(path, "a", encoding="utf-8") as fh:
-                fh.write(json.dumps({"step": step, "loss": loss, "lr": lr, "seconds": round(seconds, 5),
-                                     "data_seconds": round(self.data_seconds, 5), "epoch": epoch}) + "\n")
+                fh.write(json.dumps(record) + "\n")
         except OSError as exc:  # a full disk must not end the run over a log line
             if not getattr(self, "_log_failed", False):
                 self._log_failed = True

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from .config import ConfigError, TrainConfig
@@ -18,7 +18,7 @@ from .data.dataset_config import DatasetConfigError, SubsetSpec, folder_subsets,
 from .data.scan import DatasetError, DatasetReport, scan_dataset
 from .paths import resolve_data_dir
 from .safetext import shown
-from .training_set import Group, Subset, TrainingSet
+from .training_set import Group, Subset, TrainingSet, _rng
 
 DEFAULT_CAPTION_EXTENSIONS = (".txt", ".caption")
 
@@ -28,6 +28,7 @@ class TrainingData:
     dataset: TrainingSet
     reports: list[tuple[str, DatasetReport]] = field(default_factory=list)  # (what, report) per scanned folder
     notes: list[str] = field(default_factory=list)
+    validation: TrainingSet | None = None  # held-out images (validation_split) or validation_dir; never trained on
 
     @property
     def num_images(self) -> int:
@@ -172,6 +173,43 @@ def build_training_data(cfg: TrainConfig) -> TrainingData:
                 report = _scan_subset(cfg, spec, min_size)
                 reports.append((f"reg folder '{shown(spec.image_dir.name)}'", report))
                 add(spec, 0, report)
+    val_items, val_item_subsets = [], []
+    if cfg.validation_split:
+        train_idx = [i for i in range(len(items)) if not subsets[item_subsets[i]].is_reg]
+        n_val = round(len(train_idx) * cfg.validation_split)
+        if n_val < 1:
+            raise ConfigError(f"validation_split: {cfg.validation_split:g} of {len(train_idx)} training image(s) holds out "
+                              "no image for validation. Raise validation_split, add images, or set it to 0.")
+        if n_val >= len(train_idx):
+            raise ConfigError(f"validation_split: {cfg.validation_split:g} of {len(train_idx)} training image(s) holds out "
+                              "every image, leaving none to train on. Lower validation_split or add images.")
+        held = set(_rng(cfg.seed, "validation-split").sample(train_idx, n_val))
+        keep = [i for i in range(len(items)) if i not in held]
+        for i in sorted(held):
+            val_items.append(items[i])
+            val_item_subsets.append(item_subsets[i])
+            subsets[item_subsets[i]].img_count -= 1
+        items, item_subsets = [items[i] for i in keep], [item_subsets[i] for i in keep]
+        notes.append(f"Validation: {n_val} of {len(train_idx)} training images held out (validation_split "
+                     f"{cfg.validation_split:g}); they are never trained on.")
+    val_subsets = [replace(s, shuffle_tags=False, caption_dropout=0.0, flip=False, random_crop=False, is_reg=False)
+                   for s in subsets]
+    if cfg.validation_dir:
+        val_report = scan_dataset(resolve_data_dir(cfg.validation_dir), default_caption=cfg.default_caption,
+                                  min_size=min_size, upscale_small=cfg.upscale_small)
+        reports.append((f"validation folder '{shown(val_report.root.name)}'", val_report))
+        val_subsets.append(replace(_subset_from_config(cfg, val_report.root.name, is_reg=False), shuffle_tags=False,
+                                   caption_dropout=0.0, flip=False, random_crop=False, img_count=val_report.num_images))
+        val_items = list(val_report.items)
+        val_item_subsets = [len(val_subsets) - 1] * len(val_items)
+        notes.append(f"Validation: {len(val_items)} images from validation_dir.")
+    validation = None
+    if val_items:
+        for item in val_items:  # each validation image counts once
+            item.repeats = 1
+        validation = TrainingSet(val_items, resolution=cfg.resolution, enable_buckets=cfg.enable_buckets, center_crop=True,
+                                 random_flip=False, seed=cfg.seed, trigger_word=cfg.trigger_word, subsets=val_subsets,
+                                 item_subsets=val_item_subsets, groups=groups)
     if cfg.prior_loss_weight != 1.0 and not any(s.is_reg for s in subsets):
         notes.append("prior_loss_weight is set but there are no regularization images: it has no effect.")
     dataset = TrainingSet(items, resolution=cfg.resolution, enable_buckets=cfg.enable_buckets,
@@ -181,7 +219,7 @@ def build_training_data(cfg: TrainConfig) -> TrainingData:
     if dataset.num_reg_images > dataset.num_train_samples:
         notes.append(f"{dataset.num_reg_images} reg samples for {dataset.num_train_samples} train samples: as kohya does, "
                      "some regularization images are not used.")
-    return TrainingData(dataset=dataset, reports=reports, notes=notes)
+    return TrainingData(dataset=dataset, reports=reports, notes=notes, validation=validation)
 
 
 @dataclass

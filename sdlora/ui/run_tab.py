@@ -22,9 +22,9 @@ def build(service, ctx: dict) -> None:
         resume = gr.Button("↻ Resume from last checkpoint", elem_id="resume-btn")
     progress = gr.Markdown("No training job yet. Press **Start training**.", elem_id="progress")
     with gr.Row():
-        plot = gr.LinePlot(x="step", y="loss", color="series", title="Training loss (raw and smoothed)", height=300,
+        plot = gr.LinePlot(x="step", y="loss", color="series", title="Training loss (raw, smoothed, validation)", height=300,
                            elem_id="loss-plot", x_title="step", y_title="loss",
-                           color_map={"raw": "#9db4d6", "smoothed": "#e4572e"})
+                           color_map={"raw": "#9db4d6", "smoothed": "#e4572e", "validation": "#2a9d3f"})
         previews = gr.Gallery(label="Previews (newest first)", columns=3, height=300, elem_id="previews", object_fit="contain",
                               preview=False)
     with gr.Row():

@@ -245,6 +245,8 @@ class Service:
             self.dataset_root(cfg.data_dir)
         if cfg.reg_data_dir.strip():
             self.access.dataset_folder(resolve_data_dir(cfg.reg_data_dir), cfg.reg_data_dir, what="reg_data_dir")
+        if cfg.validation_dir.strip():
+            self.access.dataset_folder(resolve_data_dir(cfg.validation_dir), cfg.validation_dir, what="validation_dir")
         if cfg.dataset_config.strip():
             # The TOML itself, then every image folder it names: a client must not reach other folders through it.
             from ..data.dataset_config import load_dataset_config
@@ -299,7 +301,7 @@ class Service:
     def status(self) -> dict[str, Any]:
         job = self.queue.current()
         snap = job.snapshot() if job else {"id": None, "state": "idle", "step": 0, "total_steps": 0, "losses": [], "samples": [],
-                                           "checkpoints": [], "log": [], "error": "", "lora_path": "", "it_per_s": None,
+                                           "checkpoints": [], "val_losses": [], "log": [], "error": "", "lora_path": "", "it_per_s": None,
                                            "eta_s": None, "output_dir": "", "output_name": "", "base_model": ""}
         snap["queue"] = [{"id": j.id, "state": j.state, "output_name": j.config.output_name, "step": j.step,
                           "total_steps": j.total_steps, "resume": bool(j.config.resume)} for j in self.queue.jobs()]
@@ -307,7 +309,8 @@ class Service:
 
     @staticmethod
     def loss_table(snap: dict[str, Any], max_points: int = PLOT_POINTS):
-        """Raw and smoothed loss as a long table for gr.LinePlot, thinned to at most max_points per series."""
+        """Raw and smoothed loss, and the validation loss when there is one, as a long table for gr.LinePlot, thinned to
+        at most max_points per series."""
         import pandas as pd
 
         steps = [s for s, _ in snap["losses"]]
@@ -317,11 +320,13 @@ class Service:
         keep = list(range(0, len(steps), stride))
         if keep and keep[-1] != len(steps) - 1:
             keep.append(len(steps) - 1)
+        val = list(snap.get("val_losses") or [])
+        val = val[:: max(1, -(-len(val) // max_points))] + ([val[-1]] if len(val) > max_points else [])
         # Typed columns even when empty: the plot takes its axis types from the first frame it sees.
         return pd.DataFrame({
-            "step": pd.Series([steps[i] for i in keep] * 2, dtype="int64"),
-            "loss": pd.Series([raw[i] for i in keep] + [smoothed[i] for i in keep], dtype="float64"),
-            "series": pd.Series(["raw"] * len(keep) + ["smoothed"] * len(keep), dtype="str"),
+            "step": pd.Series([steps[i] for i in keep] * 2 + [s for s, _ in val], dtype="int64"),
+            "loss": pd.Series([raw[i] for i in keep] + [smoothed[i] for i in keep] + [v for _, v in val], dtype="float64"),
+            "series": pd.Series(["raw"] * len(keep) + ["smoothed"] * len(keep) + ["validation"] * len(val), dtype="str"),
         })
 
     def _safetensors_files(self) -> list[Path]:
