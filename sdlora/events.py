@@ -8,7 +8,7 @@ from typing import Any
 
 @dataclass
 class TrainEvent:
-    # kinds: status, warning, start, step, sample, checkpoint, done
+    # kinds: status, warning, start, step, validation, sample, checkpoint, done
     kind: str
     step: int = 0
     total_steps: int = 0
