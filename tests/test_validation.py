@@ -102,3 +102,16 @@ def test_validation_events_reach_job_and_plot():
     table = Service.loss_table(snap)
     rows = table[table.series == "validation"]
     assert list(rows.step) == [2] and list(rows.loss) == [0.3]
+
+
+def test_validation_loss_sdxl_with_text_encoder(tmp_path):
+    """SDXL's size conditioning and pooled embedding, and trained text encoders, go through the same path."""
+    import math
+
+    data = _images(tmp_path / "data", 3)
+    seen: list[TrainEvent] = []
+    train(_config(tmp_path / "out", data, base_model="builtin:tiny-xl", steps=2, validation_split=0.34,
+                  train_text_encoder=True), on_event=seen.append)
+    values = [e.data["val_loss"] for e in seen if e.kind == "validation"]
+    assert len(values) == 1 and math.isfinite(values[0])
+    assert not [e for e in seen if e.kind == "warning" and "Validation" in e.data["message"]]
