@@ -61,7 +61,7 @@ def test_bad_validation_splits_refused(tmp_path):
 
 def test_validation_loss_repeats_across_runs_and_resume(tmp_path):
     data = _images(tmp_path / "data", 6)
-    common = dict(validation_split=0.34, validate_every=2, save_every=2)
+    common = {"validation_split": 0.34, "validate_every": 2, "save_every": 2}
     seen: list[TrainEvent] = []
     full = train(_config(tmp_path / "full", data, **common), on_event=seen.append)
     full_val = {e.step: e.data["val_loss"] for e in seen if e.kind == "validation"}
