@@ -24,6 +24,8 @@ _TRAIN_FLAGS: list[tuple[str, str, dict]] = [
     ("--validation-split", "validation_split", {"type": float, "help": "fraction of the images held out for validation loss"}),
     ("--validation-dir", "validation_dir", {"help": "separate folder of validation images (replaces --validation-split)"}),
     ("--validate-every", "validate_every", {"type": int, "help": "validation loss every N steps (0 = only at the end)"}),
+    ("--mask-dir", "mask_dir", {"help": "folder of grayscale loss masks named like their images (with --masked-loss)"}),
+    ("--log-with", "log_with", {"choices": ["none", "tensorboard"], "help": "also log to TensorBoard (OUTPUT/logs/tensorboard)"}),
     ("--loraplus-lr-ratio", "loraplus_lr_ratio", {"type": float, "help": "LoRA+: up/B matrices learn at lr x ratio (16 is usual)"}),
     ("--output", "output_dir", {}),
     ("--output-name", "output_name", {}),
@@ -71,6 +73,7 @@ _TRAIN_SWITCHES = [
     ("--bucket-no-upscale", "bucket_no_upscale"),
     ("--allow-pickle", "allow_pickle"),
     ("--compile", "compile"),
+    ("--masked-loss", "masked_loss"),
 ]
 _TRAIN_NEGATIONS = [
     ("--no-cache-latents", "cache_latents"),

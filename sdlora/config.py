@@ -58,6 +58,12 @@ class TrainConfig(BaseModel):
                                                 "replaces validation_split")
     validate_every: int = Field(0, description="validation loss every N steps (0 = only at the end, when validation "
                                                "images are given)")
+    masked_loss: bool = Field(False, description="masked loss (kohya's masked_loss): weight the loss per pixel by each "
+                                                 "image's alpha channel, else its mask in mask_dir (white = learn, "
+                                                 "black = ignore); images with neither are learned whole")
+    mask_dir: str = Field("", description="folder of grayscale masks named like their images (used with masked_loss)")
+    log_with: Literal["none", "tensorboard"] = Field("none", description="also log loss, lr and val_loss to TensorBoard "
+                                                                          "(OUTPUT/logs/tensorboard)")
     output_dir: str = Field("outputs/lora", description="where the LoRA, samples, checkpoints and logs go")
     output_name: str = Field("lora", description="file name of the exported LoRA, without extension")
     prediction_type: Literal["auto", "epsilon", "v_prediction"] = "auto"
@@ -287,6 +293,8 @@ class TrainConfig(BaseModel):
         if self.validation_split and self.validation_dir:
             raise ValueError("validation_split and validation_dir are both set: hold out part of the training images "
                              "(validation_split) or give a separate folder (validation_dir), not both")
+        if self.mask_dir and not self.masked_loss:
+            raise ValueError("mask_dir is set but masked_loss is off: turn on masked_loss (--masked-loss) or clear mask_dir")
         if self.validate_every and not (self.validation_split or self.validation_dir):
             raise ValueError("validate_every is set but there are no validation images: set validation_split (e.g. 0.1) "
                              "or validation_dir")

@@ -176,6 +176,7 @@ def build_metadata(*, config, base, num_images: int, tag_frequency: dict, steps_
     if config.validation_split or config.validation_dir:
         md["ss_validation_split"] = str(config.validation_split)
         md["ss_validate_every"] = str(config.validate_every)
+    md["ss_masked_loss"] = str(bool(config.masked_loss or (data is not None and data.dataset.uses_masks)))
     if config.loraplus_lr_ratio:
         md["ss_loraplus_lr_ratio"] = str(config.loraplus_lr_ratio)
     if data is not None:  # kohya's dataset keys (training_data.TrainingData)

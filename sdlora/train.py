@@ -106,6 +106,19 @@ def _min_snr_weights(scheduler, timesteps: torch.Tensor, gamma: float, predictio
     return weights
 
 
+def latent_mask(mask: torch.Tensor, size) -> torch.Tensor:
+    """A B x 1 x H x W pixel mask downscaled to the latent `size` (h, w) by area averaging."""
+    mask = mask.float()
+    return mask if tuple(mask.shape[-2:]) == tuple(size) else F.interpolate(mask, size=tuple(size), mode="area")
+
+
+def masked_mean(loss: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Per-sample mean of a B x C x h x w per-pixel loss weighted by `mask` (B x 1 x H x W, area-averaged to h x w),
+    divided by the mask's mean: the mean loss over the learned pixels (0 for a sample with an all-black mask)."""
+    m = latent_mask(mask, loss.shape[-2:]).to(loss.device, loss.dtype)
+    return (loss * m).mean(dim=(1, 2, 3)) / m.mean(dim=(1, 2, 3)).clamp_min(1e-6)
+
+
 class Trainer:
     """Holds the prepared run; `run()` executes it. Built by `train()`."""
 
@@ -415,8 +428,10 @@ class Trainer:
         return latents, self.family.conditioning(text, geometries)
 
     def _loss(self, latents: torch.Tensor, cond: Conditioning, step: int, micro: int,
-              weights: torch.Tensor | None = None) -> torch.Tensor:
-        """Mean of the per-sample losses times `weights` (kohya's loss_weights: prior_loss_weight for reg samples)."""
+              weights: torch.Tensor | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Mean of the per-sample losses times `weights` (kohya's loss_weights: prior_loss_weight for reg samples).
+        `mask` (B x 1 x H x W in [0, 1], any size; masked loss) weights the per-pixel MSE after area-averaging to the
+        latent size; each sample's loss is divided by its mask's mean, so it stays the mean over the learned area."""
         cfg = self.config
         # Noise and timesteps depend only on (seed, step, micro-batch, process): resume reproduces them exactly.
         gen = torch.Generator().manual_seed(hash((cfg.seed, step, micro, self.accelerator.process_index)) & 0x7FFFFFFF)
@@ -433,7 +448,11 @@ class Trainer:
         with self.accelerator.autocast():
             pred = self.family.unet_forward(self.unet, noisy.to(self.weight_dtype), timesteps,
                                             cond.to(self.device, self.weight_dtype))
-        loss = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+        loss = F.mse_loss(pred.float(), target.float(), reduction="none")
+        if mask is not None:
+            loss = masked_mean(loss, mask)
+        else:
+            loss = loss.mean(dim=(1, 2, 3))
         if cfg.min_snr_gamma:
             loss = loss * _min_snr_weights(self.noise_scheduler, timesteps, cfg.min_snr_gamma, self.prediction_type).to(loss.device)
         if weights is not None:
@@ -474,6 +493,15 @@ class Trainer:
         _, indices = self._indices(step, micro)
         return torch.tensor([self.dataset.loss_weight(i) for i in indices], dtype=torch.float32)
 
+    def _loss_masks(self, step: int, micro: int) -> torch.Tensor | None:
+        """Masked loss: the micro-batch's masks (B x 1 x H x W at pixel size), read from the files with each sample's
+        crop and flip; None when no subset uses masked loss."""
+        ds = self.dataset
+        if not ds.uses_masks:
+            return None
+        epoch, indices = self._indices(step, micro)
+        return torch.stack([ds.mask_for(epoch, i, flip=ds.flip_for(epoch, i)) for i in indices])
+
     def position_at(self, step: int) -> None:
         """Reset the data position to optimizer step `step` (start, resume, benchmarks)."""
         self._epoch_batches = {}
@@ -489,11 +517,12 @@ class Trainer:
             t0 = time.perf_counter()
             latents, cond = self._next_batch(step, micro)
             weights = self._loss_weights(step, micro)
+            mask = self._loss_masks(step, micro)
             self.data_seconds += time.perf_counter() - t0
             last_micro = micro == cfg.grad_accum - 1
             # Under DDP, only the last micro-batch all-reduces gradients.
             with contextlib.nullcontext() if last_micro else acc.no_sync(self.unet):
-                loss = self._loss(latents, cond, step, micro, weights)
+                loss = self._loss(latents, cond, step, micro, weights, mask)
                 if not torch.isfinite(loss):
                     self.optimizer.zero_grad(set_to_none=True)
                     return None

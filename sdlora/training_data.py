@@ -87,7 +87,8 @@ class TrainingData:
                 "subsets": [{"img_count": s.img_count, "num_repeats": s.num_repeats, "color_aug": False, "flip_aug": s.flip,
                              "random_crop": s.random_crop, "shuffle_caption": s.shuffle_tags, "keep_tokens": s.keep_tokens,
                              "caption_prefix": s.caption_prefix or None, "caption_suffix": s.caption_suffix or None,
-                             "image_dir": s.name, "class_tokens": s.default_caption or None, "is_reg": s.is_reg}
+                             "image_dir": s.name, "class_tokens": s.default_caption or None, "is_reg": s.is_reg,
+                             "alpha_mask": s.masked}
                             for s in subsets],
             })
         return out
@@ -105,6 +106,7 @@ def _subset_from_config(cfg: TrainConfig, name: str, *, is_reg: bool, group: int
         caption_dropout=pick(spec.caption_dropout_rate, cfg.caption_dropout), flip=pick(spec.flip_aug, cfg.random_flip),
         random_crop=pick(spec.random_crop, not cfg.center_crop), default_caption=spec.class_tokens or cfg.default_caption,
         caption_prefix=spec.caption_prefix, caption_suffix=spec.caption_suffix,
+        masked=pick(spec.alpha_mask, cfg.masked_loss),
         trigger_word="" if is_reg else cfg.trigger_word)
 
 
@@ -215,11 +217,45 @@ def build_training_data(cfg: TrainConfig) -> TrainingData:
     dataset = TrainingSet(items, resolution=cfg.resolution, enable_buckets=cfg.enable_buckets,
                           center_crop=cfg.cache_latents, random_flip=cfg.random_flip, seed=cfg.seed,
                           trigger_word=cfg.trigger_word, subsets=subsets, item_subsets=item_subsets, groups=groups,
-                          prior_loss_weight=cfg.prior_loss_weight)
+                          prior_loss_weight=cfg.prior_loss_weight, mask_dir=cfg.mask_dir or None)
+    if dataset.uses_masks:
+        notes.append(_check_masks(cfg, dataset))
     if dataset.num_reg_images > dataset.num_train_samples:
         notes.append(f"{dataset.num_reg_images} reg samples for {dataset.num_train_samples} train samples: as kohya does, "
                      "some regularization images are not used.")
     return TrainingData(dataset=dataset, reports=reports, notes=notes, validation=validation)
+
+
+def _check_masks(cfg: TrainConfig, dataset: TrainingSet) -> str:
+    """Refuse a mask_dir that is not a folder or holds a mask whose size differs from its image (headers only);
+    returns the note saying where the masks come from."""
+    from .data.images import _has_alpha, mask_size_error, open_image
+
+    if cfg.mask_dir and not dataset.mask_dir.is_dir():
+        raise ConfigError(f"mask_dir: '{shown(cfg.mask_dir)}' is not a folder. Give the folder of masks named like their "
+                          "images, or clear mask_dir.")
+    alpha = files = full = 0
+    for i, item in enumerate(dataset.items):
+        if not dataset.subsets[dataset.item_subsets[i]].masked:
+            continue
+        try:
+            with open_image(item.path) as img:
+                if _has_alpha(img):
+                    alpha += 1
+                    continue
+                size = img.size
+        except ValueError:
+            continue  # an unreadable image is reported where the images are read
+        mask = dataset.mask_file(i)
+        if mask is None:
+            full += 1
+            continue
+        with open_image(mask) as m:
+            if m.size != size:
+                raise mask_size_error(mask, m.size, item.path, size)
+        files += 1
+    return (f"Masked loss: {alpha} image(s) masked by their alpha channel, {files} by a mask file, {full} without a "
+            "mask (learned whole).")
 
 
 @dataclass

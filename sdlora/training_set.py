@@ -19,7 +19,7 @@ from safetensors.torch import load_file, save_file
 from .fileio import atomic_path
 from .data.buckets import assign_bucket, bucket_batches, make_buckets, own_size_bucket
 from .data.captions import build_caption
-from .data.images import ImageLoadError, crop_box, load_training_image
+from .data.images import ImageLoadError, crop_box, find_mask_file, load_training_image, load_training_mask
 from .families import SampleGeometry, TextEmbedding
 
 
@@ -54,6 +54,7 @@ class Subset:
     image_dir: str = ""
     num_repeats: int = 1
     img_count: int = 0
+    masked: bool = False  # masked loss: alpha channel, else the mask file in mask_dir, else a full mask
 
 
 @dataclass
@@ -95,7 +96,8 @@ class TrainingSet:
     def __init__(self, items, *, resolution: int, enable_buckets: bool, center_crop: bool, random_flip: bool, seed: int,
                  trigger_word: str = "", shuffle_tags: bool = False, keep_tokens: int = 0, caption_dropout: float = 0.0,
                  default_caption: str = "", bucket_no_upscale: bool = False, subsets: list[Subset] | None = None,
-                 item_subsets: list[int] | None = None, groups: list[Group] | None = None, prior_loss_weight: float = 1.0):
+                 item_subsets: list[int] | None = None, groups: list[Group] | None = None, prior_loss_weight: float = 1.0,
+                 mask_dir: str | Path | None = None):
         """Without `subsets`, every item forms one subset with the options given here (and its own folder repeats).
         With them, `item_subsets[i]` is item i's subset and `groups` the datasets; reg subsets are balanced to the
         train samples as kohya does, and their samples' loss is weighted by prior_loss_weight."""
@@ -104,6 +106,7 @@ class TrainingSet:
         self.center_crop = center_crop
         self.random_flip = random_flip
         self.prior_loss_weight = prior_loss_weight
+        self.mask_dir = Path(mask_dir).expanduser() if mask_dir else None
         if subsets is None:
             subsets = [Subset(shuffle_tags=shuffle_tags, keep_tokens=keep_tokens, caption_dropout=caption_dropout,
                               flip=random_flip, random_crop=not center_crop, default_caption=default_caption,
@@ -255,6 +258,27 @@ class TrainingSet:
         if flip:
             left = nw - left - tw
         return SampleGeometry(original_size=(item.height, item.width), crop_top_left=(top, left), target_size=(th, tw))
+
+    @property
+    def uses_masks(self) -> bool:
+        return any(s.masked for s in self.subsets)
+
+    def mask_file(self, item_index: int) -> Path | None:
+        return find_mask_file(self.items[item_index].path, self.mask_dir)
+
+    def mask_for(self, epoch: int, index: int, *, flip: bool) -> torch.Tensor:
+        """The sample's loss mask, 1xHxW in [0, 1] at the size of pixels_for, with the same resize, crop (same rng
+        draws) and flip: the image's alpha channel, else its mask file in mask_dir, else all ones (also for samples
+        of subsets without masked loss). Read from the files at every step, so it works with cached latents."""
+        entry = self.entries[index]
+        tw, th = entry.size
+        if not self.subset_of(index).masked:
+            return torch.ones(1, th, tw)
+        source = self.source_item(entry.item_index)
+        path = self.items[source].path
+        mask = load_training_mask(path, entry.size, mask_path=self.mask_file(source), crop=self._crop(index),
+                                  flip=flip, rng=_rng(self.seed, "crop", epoch, index))
+        return torch.ones(1, th, tw) if mask is None else mask
 
     def pixels_for(self, epoch: int, index: int, *, flip: bool) -> torch.Tensor:
         """The sample's pixels. An image that no longer loads (deleted, truncated, undecodable) is reported once and

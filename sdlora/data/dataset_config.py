@@ -19,7 +19,7 @@ from .scan import DatasetError
 
 # Keys sdlora implements: where each may appear (subset options may also stand in [general] and [[datasets]]).
 SUBSET_KEYS = ("num_repeats", "caption_extension", "class_tokens", "keep_tokens", "shuffle_caption", "flip_aug",
-               "caption_dropout_rate", "caption_prefix", "caption_suffix", "random_crop")
+               "caption_dropout_rate", "caption_prefix", "caption_suffix", "random_crop", "alpha_mask")
 SUBSET_ONLY_KEYS = ("image_dir", "is_reg")
 DATASET_KEYS = ("resolution", "batch_size", "enable_bucket", "bucket_no_upscale", "min_bucket_reso", "max_bucket_reso",
                 "bucket_reso_steps")
@@ -27,7 +27,7 @@ DATASET_KEYS = ("resolution", "batch_size", "enable_bucket", "bucket_no_upscale"
 UNSUPPORTED_SUBSET_KEYS: dict[str, Any] = {
     "color_aug": False, "face_crop_aug_range": None, "keep_tokens_separator": "", "secondary_separator": None,
     "enable_wildcard": False, "token_warmup_min": 1, "token_warmup_step": 0, "caption_dropout_every_n_epochs": 0,
-    "caption_tag_dropout_rate": 0.0, "caption_separator": ",", "cache_info": False, "alpha_mask": False,
+    "caption_tag_dropout_rate": 0.0, "caption_separator": ",", "cache_info": False,
     "custom_attributes": {}, "metadata_file": None, "conditioning_data_dir": None,
 }
 UNSUPPORTED_DATASET_KEYS: dict[str, Any] = {"network_multiplier": 1.0, "validation_split": 0.0, "validation_seed": None,
@@ -37,7 +37,8 @@ _DATASET_ALLOWED = set(SUBSET_KEYS) | set(DATASET_KEYS) | set(UNSUPPORTED_SUBSET
 _TYPES = {"num_repeats": int, "keep_tokens": int, "batch_size": int, "min_bucket_reso": int, "max_bucket_reso": int,
           "bucket_reso_steps": int, "caption_extension": str, "class_tokens": str, "caption_prefix": str,
           "caption_suffix": str, "image_dir": str, "shuffle_caption": bool, "flip_aug": bool, "is_reg": bool,
-          "enable_bucket": bool, "bucket_no_upscale": bool, "random_crop": bool, "caption_dropout_rate": (int, float)}
+          "enable_bucket": bool, "bucket_no_upscale": bool, "random_crop": bool, "caption_dropout_rate": (int, float),
+          "alpha_mask": bool}
 
 
 class DatasetConfigError(DatasetError):
@@ -58,6 +59,7 @@ class SubsetSpec:
     caption_prefix: str = ""
     caption_suffix: str = ""
     random_crop: bool | None = None
+    alpha_mask: bool | None = None  # masked loss from the images' alpha channel (kohya's per-subset alpha_mask)
     recursive: bool = False  # kohya reads a subset's own folder only
     where: str = ""  # "file: [[datasets]] #1 [[datasets.subsets]] #2", for messages
 
@@ -204,7 +206,7 @@ def load_dataset_config(path) -> DatasetConfig:
                 shuffle_caption=opts.get("shuffle_caption"), flip_aug=opts.get("flip_aug"),
                 caption_dropout_rate=None if rate is None else float(rate), caption_prefix=opts.get("caption_prefix") or "",
                 caption_suffix=opts.get("caption_suffix") or "", random_crop=opts.get("random_crop"),
-                where=f"{file}: {s_where} (image_dir '{shown(opts['image_dir'])}')"))
+                alpha_mask=opts.get("alpha_mask"), where=f"{file}: {s_where} (image_dir '{shown(opts['image_dir'])}')"))
         datasets.append(ds)
     if not any(not s.is_reg for d in datasets for s in d.subsets):
         raise DatasetConfigError(f"{file}: every subset has is_reg = true: regularization images need training images "

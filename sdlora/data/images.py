@@ -212,3 +212,82 @@ def load_training_image(path, size, *, crop: str = "center", flip: bool = False,
     if flip:
         img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
     return image_to_tensor(img)
+
+
+MASK_EXTENSIONS = (".png", ".webp", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+
+
+def find_mask_file(image_path, mask_dir) -> Path | None:
+    """The mask of `image_path` in `mask_dir`: the file with the same name (any image extension), or None."""
+    if not mask_dir:
+        return None
+    image_path, mask_dir = Path(image_path), Path(mask_dir)
+    for ext in (image_path.suffix,) + MASK_EXTENSIONS:
+        cand = mask_dir / (image_path.stem + ext)
+        if cand.is_file():
+            return cand
+    return None
+
+
+def mask_size_error(mask_path, mask_size, image_path, image_size) -> ImageLoadError:
+    from ..safetext import shown
+
+    reason = (f"mask is {mask_size[0]}x{mask_size[1]} but its image '{shown(Path(image_path).name)}' is "
+              f"{image_size[0]}x{image_size[1]}")
+    return ImageLoadError(f"Mask file '{shown(mask_path)}' does not fit its image: {reason}. Save the mask at the size of "
+                          "its image, or remove it from mask_dir.", path=mask_path, reason=reason)
+
+
+def _has_alpha(img: Image.Image) -> bool:
+    return img.mode in ("RGBA", "LA", "La", "RGBa", "PA") or (img.mode == "P" and "transparency" in img.info)
+
+
+def open_mask(path, mask_path=None, *, max_side: int | None = WORK_SIZE) -> Image.Image | None:
+    """The loss mask of an image as an upright "L" image (255 = learn, 0 = ignore) at the size open_image_rgb gives the
+    pixels: the image's alpha channel if it has one, else `mask_path` (a grayscale image of the same size), else None.
+    A mask file whose size differs from its image is refused (ImageLoadError naming both files)."""
+    path = Path(path)
+    img = open_image(path)
+    try:
+        size = img.size
+        orientation = exif_orientation(img)
+        if _has_alpha(img):
+            img.load()
+            mask = img.convert("RGBA").getchannel("A")
+        elif mask_path is not None:
+            m = open_image(mask_path)
+            try:
+                if m.size != size:
+                    raise mask_size_error(mask_path, m.size, path, size)
+                m.load()
+                mask = m.convert("L") if not m.mode.startswith("I;16") else m.point(lambda v: v / 257 + 0.5, "L")
+            finally:
+                m.close()
+        else:
+            return None
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+        if isinstance(exc, ImageLoadError):
+            raise
+        raise _fail(path, f"truncated or corrupt image: {exc}") from None
+    finally:
+        img.close()
+    if max_side and max(mask.size) > 2 * max_side:  # as open_image_rgb reduces the pixels
+        mask = mask.reduce(max(mask.size) // max_side)
+    if orientation in _UPRIGHT:
+        mask = mask.transpose(_UPRIGHT[orientation])
+    return mask
+
+
+def load_training_mask(path, size, *, mask_path=None, crop: str = "center", flip: bool = False,
+                       rng: random.Random | None = None) -> torch.Tensor | None:
+    """float32 1xHxW in [0, 1]: the mask of `path` resized, cropped and flipped exactly as load_training_image does
+    the pixels (same crop_box, same rng draws), or None when the image has neither alpha nor a mask file."""
+    mask = open_mask(path, mask_path)
+    if mask is None:
+        return None
+    mask, _ = resize_and_crop(mask, tuple(size), crop=crop, rng=rng)
+    if flip:
+        mask = mask.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    import torch  # here, not at import time: `sdlora scan` never needs torch
+
+    return torch.from_numpy(np.asarray(mask, dtype=np.float32) / 255.0).unsqueeze(0).contiguous()
