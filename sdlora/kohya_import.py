@@ -198,7 +198,8 @@ def import_kohya_json(path) -> ImportResult:
     put("seed", "seed", num("seed", int))
     for key, target in (("cache_latents", "cache_latents"), ("gradient_checkpointing", "gradient_checkpointing"),
                         ("shuffle_caption", "shuffle_tags"), ("flip_aug", "random_flip"),
-                        ("enable_bucket", "enable_buckets"), ("bucket_no_upscale", "bucket_no_upscale")):
+                        ("enable_bucket", "enable_buckets"), ("bucket_no_upscale", "bucket_no_upscale"),
+                        ("masked_loss", "masked_loss")):
         if key in data:
             put(key, target, flag(key))
     if "random_crop" in data:
@@ -207,6 +208,8 @@ def import_kohya_json(path) -> ImportResult:
         put("v_parameterization", "prediction_type", "v_prediction")
     elif "v_parameterization" in data:
         used["v_parameterization"] = "prediction_type"
+    if text("log_with") in ("tensorboard", "all"):
+        put("log_with", "log_with", "tensorboard")
     put("keep_tokens", "keep_tokens", num("keep_tokens", int))
     put("caption_dropout_rate", "caption_dropout", num("caption_dropout_rate"))
     gamma = num("min_snr_gamma")

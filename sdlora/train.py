@@ -168,7 +168,15 @@ class Trainer:
         # accelerate keeps one process-wide state that refuses a second precision; the web UI trains many runs in one
         # process, so each run starts a fresh one (the process group, if launched distributed, is kept).
         AcceleratorState._reset_state(reset_partial_state=False)
-        self.accelerator = Accelerator(mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=1)
+        trackers = {}
+        if cfg.log_with == "tensorboard":
+            from accelerate.utils import is_tensorboard_available
+
+            if not is_tensorboard_available():
+                raise ConfigError("log_with: tensorboard needs the tensorboardX (or tensorboard) package: "
+                                  "pip install tensorboardX, or set log_with to none.")
+            trackers = {"log_with": "tensorboard", "project_dir": str(self.out_dir / "logs")}  # events: logs/tensorboard
+        self.accelerator = Accelerator(mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=1, **trackers)
         acc = self.accelerator
         self.emit("status", message=self.data.summary())
         set_seed(cfg.seed)
@@ -363,6 +371,7 @@ class Trainer:
                       "continues.")
             return None
         self._write_log(self.out_dir / "train_log.jsonl", step, {"step": step, "val_loss": value})
+        self._track({"val_loss": value}, step)
         self.emit("validation", step=step, val_loss=value)
         return value
 
@@ -539,6 +548,23 @@ class Trainer:
         return step_loss
 
     def run(self) -> TrainResult:
+        """Train to the end (or a stop request). With log_with = tensorboard, loss, lr and val_loss also go to
+        accelerate's TensorBoard tracker under OUTPUT/logs/tensorboard."""
+        self._tracking = self.config.log_with == "tensorboard"
+        if not self._tracking:
+            return self._run()
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.accelerator.init_trackers("tensorboard")
+        try:
+            return self._run()
+        finally:
+            self.accelerator.end_training()
+
+    def _track(self, values: dict, step: int) -> None:
+        if getattr(self, "_tracking", False):
+            self.accelerator.log(values, step=step)
+
+    def _run(self) -> TrainResult:
         cfg, acc = self.config, self.accelerator
         self.out_dir.mkdir(parents=True, exist_ok=True)
         log_path = self.out_dir / "train_log.jsonl"
@@ -577,6 +603,7 @@ class Trainer:
             seconds, t_prev = now - t_prev, now
             lr = self.scheduler.get_last_lr()[0]
             self._log(log_path, step, loss, lr, seconds, self.epoch)
+            self._track({"loss": loss, "lr": lr}, step)
             self.emit("step", step=step, loss=loss, lr=lr, seconds=seconds, data_seconds=self.data_seconds, epoch=self.epoch)
             if self.validation is not None and cfg.validate_every and step % cfg.validate_every == 0:
                 self._validate(step)

@@ -115,3 +115,37 @@ def test_validation_loss_sdxl_with_text_encoder(tmp_path):
     values = [e.data["val_loss"] for e in seen if e.kind == "validation"]
     assert len(values) == 1 and math.isfinite(values[0])
     assert not [e for e in seen if e.kind == "warning" and "Validation" in e.data["message"]]
+
+
+def _tensorboard_scalars(folder: Path) -> dict[str, list[tuple[int, float]]]:
+    """Read TensorBoard event files (TFRecord framing, Event protos from tensorboardX): {tag: [(step, value)]}."""
+    import struct
+
+    from tensorboardX.proto import event_pb2
+
+    out: dict[str, list[tuple[int, float]]] = {}
+    for f in sorted(folder.rglob("events.out.tfevents.*")):
+        raw = f.read_bytes()
+        pos = 0
+        while pos < len(raw):
+            (length,) = struct.unpack("<Q", raw[pos:pos + 8])
+            ev = event_pb2.Event.FromString(raw[pos + 12:pos + 12 + length])
+            pos += 12 + length + 4
+            for v in ev.summary.value:
+                out.setdefault(v.tag, []).append((ev.step, v.simple_value))
+    return out
+
+
+def test_tensorboard_logs_loss_lr_and_val_loss(tmp_path):
+    pytest.importorskip("tensorboardX")
+    data = _images(tmp_path / "data", 5)
+    out = tmp_path / "out"
+    train(_config(out, data, steps=3, validation_split=0.2, validate_every=2, log_with="tensorboard"))
+    folder = out / "logs" / "tensorboard"
+    events = list(folder.glob("events.out.tfevents.*"))
+    assert events and all(e.stat().st_size > 0 for e in events)
+    scalars = _tensorboard_scalars(folder)
+    assert [s for s, _ in scalars["loss"]] == [1, 2, 3] and [s for s, _ in scalars["lr"]] == [1, 2, 3]
+    assert [s for s, _ in scalars["val_loss"]] == [2, 3]
+    log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    assert [r["val_loss"] for r in log if "val_loss" in r] == pytest.approx([v for _, v in scalars["val_loss"]], rel=1e-6)
