@@ -324,3 +324,27 @@ def test_ui_error_boundary_names_the_failure_and_logs_the_traceback(monkeypatch,
     with pytest.raises(gr.Error) as info:
         refused()
     assert str(info.value.message) == "rank: must be at least 1."
+
+
+def test_validation_masked_loss_and_tensorboard_fields():
+    import gradio as gr
+
+    from sdlora.ui import training_tab
+
+    defaults = config_to_form(make_config().model_dump())
+    ctx = {"fields": {}}
+    service = type("S", (), {"list_presets": lambda self: []})()
+    with gr.Blocks():
+        training_tab.build(service, ctx, defaults)
+    for key in ("validation_split", "validation_dir", "validate_every", "masked_loss", "mask_dir", "log_with"):
+        assert key in ctx["fields"], key
+    form = dict(defaults, validation_split="0.2", validate_every=5.0, validation_dir="", masked_loss=True,
+                mask_dir=" /m ", log_with="tensorboard")
+    values = form_to_config(form)
+    assert values["validation_split"] == 0.2 and values["validate_every"] == 5 and values["mask_dir"] == "/m"
+    cfg = make_config(**values)
+    assert cfg.masked_loss and cfg.log_with == "tensorboard"
+    with pytest.raises(ConfigError, match="validate_every: use a whole number"):
+        form_to_config(dict(form, validate_every=2.5))
+    with pytest.raises(ConfigError, match="mask_dir is set but masked_loss is off"):
+        make_config(**form_to_config(dict(form, masked_loss=False)))

@@ -13,8 +13,8 @@ LAYER_CHOICES = list(LAYER_GROUPS) + [CONV_GROUP]
 # Form-only keys: form_to_config turns them into config fields.
 FORM_ONLY = ("layers", "sample_prompts_text", "length_mode", "length")
 INT_FIELDS = ("rank", "conv_rank", "batch_size", "grad_accum", "resolution", "seed", "warmup_steps", "keep_tokens",
-              "sample_every", "save_every", "sample_steps")
-FLOAT_FIELDS = ("alpha", "conv_alpha", "lr", "noise_offset", "caption_dropout", "prior_loss_weight")
+              "sample_every", "save_every", "sample_steps", "validate_every")
+FLOAT_FIELDS = ("alpha", "conv_alpha", "lr", "noise_offset", "caption_dropout", "prior_loss_weight", "validation_split")
 # Expansion of the config's shorthands into the UI's layer-group names.
 _SHORTHANDS = {"attn": {"attn1", "attn2"},
                "transformer": {"attn1", "attn2", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2"}}
@@ -100,7 +100,8 @@ def form_to_config(form: dict[str, Any]) -> dict[str, Any]:
     if "loraplus_lr_ratio" in values:
         ratio = values["loraplus_lr_ratio"]
         values["loraplus_lr_ratio"] = _number(values, "loraplus_lr_ratio", float) if ratio not in (None, "", 0, 0.0) else None
-    for key in ("data_dir", "base_model", "output_name", "trigger_word", "default_caption", "reg_data_dir", "dataset_config"):
+    for key in ("data_dir", "base_model", "output_name", "trigger_word", "default_caption", "reg_data_dir", "dataset_config",
+                "validation_dir", "mask_dir"):
         if isinstance(values.get(key), str):
             values[key] = values[key].strip()
     return values

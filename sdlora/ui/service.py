@@ -247,6 +247,8 @@ class Service:
             self.access.dataset_folder(resolve_data_dir(cfg.reg_data_dir), cfg.reg_data_dir, what="reg_data_dir")
         if cfg.validation_dir.strip():
             self.access.dataset_folder(resolve_data_dir(cfg.validation_dir), cfg.validation_dir, what="validation_dir")
+        if cfg.mask_dir.strip():
+            self.access.dataset_folder(resolve_data_dir(cfg.mask_dir), cfg.mask_dir, what="mask_dir")
         if cfg.dataset_config.strip():
             # The TOML itself, then every image folder it names: a client must not reach other folders through it.
             from ..data.dataset_config import load_dataset_config

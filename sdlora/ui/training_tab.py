@@ -52,6 +52,21 @@ def build(service, ctx: dict, defaults: dict) -> None:
                                            value=defaults.get("loraplus_lr_ratio") or 0, elem_id="loraplus")
         f["prior_loss_weight"] = gr.Number(label="Regularization images: loss weight (prior_loss_weight)",
                                            value=defaults.get("prior_loss_weight", 1.0), elem_id="prior-loss-weight")
+    gr.Markdown("**Validation and masked loss**")
+    with gr.Row():
+        f["validation_split"] = gr.Number(label="Validation: fraction of images held out (0 = none)",
+                                          value=defaults.get("validation_split", 0.0), elem_id="validation-split")
+        f["validation_dir"] = gr.Textbox(label="Validation folder (replaces the held-out fraction)",
+                                         value=defaults.get("validation_dir", ""), elem_id="validation-dir")
+        f["validate_every"] = gr.Number(label="Validation loss every N steps (0 = at the end)",
+                                        value=defaults.get("validate_every", 0), precision=0, elem_id="validate-every")
+    with gr.Row():
+        f["masked_loss"] = gr.Checkbox(label="Masked loss (alpha channel, else mask folder; white = learn)",
+                                       value=defaults.get("masked_loss", False), elem_id="masked-loss")
+        f["mask_dir"] = gr.Textbox(label="Mask folder (grayscale masks named like the images)",
+                                   value=defaults.get("mask_dir", ""), elem_id="mask-dir")
+        f["log_with"] = gr.Dropdown(["none", "tensorboard"], value=defaults.get("log_with", "none"),
+                                    label="Also log to (OUTPUT/logs/tensorboard)", elem_id="log-with")
     gr.Markdown("**Captions** (the trigger word is on the Dataset tab)")
     with gr.Row():
         f["shuffle_tags"] = gr.Checkbox(label="Shuffle tags", value=defaults["shuffle_tags"], elem_id="shuffle-tags")
