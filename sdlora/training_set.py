@@ -130,7 +130,10 @@ class TrainingSet:
         repeats = {i: max(1, items[i].repeats) for i in train_idx}
         self.num_train_samples = sum(repeats.values())
         self.num_reg_images = sum(max(1, items[i].repeats) for i in reg_idx)  # kohya's num_reg_images: repeats included
-        repeats.update(zip(reg_idx, balance_reg_repeats(self.num_train_samples, [max(1, items[i].repeats) for i in reg_idx])))
+        for g in range(len(self.groups)):  # kohya balances each [[datasets]] block (DreamBoothDataset) on its own
+            g_train = sum(repeats[i] for i in train_idx if self.subsets[self.item_subsets[i]].group == g)
+            g_reg = [i for i in reg_idx if self.subsets[self.item_subsets[i]].group == g]
+            repeats.update(zip(g_reg, balance_reg_repeats(g_train, [max(1, items[i].repeats) for i in g_reg])))
         self.entries: list[Entry] = []
         for i in train_idx + reg_idx:
             sub = self.subsets[self.item_subsets[i]]
