@@ -3,6 +3,7 @@ computes exactly W + (alpha/r)·up·down."""
 
 from __future__ import annotations
 
+import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -271,7 +272,9 @@ def verify_lora(path: str | Path, base, *, numeric: bool = True, tolerance: floa
                 ref_cond = family.conditioning(family.encode_tokens(encoders, ids), [geometry])
     name = "sdlora_verify"
     active = pipe.get_active_adapters() if _has_adapters(components) else []
-    pipe.load_lora_weights(str(path), adapter_name=name)
+    with warnings.catch_warnings():  # peft warns when a model that already carries adapters gets another one
+        warnings.simplefilter("ignore", UserWarning)
+        pipe.load_lora_weights(str(path), adapter_name=name)
     try:
         _enable_only(pipe, components, name)
         _, hidden = _forward(family, pipe.unet, encoders, ids, latents, t, geometry)
@@ -279,7 +282,9 @@ def verify_lora(path: str | Path, base, *, numeric: bool = True, tolerance: floa
         with torch.no_grad():
             out = family.unet_forward(pipe.unet, latents, t, ref_cond)
     finally:
-        pipe.delete_adapters(name)
+        with warnings.catch_warnings():  # peft notes that the deleted adapter was active: that is the point here
+            warnings.simplefilter("ignore", UserWarning)
+            pipe.delete_adapters(name)
         if active:  # the shared pipeline's own LoRAs are active again, as before
             pipe.set_adapters(active)
     report.unet_max_diff = float((out - ref_out).abs().max())
