@@ -19,15 +19,11 @@ from pydantic import (
     model_validator,
 )
 
+from .adapters.targets import KNOWN_UNET_TARGETS, OTHER_UNET_LEAVES, UNET_SHORTHANDS
 from .errors import UserError
 from .fileio import atomic_write_text
 
-TARGET_SHORTHANDS = ("attn", "attn1", "attn2", "transformer")
-KNOWN_UNET_TARGETS = (
-    "to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2",
-)
-# Other Linear / 1x1-conv leaves of SD UNets a user may name (checked again against the loaded model).
-_OTHER_UNET_LEAVES = ("conv_shortcut", "time_emb_proj", "linear_1", "linear_2")
+TARGET_SHORTHANDS = tuple(UNET_SHORTHANDS)
 OUTPUT_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._ -]{0,99}$")
 MAX_SEED = 2**32 - 1  # numpy's seed range (accelerate's set_seed seeds numpy too)
 # Upper bounds for settings whose absurd values would pass every other check and then hang or overflow a run.
@@ -264,7 +260,7 @@ class TrainConfig(BaseModel):
         for t in cleaned:
             if not re.fullmatch(r"[A-Za-z0-9_.]+", t):
                 raise ValueError(f"'{t}' is not a module name; use {', '.join(TARGET_SHORTHANDS)} or names like to_q, ff.net.2")
-            if t not in TARGET_SHORTHANDS and not any(t == k or t.endswith("." + k) for k in KNOWN_UNET_TARGETS + _OTHER_UNET_LEAVES):
+            if t not in TARGET_SHORTHANDS and not any(t == k or t.endswith("." + k) for k in KNOWN_UNET_TARGETS + OTHER_UNET_LEAVES):
                 raise ValueError(f"unknown target module '{t}'; use {', '.join(TARGET_SHORTHANDS)} or any of {', '.join(KNOWN_UNET_TARGETS)}")
         return cleaned
 

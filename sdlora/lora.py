@@ -9,27 +9,11 @@ import torch
 from peft import LoraConfig
 from torch import nn
 
+from .adapters.targets import KNOWN_UNET_TARGETS, TEXT_ENCODER_TARGETS, UNET_SHORTHANDS
 from .config import ConfigError
 
 ADAPTER_NAME = "default"
 
-_ATTN_PROJ = r"(to_q|to_k|to_v|to_out\.0)"
-# Shorthand -> regex on the full UNet module path (diffusers names).
-UNET_SHORTHANDS: dict[str, str] = {
-    "attn": rf".*\.attn[12]\.{_ATTN_PROJ}$",
-    "attn1": rf".*\.attn1\.{_ATTN_PROJ}$",
-    "attn2": rf".*\.attn2\.{_ATTN_PROJ}$",
-    # kohya's default set: every Linear / 1x1 conv inside the transformer blocks of the attentions
-    "transformer": r".*attentions\.\d+\..*",
-}
-# Checkbox-friendly layer groups the UI offers; each maps to target names understood by resolve_unet_targets.
-LAYER_GROUPS: dict[str, list[str]] = {
-    "self-attention q/k/v/out": ["attn1"],
-    "cross-attention q/k/v/out": ["attn2"],
-    "proj in/out": ["proj_in", "proj_out"],
-    "feed-forward": ["ff.net.0.proj", "ff.net.2"],
-}
-TEXT_ENCODER_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")
 # ResNet 3x3 convs plus the resampling convs: kohya's LoCon ("conv_dim") set.
 _CONV3X3 = re.compile(r".*(resnets\.\d+\.conv[12]|downsamplers\.\d+\.conv|upsamplers\.\d+\.conv)$")
 
@@ -76,7 +60,7 @@ def resolve_unet_targets(unet: nn.Module, targets: list[str], *, conv_rank: int 
         if not hits:
             raise ConfigError(
                 f"targets: '{target}' matches no Linear or 1x1 conv module of this UNet. Use "
-                f"{', '.join(UNET_SHORTHANDS)} or module names such as {', '.join(('to_q', 'to_k', 'to_v', 'to_out.0', 'proj_in', 'proj_out', 'ff.net.0.proj', 'ff.net.2'))}."
+                f"{', '.join(UNET_SHORTHANDS)} or module names such as {', '.join(KNOWN_UNET_TARGETS)}."
             )
         for d in hits:
             chosen[d.name] = d

@@ -5,8 +5,8 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from ..adapters.targets import LAYER_GROUPS, SHORTHAND_GROUP_NAMES
 from ..config import ConfigError
-from ..lora import LAYER_GROUPS
 
 CONV_GROUP = "conv 3x3 (ResNet)"
 LAYER_CHOICES = list(LAYER_GROUPS) + [CONV_GROUP]
@@ -15,10 +15,6 @@ FORM_ONLY = ("layers", "sample_prompts_text", "length_mode", "length")
 INT_FIELDS = ("rank", "conv_rank", "batch_size", "grad_accum", "resolution", "seed", "warmup_steps", "keep_tokens",
               "sample_every", "save_every", "sample_steps", "validate_every")
 FLOAT_FIELDS = ("alpha", "conv_alpha", "lr", "noise_offset", "caption_dropout", "prior_loss_weight", "validation_split")
-# Expansion of the config's shorthands into the UI's layer-group names.
-_SHORTHANDS = {"attn": {"attn1", "attn2"},
-               "transformer": {"attn1", "attn2", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2"}}
-
 
 def layers_to_targets(layers: list[str] | None) -> list[str]:
     targets: list[str] = []
@@ -30,7 +26,7 @@ def layers_to_targets(layers: list[str] | None) -> list[str]:
 def targets_to_layers(targets: list[str], conv_rank: int) -> list[str]:
     expanded: set[str] = set()
     for t in targets or []:
-        expanded |= _SHORTHANDS.get(t, {t})
+        expanded |= SHORTHAND_GROUP_NAMES.get(t, {t})
     chosen = [label for label, names in LAYER_GROUPS.items() if set(names) <= expanded]
     if conv_rank:
         chosen.append(CONV_GROUP)
