@@ -348,3 +348,20 @@ def test_validation_masked_loss_and_tensorboard_fields():
         form_to_config(dict(form, validate_every=2.5))
     with pytest.raises(ConfigError, match="mask_dir is set but masked_loss is off"):
         make_config(**form_to_config(dict(form, masked_loss=False)))
+
+
+def test_run_preview_shows_step_plan_and_memory_before_start(tmp_path):
+    """What the Run tab's 'Check steps and memory' shows: the step plan the run will follow and the traced memory
+    estimate, for SD1 and SDXL, without starting anything; a bad setting is one sentence."""
+    service = Service(output_root=tmp_path / "out", presets_dir=tmp_path, data_roots=[tmp_path])
+    data = make_dataset(tmp_path / "data")
+    values = {"data_dir": str(data), "steps": 12, "batch_size": 2, "grad_accum": 2, "resolution": 64, "rank": 4,
+              "output_name": "preview"}
+    text = service.preview_run(values)
+    assert "Step plan:" in text and "= 12 steps" in text and "/ accumulation 2" in text
+    assert "SD 1.x model" in text and "estimated peak memory" in text
+    xl = service.preview_run(dict(values, base_model="builtin:tiny-xl", train_text_encoder=True))
+    assert "SDXL model" in xl and "estimated peak memory" in xl
+    assert service.status()["state"] == "idle"
+    with pytest.raises(ConfigError, match="data_dir"):
+        service.preview_run(dict(values, data_dir=str(tmp_path / "missing")))

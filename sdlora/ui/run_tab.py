@@ -20,6 +20,9 @@ def build(service, ctx: dict) -> None:
         start = gr.Button("▶ Start training", variant="primary", elem_id="start-btn")
         stop = gr.Button("■ Stop (saves a checkpoint)", variant="stop", elem_id="stop-btn")
         resume = gr.Button("↻ Resume from last checkpoint", elem_id="resume-btn")
+    with gr.Row():
+        check = gr.Button("Check steps and memory", elem_id="check-run-btn", scale=1)
+        preview = gr.Markdown("", elem_id="run-preview")
     progress = gr.Markdown("No training job yet. Press **Start training**.", elem_id="progress")
     with gr.Row():
         plot = gr.LinePlot(x="step", y="loss", color="series", title="Training loss (raw, smoothed, validation)", height=300,
@@ -78,6 +81,11 @@ def build(service, ctx: dict) -> None:
         return refresh()
 
     outputs = [progress, plot, previews, log_box, queue, seen]
+    @guard
+    def do_check(*values):
+        return service.preview_run(form_to_config(ctx["form_values"](*values)))
+
+    check.click(do_check, inputs, preview, api_visibility="private", concurrency_id="params", concurrency_limit=1)
     start.click(do_start, inputs, outputs, api_visibility="private", concurrency_limit=None)
     resume.click(do_resume, inputs, outputs, api_visibility="private", concurrency_limit=None)
     stop.click(do_stop, None, outputs, api_visibility="private", concurrency_limit=None)

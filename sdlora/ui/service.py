@@ -282,6 +282,36 @@ class Service:
                               "another name.")
         return save_preset(cfg, path, header=f"{stem}: {WEB_UI_PRESET}")
 
+    def preview_run(self, values: dict[str, Any]) -> str:
+        """Before pressing Start: the step plan (images x repeats / batch / accumulation = steps) and the memory the
+        run will need on this server's device, from the same code the run uses (no model is trained or changed)."""
+        import torch
+
+        from ..lora import count_lora_parameters, resolve_text_encoder_targets, resolve_unet_targets
+        from ..memory import estimate_training_memory
+        from ..training_data import build_training_data, make_step_plan
+
+        cfg = self.checked_config(values)
+        data = build_training_data(cfg)
+        lines = [make_step_plan(cfg, data.dataset).describe()]
+        with self._model_lock:
+            base = self.base_model(cfg.base_model, allow_pickle=cfg.allow_pickle)
+            unet_mods = resolve_unet_targets(base.unet, cfg.targets, conv_rank=cfg.conv_rank)
+            lrs = cfg.text_encoder_lrs(len(base.text_encoders))
+            trained = [i for i, lr in enumerate(lrs) if cfg.train_text_encoder and lr > 0]
+            n = count_lora_parameters(unet_mods, cfg.rank, cfg.conv_rank) + sum(
+                count_lora_parameters(resolve_text_encoder_targets(base.text_encoders[i]), cfg.rank) for i in trained)
+            device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+            # As the run does: cached latents send the VAE away, cached captions the frozen text encoders.
+            est = estimate_training_memory(
+                family=base.family, unet=base.unet, text_encoders=base.text_encoders, vae=base.vae, lora_params=n,
+                config=cfg, device=device, trained_text_encoders=trained, vae_on_device=not cfg.cache_latents,
+                text_encoders_on_device=bool(trained) or cfg.shuffle_tags)
+        lines.append(f"{base.family.label} model; {n:,} trainable parameters. Memory: {est.describe()}"
+                     + ("" if est.fits() else " — this may not fit: lower batch size or resolution, turn on gradient "
+                        "checkpointing, bf16, or the adamw8bit optimizer."))
+        return "\n\n".join(lines)
+
     # jobs --------------------------------------------------------------------------------------------
     def start(self, values: dict[str, Any]):
         return self.queue.submit(self.checked_config(values))
