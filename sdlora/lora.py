@@ -170,19 +170,3 @@ def lora_modules(model: nn.Module):
                 module.r[ADAPTER_NAME],
                 float(module.lora_alpha[ADAPTER_NAME]),
             )
-
-
-def strip_lora(model: nn.Module) -> nn.Module:
-    """Replace every LoRA-wrapped layer by its base layer, in place (for clean copies of a shared model)."""
-    from peft.tuners.lora import LoraLayer
-
-    for name, module in list(model.named_modules()):
-        if isinstance(module, LoraLayer) and hasattr(module, "base_layer"):
-            parent_name, _, child = name.rpartition(".")
-            parent = model.get_submodule(parent_name) if parent_name else model
-            setattr(parent, child, module.base_layer)
-    if hasattr(model, "peft_config"):
-        del model.peft_config
-    if hasattr(model, "_hf_peft_config_loaded"):
-        model._hf_peft_config_loaded = False
-    return model

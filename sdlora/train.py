@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import os
 import tempfile
 import threading
@@ -55,18 +54,6 @@ class TrainResult:
     samples: list[Path] = field(default_factory=list)
     checkpoints: list[Path] = field(default_factory=list)
     stopped_early: bool = False
-
-
-def plan_steps(config: TrainConfig, dataset_len: int | None = None, num_processes: int = 1, *,
-               num_batches: int | None = None) -> tuple[int, int]:
-    """(total optimizer steps, optimizer steps per epoch). `num_batches` (per epoch, all processes; a TrainingSet's
-    num_batches(), which counts the partial batches of buckets and datasets) is exact; dataset_len alone assumes one
-    bucket. The run itself uses training_data.make_step_plan, which computes the same numbers."""
-    batches = num_batches if num_batches is not None else math.ceil(dataset_len / config.batch_size)
-    per_process = max(1, batches // num_processes) if num_processes > 1 else batches
-    per_epoch = max(1, math.ceil(per_process / config.grad_accum))
-    total = config.steps if config.steps is not None else per_epoch * config.epochs
-    return total, per_epoch
 
 
 def _make_optimizer(config: TrainConfig, groups: list[dict]):

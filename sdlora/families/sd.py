@@ -56,29 +56,29 @@ class StableDiffusion(ModelFamily):
     def kohya_unet_prefix(self, module_path, unet_config=None) -> str:
         return unet_kohya_prefix(module_path)
 
+    # ss_base_model_version and modelspec.architecture (SD2 tells its 768-v and 512 variants apart)
+    base_version: str = ""
+    architecture: str = ""
+
+    def base_model_version(self, prediction_type: str) -> str:
+        return self.base_version
+
+    def modelspec_architecture(self, prediction_type: str) -> str:
+        return self.architecture
+
 
 class SD1(StableDiffusion):
     name, label, native_resolution = "sd1", "SD 1.x", 512
     context_dim = 768
     checkpoint_text_prefix = "cond_stage_model.transformer."
-
-    def base_model_version(self, prediction_type: str) -> str:
-        return "sd_v1"
-
-    def modelspec_architecture(self, prediction_type: str) -> str:
-        return "stable-diffusion-v1"
+    base_version, architecture = "sd_v1", "stable-diffusion-v1"
 
 
 class SD2(StableDiffusion):
     name, label, native_resolution = "sd2", "SD 2.x", 768
     context_dim = 1024
     checkpoint_text_prefix = "cond_stage_model.model."
-
-    def base_model_version(self, prediction_type: str) -> str:
-        return "sd_v2"
+    base_version = "sd_v2"
 
     def modelspec_architecture(self, prediction_type: str) -> str:
         return "stable-diffusion-v2-768-v" if prediction_type == "v_prediction" else "stable-diffusion-v2-512"
-
-
-

@@ -129,14 +129,14 @@ def _load_single_file(path: Path, *, dtype, allow_pickle: bool, prediction_type:
     from transformers import CLIPTokenizer
 
     if path.suffix.lower() == ".safetensors":
-        arch = detect_architecture(read_checkpoint_keys(path, allow_pickle=False), path)
+        keys = read_checkpoint_keys(path, allow_pickle=False)  # the header first: refuse before reading gigabytes
+        arch = detect_architecture(keys, path)
         state = _read_state_dict(path, allow_pickle=False)
     else:
         state = _read_state_dict(path, allow_pickle=allow_pickle)
-        arch = detect_architecture({k: tuple(v.shape) for k, v in state.items()}, path)
-    family = FAMILIES[checkpoint_family({k: tuple(v.shape) for k, v in state.items() if k == _CONV_IN or
-                                         k.startswith(("cond_stage_model.", "conditioner.", "first_stage_model.",
-                                                       "model.diffusion_model."))}, path)]
+        keys = {k: tuple(v.shape) for k, v in state.items()}
+        arch = detect_architecture(keys, path)
+    family = FAMILIES[checkpoint_family(keys, path)]
     if family.name == "sd1":
         state = _with_text_model_prefix(state)
     variant = None
