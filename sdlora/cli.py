@@ -10,7 +10,13 @@ from pathlib import Path
 
 def _lr_list(value: str):
     """`5e-5` or, for SDXL's two text encoders, `5e-5,1e-5`."""
-    parts = [float(v) for v in value.split(",") if v.strip()]
+    try:
+        parts = [float(v) for v in value.split(",") if v.strip()]
+    except ValueError:
+        parts = []
+    if not 1 <= len(parts) <= 2:
+        raise argparse.ArgumentTypeError(
+            f"{value!r} is not a learning rate: give one, or two for SDXL as TE1,TE2, e.g. 5e-5,1e-5")
     return parts[0] if len(parts) == 1 else parts
 
 
@@ -34,7 +40,7 @@ _TRAIN_FLAGS: list[tuple[str, str, dict]] = [
     ("--targets", "targets", {"help": "comma-separated: attn, attn1, attn2, transformer or module names (to_q,proj_in,...)"}),
     ("--conv-rank", "conv_rank", {"type": int}),
     ("--conv-alpha", "conv_alpha", {"type": float}),
-    ("--text-encoder-lr", "text_encoder_lr", {"type": lambda v: _lr_list(v), "metavar": "LR[,LR2]",
+    ("--text-encoder-lr", "text_encoder_lr", {"type": _lr_list, "metavar": "LR[,LR2]",
                                               "help": "text-encoder LR; SDXL: one for both encoders or TE1,TE2 (0 = frozen)"}),
     ("--lr", "lr", {"type": float}),
     ("--steps", "steps", {"type": int}),
