@@ -143,6 +143,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("demo-data", help="write the generated demo dataset")
     d.add_argument("folder", nargs="?", default="demo_data")
+
+    from .tools.cli import add_parsers as add_tool_parsers  # merge, resize, combine, extract
+
+    add_tool_parsers(sub)
     return parser
 
 
@@ -311,10 +315,22 @@ COMMANDS = {"import-kohya": cmd_import_kohya, "train": cmd_train, "generate": cm
             "demo-data": cmd_demo_data}
 
 
+def _tool_commands() -> dict:
+    from .tools.cli import COMMANDS as TOOL_COMMANDS
+
+    return TOOL_COMMANDS
+
+
+COMMANDS.update(_tool_commands())
+
+
 def _context(args) -> str:
     """What the command was doing, naming its file or folder: the start of an error sentence."""
     from .safetext import shown
+    from .tools.cli import context as tool_context
 
+    if tool_context(args) is not None:
+        return shown(tool_context(args))
     if args.command == "train":
         where = f" into '{args.output_dir}'" if getattr(args, "output_dir", None) else ""
         preset = f" with preset '{args.config}'" if getattr(args, "config", None) else ""

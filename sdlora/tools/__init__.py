@@ -10,11 +10,20 @@ Each returns a ToolResult (the path, per-module ranks and kept energy) and takes
 callback; failures a user can fix raise ToolError (a UserError) naming the file.
 """
 
-from .combine import combine_loras
-from .common import METHODS, ModuleReport, ToolError, ToolResult
-from .extract import extract_lora
-from .merge import merge_loras
-from .resize import resize_lora
+# How resize/combine/extract choose a rank (kohya's names); here so the CLI reads it without importing torch.
+METHODS = ("rank", "sv_ratio", "sv_fro", "sv_cumulative")
+_EXPORTS = {"combine_loras": "combine", "extract_lora": "extract", "merge_loras": "merge", "resize_lora": "resize",
+            "ModuleReport": "common", "ToolError": "common", "ToolResult": "common"}
+
+
+def __getattr__(name: str):
+    # Imported on first use: `python -m sdlora --help` and the tool parsers need no torch.
+    if name in _EXPORTS:
+        import importlib
+
+        return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    raise AttributeError(name)
+
 
 __all__ = ["METHODS", "ModuleReport", "ToolError", "ToolResult", "combine_loras", "extract_lora", "merge_loras",
            "resize_lora"]

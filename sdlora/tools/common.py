@@ -21,7 +21,7 @@ from ..safetext import shown
 
 # progress(done, total, what): called as modules are processed; the CLI prints it, the UI shows it.
 Progress = Callable[[int, int, str], None]
-METHODS = ("rank", "sv_ratio", "sv_fro", "sv_cumulative")
+from . import METHODS
 PRECISIONS = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 # Singular values below this fraction of the largest are numerical noise of an exact decomposition.
 _NOISE = 1e-7
