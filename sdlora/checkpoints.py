@@ -14,8 +14,9 @@ import tempfile
 from pathlib import Path
 
 import torch
-from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors.torch import load_file, save_file
+
+from .adapters.layers import adapter_state_dict, load_adapter_state_dict
 
 CHECKPOINT_DIR = "checkpoints"
 _STEP_DIR = re.compile(r"^step(\d{6,})$")
@@ -48,7 +49,7 @@ def save_checkpoint(out_dir: Path, step: int, *, modules: dict, optimizer, sched
     try:
         # One prefix per adapted component: unet., text_encoder., text_encoder_2.
         tensors = {f"{name}.{k}": v.detach().cpu().contiguous()
-                   for name, module in modules.items() for k, v in get_peft_model_state_dict(module).items()}
+                   for name, module in modules.items() for k, v in adapter_state_dict(module).items()}
         save_file(tensors, tmp / "lora_state.safetensors")
         torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                     "torch_rng": torch.get_rng_state()}, tmp / "training_state.pt")
@@ -77,7 +78,7 @@ def load_checkpoint(path: Path, *, modules: dict, optimizer, scheduler) -> dict:
     state = json.loads(state_file.read_text(encoding="utf-8"))
     tensors = load_file(path / "lora_state.safetensors")
     for name, module in modules.items():
-        set_peft_model_state_dict(module, {k[len(name) + 1:]: v for k, v in tensors.items() if k.startswith(name + ".")})
+        load_adapter_state_dict(module, {k[len(name) + 1:]: v for k, v in tensors.items() if k.startswith(name + ".")})
     training = torch.load(path / "training_state.pt", weights_only=True, map_location="cpu")
     optimizer.load_state_dict(training["optimizer"])
     scheduler.load_state_dict(training["scheduler"])

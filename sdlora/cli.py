@@ -40,6 +40,12 @@ _TRAIN_FLAGS: list[tuple[str, str, dict]] = [
     ("--targets", "targets", {"help": "comma-separated: attn, attn1, attn2, transformer or module names (to_q,proj_in,...)"}),
     ("--conv-rank", "conv_rank", {"type": int}),
     ("--conv-alpha", "conv_alpha", {"type": float}),
+    ("--network", "network", {"choices": ["lora", "locon", "loha", "lokr"],
+                              "help": "adapter type (locon = LoRA on the ResNet blocks too, needs --conv-rank)"}),
+    ("--lokr-factor", "lokr_factor", {"type": int, "help": "LoKr factor (-1 = balanced)"}),
+    ("--dropout", "dropout", {"type": float, "help": "dropout inside the adapter"}),
+    ("--rank-dropout", "rank_dropout", {"type": float}),
+    ("--module-dropout", "module_dropout", {"type": float}),
     ("--text-encoder-lr", "text_encoder_lr", {"type": _lr_list, "metavar": "LR[,LR2]",
                                               "help": "text-encoder LR; SDXL: one for both encoders or TE1,TE2 (0 = frozen)"}),
     ("--lr", "lr", {"type": float}),
@@ -80,6 +86,9 @@ _TRAIN_SWITCHES = [
     ("--allow-pickle", "allow_pickle"),
     ("--compile", "compile"),
     ("--masked-loss", "masked_loss"),
+    ("--dora", "dora"),
+    ("--lokr-full-matrix", "lokr_full_matrix"),
+    ("--tucker", "tucker"),
 ]
 _TRAIN_NEGATIONS = [
     ("--no-cache-latents", "cache_latents"),

@@ -71,6 +71,16 @@ class TrainConfig(BaseModel):
     targets: list[str] = Field(default_factory=lambda: ["attn"], description="UNet modules or shorthands attn, attn1, attn2, transformer")
     conv_rank: int = Field(0, description="rank for LoRA on ResNet 3x3 convs (0 = off)")
     conv_alpha: float = Field(1.0, description="alpha for the conv LoRA")
+    network: Literal["lora", "locon", "loha", "lokr"] = Field(
+        "lora", description="adapter type: lora, locon (LoRA on the ResNet blocks too; needs conv_rank), loha "
+                            "(Hadamard product), lokr (Kronecker product)")
+    dora: bool = Field(False, description="DoRA: weight-decomposed adapter (a learned magnitude per input column)")
+    lokr_factor: int = Field(-1, description="LoKr: factor of the Kronecker split (-1 = as balanced as possible)")
+    lokr_full_matrix: bool = Field(False, description="LoKr: keep the second factor a full matrix (no rank limit)")
+    tucker: bool = Field(False, description="conv 3x3 layers with a Tucker core (LyCORIS use_tucker)")
+    dropout: float = Field(0.0, description="dropout inside the adapter (0 = off)")
+    rank_dropout: float = Field(0.0, description="drop this fraction of the rank at each step (kohya/LyCORIS rank_dropout)")
+    module_dropout: float = Field(0.0, description="skip an adapted module at a step with this probability")
     train_text_encoder: bool = False
     text_encoder_lr: float | list[float] | None = Field(
         None, description="text encoder learning rate (default: same as lr); for SDXL one value for both encoders or "
@@ -244,6 +254,20 @@ class TrainConfig(BaseModel):
             raise ValueError("must be between 1 and 1000 (16 is usual), or unset to turn LoRA+ off")
         return v
 
+    @field_validator("dropout", "rank_dropout", "module_dropout")
+    @classmethod
+    def _dropout_range(cls, v: float) -> float:
+        if not math.isfinite(v) or v < 0 or v >= 1:
+            raise ValueError("must be at least 0 and below 1 (0 = off; 0.1 is usual)")
+        return v
+
+    @field_validator("lokr_factor")
+    @classmethod
+    def _lokr_factor(cls, v: int) -> int:
+        if v == 0 or v < -1:
+            raise ValueError("use -1 (as balanced as possible) or a positive factor such as 4 or 8")
+        return v
+
     @field_validator("min_snr_gamma")
     @classmethod
     def _gamma_positive(cls, v: float | None) -> float | None:
@@ -294,6 +318,19 @@ class TrainConfig(BaseModel):
         if self.validate_every and not (self.validation_split or self.validation_dir):
             raise ValueError("validate_every is set but there are no validation images: set validation_split (e.g. 0.1) "
                              "or validation_dir")
+        if self.network == "locon" and not self.conv_rank:
+            raise ValueError("network locon adapts the ResNet blocks' convs: set conv_rank (e.g. 8, with conv_alpha 4), "
+                             "or choose network lora")
+        if self.loraplus_lr_ratio and self.network in ("loha", "lokr"):
+            raise ValueError(f"loraplus_lr_ratio works on LoRA's up/down pairs; {self.network} has none: remove it or "
+                             "choose network lora/locon")
+        if self.dropout and self.network in ("loha", "lokr"):
+            raise ValueError(f"dropout: {self.network} has no dropout inside the adapter; use rank_dropout or "
+                             "module_dropout instead")
+        lycoris = self.network in ("loha", "lokr") or self.dora or self.tucker or self.rank_dropout or self.module_dropout
+        if self.format == "diffusers" and lycoris:
+            raise ValueError("format diffusers holds plain LoRA only; LoHa, LoKr, DoRA, Tucker and rank/module dropout "
+                             "runs export in the kohya/LyCORIS format that ComfyUI and A1111 read: set format = kohya")
         if self.steps is None and self.epochs is None:
             object.__setattr__(self, "steps", 500)
         if self.warmup_steps and self.steps and self.warmup_steps >= self.steps:

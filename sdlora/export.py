@@ -27,7 +27,7 @@ from .formats.kohya_names import (  # noqa: F401 (re-exported)
     text_encoder_kohya_prefix,
     unet_kohya_prefix,
 )
-from .lora import lora_modules
+from .adapters.layers import adapted_layers, file_parts
 
 PRECISIONS = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
@@ -64,20 +64,16 @@ def _check_against_diffusers(names: dict[str, str]) -> None:
 
 
 def kohya_state_dict(family, modules: dict[str, torch.nn.Module], *, dtype: torch.dtype = torch.float16) -> dict[str, torch.Tensor]:
-    """kohya tensors for every adapted component (`modules`: component name -> module carrying the LoRA)."""
+    """kohya/LyCORIS tensors for every adapted component (`modules`: component name -> module carrying the adapter):
+    `<prefix>.lora_down.weight`, `.hada_w1_a`, `.lokr_w1`, `.dora_scale`, `.alpha`, ... as the adapter type has them."""
     tensors: dict[str, torch.Tensor] = {}
     for component, module in modules.items():
-        found = list(lora_modules(module))
-        names = kohya_names(family, component, module, [path for path, *_ in found])
-        for path, down, up, _rank, alpha in found:
-            _put(tensors, names[path], down, up, alpha, dtype)
+        found = list(adapted_layers(module))
+        names = kohya_names(family, component, module, [path for path, _ in found])
+        for path, layer in found:
+            for part, value in file_parts(layer).items():
+                tensors[f"{names[path]}.{part}"] = value.detach().to("cpu", dtype).contiguous()
     return tensors
-
-
-def _put(tensors, prefix, down, up, alpha, dtype):
-    tensors[f"{prefix}.lora_down.weight"] = down.detach().to("cpu", dtype).contiguous()
-    tensors[f"{prefix}.lora_up.weight"] = up.detach().to("cpu", dtype).contiguous()
-    tensors[f"{prefix}.alpha"] = torch.tensor(float(alpha), dtype=dtype)
 
 
 def tensors_hash(path: Path) -> str:
@@ -121,11 +117,12 @@ def build_metadata(*, config, base, num_images: int, tag_frequency: dict, steps_
     te_lrs = config.text_encoder_lrs(len(family.text_encoder_names)) if config.train_text_encoder else [0.0]
     # kohya writes one value, or the list when the encoders differ.
     te_lr = te_lrs[0] if len(set(te_lrs)) == 1 else te_lrs
-    network_args = {}
-    if config.conv_rank:
-        network_args = {"conv_dim": str(config.conv_rank), "conv_alpha": str(config.conv_alpha)}
+    from .adapters.spec import AdapterSpec
+
+    adapter = AdapterSpec.from_config(config)
+    network_args = adapter.network_args()
     md = {
-        "ss_network_module": "networks.lora",
+        "ss_network_module": adapter.network_module(),
         "ss_network_dim": str(config.rank),
         "ss_network_alpha": str(config.alpha),
         "ss_network_args": json.dumps(network_args) if network_args else "null",

@@ -115,8 +115,9 @@ def diffusers_to_kohya(tensors: dict[str, torch.Tensor], metadata: dict[str, str
     return out
 
 
-def check_lora_fits(path: Path, pipe) -> None:
-    """Refuse a LoRA made for another architecture before diffusers half-loads it."""
+def check_lora_fits(path: Path, pipe) -> dict[str, dict]:
+    """Refuse a LoRA made for another architecture before diffusers half-loads it; returns its modules mapped onto the
+    pipeline ({prefix: parts with "target"})."""
     from .verify import (
         LoraMismatchError,
         VerifyReport,
@@ -141,10 +142,11 @@ def check_lora_fits(path: Path, pipe) -> None:
     refuse_broken(tensors, path, LoraLoadError)  # NaN weights, integer tensors, odd ranks or alpha shapes
     report = VerifyReport(path=str(path))
     components = {"unet": pipe.unet, **{n: getattr(pipe, n, None) for n in family.text_encoder_names}}
-    check_keys(tensors, family, components, report)
+    mapped = check_keys(tensors, family, components, report)
     if report.unmapped or report.problems:
         detail = (report.problems + [f"no module for {k}" for k in report.unmapped])[:3]
         raise LoraMismatchError(f"'{path.name}' does not fit this base model ({report.mapped} of {report.modules} modules match; e.g. {'; '.join(detail)}). It was probably trained for another model.")
+    return mapped
 
 
 def adapter_name_for(index: int, path: Path) -> str:
@@ -152,8 +154,76 @@ def adapter_name_for(index: int, path: Path) -> str:
     return f"l{index}_{stem}"
 
 
+class FormulaLoras:
+    """LoRA files diffusers cannot load (LoHa, LoKr, DoRA, Tucker cores) applied the way ComfyUI and A1111 apply every
+    file: the weights become W + Σ strength_i · ΔW_i (sdlora.formats.lycoris). The original weights of the touched
+    modules are kept and put back exactly by `restore`."""
+
+    def __init__(self, pipe):
+        self.pipe = pipe
+        self.files: dict[str, dict[str, dict]] = {}      # adapter name -> {prefix: parts with "target"}
+        self.strengths: dict[str, float] = {}
+        self.originals: dict[tuple[str, str], torch.Tensor] = {}
+
+    def _weight(self, target) -> torch.Tensor:
+        component, path = target
+        module = getattr(self.pipe, component).get_submodule(path)
+        return getattr(module, "base_layer", module).weight
+
+    def add(self, name: str, mapped: dict[str, dict]) -> None:
+        self.files[name] = mapped
+        self.strengths[name] = 1.0
+        for parts in mapped.values():
+            if parts["target"] not in self.originals:
+                self.originals[parts["target"]] = self._weight(parts["target"]).detach().clone()
+
+    @torch.no_grad()
+    def set_strengths(self, strengths: dict[str, float]) -> None:
+        from .formats.lycoris import module_delta
+
+        self.strengths.update(strengths)
+        for target, original in self.originals.items():
+            self._weight(target).copy_(original)
+        for name, mapped in self.files.items():
+            s = self.strengths[name]
+            if s == 0:
+                continue
+            for parts in mapped.values():
+                weight = self._weight(parts["target"])
+                weight += (s * module_delta(parts, self.originals[parts["target"]])).to(weight.dtype)
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        for target, original in self.originals.items():
+            self._weight(target).copy_(original)
+        self.files.clear()
+        self.strengths.clear()
+        self.originals.clear()
+
+
+def formula_loras(pipe, create: bool = True) -> FormulaLoras | None:
+    """The formula-applied files of the pipeline's UNet (kept on the UNet: pipelines built on the same base share it)."""
+    current = getattr(pipe.unet, "_sdlora_formula_loras", None)
+    if current is None and create:
+        current = FormulaLoras(pipe)
+        pipe.unet._sdlora_formula_loras = current
+    return current
+
+
+def unload_loras(pipe) -> None:
+    """Take every LoRA off a pipeline (diffusers adapters and formula-applied files), leaving the base weights exact."""
+    formula = formula_loras(pipe, create=False)
+    if formula is not None:
+        formula.restore()
+    family = family_of_pipeline(pipe)
+    components = [pipe.unet, *(getattr(pipe, n, None) for n in family.text_encoder_names)]
+    if any(getattr(m, "peft_config", None) for m in components if m is not None):
+        pipe.unload_lora_weights()
+
+
 def load_loras(pipe, loras: list[tuple[Path, float]]) -> list[str]:
-    """Load LoRA files into the pipeline and set their strengths; returns adapter names."""
+    """Load LoRA files into the pipeline and set their strengths; returns adapter names. Plain LoRA/LoCon files go
+    through diffusers' loader; LoHa, LoKr, DoRA and Tucker files through the loaders' formula (FormulaLoras)."""
     names = []
     for i, (path, _) in enumerate(loras):
         path = Path(path)
@@ -161,8 +231,14 @@ def load_loras(pipe, loras: list[tuple[Path, float]]) -> list[str]:
             from .lora_check import not_a_file
 
             raise LoraLoadError(not_a_file(path))
-        check_lora_fits(path, pipe)
+        mapped = check_lora_fits(path, pipe)
         name = adapter_name_for(i, path)
+        from .formats.lycoris import diffusers_reads
+
+        if not all(diffusers_reads(p) for p in mapped.values()):
+            formula_loras(pipe).add(name, mapped)
+            names.append(name)
+            continue
         try:
             pipe.load_lora_weights(str(path), adapter_name=name)
         except Exception as exc:  # noqa: BLE001 - whatever diffusers trips over in a file that passed our checks
@@ -177,12 +253,18 @@ def load_loras(pipe, loras: list[tuple[Path, float]]) -> list[str]:
                                 "python -m sdlora verify.") from None
         names.append(name)
     if names:
-        pipe.set_adapters(names, adapter_weights=[float(s) for _, s in loras])
+        set_strengths(pipe, names, [float(s) for _, s in loras])
     return names
 
 
 def set_strengths(pipe, names: list[str], strengths: list[float]) -> None:
-    pipe.set_adapters(names, adapter_weights=[float(s) for s in strengths])
+    formula = formula_loras(pipe, create=False)
+    patched = {n: float(s) for n, s in zip(names, strengths) if formula is not None and n in formula.files}
+    if patched:
+        formula.set_strengths(patched)
+    rest = [(n, float(s)) for n, s in zip(names, strengths) if n not in patched]
+    if rest:
+        pipe.set_adapters([n for n, _ in rest], adapter_weights=[s for _, s in rest])
 
 
 def strength_grid(pipe, names: list[str], prompts: list[SamplePrompt], strengths: list[float], *, default_size: int,

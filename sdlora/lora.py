@@ -1,21 +1,22 @@
-"""Which modules to adapt, LoRA injection through PEFT, parameter counts and strength."""
+"""Which modules to adapt (targets resolved on the real model before injection), and injecting the run's adapter
+(`sdlora.adapters.spec.AdapterSpec`) into them."""
 
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass
 
-import torch
-from peft import LoraConfig
 from torch import nn
 
+from .adapters.layers import ADAPTER_PARTS
+from .adapters.spec import AdapterSpec
 from .adapters.targets import KNOWN_UNET_TARGETS, TEXT_ENCODER_TARGETS, UNET_SHORTHANDS
 from .config import ConfigError
 
-ADAPTER_NAME = "default"
-
-# ResNet 3x3 convs plus the resampling convs: kohya's LoCon ("conv_dim") set.
+# kohya's LoCon set ("conv_dim"): every ResnetBlock2D, Downsample2D and Upsample2D -- the 3x3 convs at the conv rank, a
+# ResNet's time_emb_proj and 1x1 conv_shortcut at the network rank.
 _CONV3X3 = re.compile(r".*(resnets\.\d+\.conv[12]|downsamplers\.\d+\.conv|upsamplers\.\d+\.conv)$")
+_RESNET_1X1 = re.compile(r".*resnets\.\d+\.(time_emb_proj|conv_shortcut)$")
 
 
 @dataclass(frozen=True)
@@ -40,7 +41,7 @@ def _describe(name: str, module: nn.Module) -> TargetModule | None:
 def base_modules(model: nn.Module):
     """named_modules() without PEFT's own sub-layers, so targets resolve the same before and after injection."""
     for name, module in model.named_modules():
-        if any(part in ("lora_A", "lora_B", "base_layer", "lora_dropout") for part in name.split(".")):
+        if any(part in ADAPTER_PARTS for part in name.split(".")):
             continue
         if hasattr(module, "base_layer"):
             module = module.base_layer
@@ -66,7 +67,7 @@ def resolve_unet_targets(unet: nn.Module, targets: list[str], *, conv_rank: int 
             chosen[d.name] = d
     if conv_rank > 0:
         for n, d in candidates:
-            if d.kind == "conv3x3" and _CONV3X3.fullmatch(n):
+            if (d.kind == "conv3x3" and _CONV3X3.fullmatch(n)) or (d.kind != "conv3x3" and _RESNET_1X1.fullmatch(n)):
                 chosen[n] = d
     return [chosen[n] for n in sorted(chosen)]
 
@@ -77,31 +78,6 @@ def resolve_text_encoder_targets(text_encoder: nn.Module) -> list[TargetModule]:
         if name.split(".")[-1] in TEXT_ENCODER_TARGETS and (d := _describe(name, module)) is not None:
             found.append(d)
     return found
-
-
-def count_lora_parameters(modules: list[TargetModule], rank: int, conv_rank: int = 0) -> int:
-    total = 0
-    for m in modules:
-        r = conv_rank if m.kind == "conv3x3" else rank
-        total += r * m.in_features * m.kernel * m.kernel + m.out_features * r
-    return total
-
-
-def _lora_config(modules: list[TargetModule], rank: int, alpha: float, conv_rank: int, conv_alpha: float, seedless_init: bool = True) -> LoraConfig:
-    names = [m.name for m in modules]
-    conv_names = [m.name for m in modules if m.kind == "conv3x3"]
-    # PEFT matches *_pattern keys as regexes against the module path; anchor to the exact path.
-    rank_pattern = {f"^{re.escape(n)}$": conv_rank for n in conv_names}
-    alpha_pattern = {f"^{re.escape(n)}$": conv_alpha for n in conv_names}
-    return LoraConfig(
-        r=rank,
-        lora_alpha=alpha,
-        target_modules=names,
-        rank_pattern=rank_pattern,
-        alpha_pattern=alpha_pattern,
-        init_lora_weights=True,  # A: Kaiming-uniform, B: zeros -> training starts exactly at the base model
-        lora_dropout=0.0,
-    )
 
 
 def check_rank_fits(modules: list[TargetModule], rank: int, conv_rank: int = 0, *, where: str = "UNet") -> None:
@@ -120,53 +96,17 @@ def check_rank_fits(modules: list[TargetModule], rank: int, conv_rank: int = 0, 
                               f"rank {limit}. Choose {setting} {limit} or less.")
 
 
-def inject_unet_lora(unet: nn.Module, targets: list[str], rank: int, alpha: float, *, conv_rank: int = 0, conv_alpha: float = 1.0) -> list[TargetModule]:
-    modules = resolve_unet_targets(unet, targets, conv_rank=conv_rank)
-    check_rank_fits(modules, rank, conv_rank)
-    unet.add_adapter(_lora_config(modules, rank, alpha, conv_rank, conv_alpha), adapter_name=ADAPTER_NAME)
+def inject_unet(unet: nn.Module, targets: list[str], spec: AdapterSpec) -> list[TargetModule]:
+    modules = resolve_unet_targets(unet, targets, conv_rank=spec.conv_rank)
+    check_rank_fits(modules, spec.rank, spec.conv_rank)
+    spec.inject(unet, modules)
     return modules
 
 
-def inject_text_encoder_lora(text_encoder: nn.Module, rank: int, alpha: float) -> list[TargetModule]:
+def inject_text_encoder(text_encoder: nn.Module, spec: AdapterSpec) -> list[TargetModule]:
     modules = resolve_text_encoder_targets(text_encoder)
     if not modules:
         raise ConfigError("train_text_encoder: this text encoder has no q/k/v/out_proj or fc1/fc2 layers to adapt.")
-    check_rank_fits(modules, rank, where="text-encoder")
-    text_encoder.add_adapter(_lora_config(modules, rank, alpha, 0, 1.0), adapter_name=ADAPTER_NAME)
+    check_rank_fits(modules, spec.rank, where="text-encoder")
+    spec.inject(text_encoder, modules)
     return modules
-
-
-def lora_parameters(model: nn.Module) -> list[nn.Parameter]:
-    return [p for n, p in model.named_parameters() if "lora_" in n]
-
-
-def make_lora_params_fp32(model: nn.Module) -> None:
-    """Frozen base may be fp16/bf16; trainable LoRA params stay fp32 so small updates are not rounded away."""
-    for p in lora_parameters(model):
-        p.data = p.data.float()
-
-
-def set_lora_scale(model: nn.Module, scale: float) -> None:
-    """Scale the LoRA branch of an injected model: 0 = base model, 1 = as trained."""
-    from peft.tuners.lora import LoraLayer
-
-    for module in model.modules():
-        if isinstance(module, LoraLayer):
-            for adapter in module.scaling:
-                module.scaling[adapter] = scale * module.lora_alpha[adapter] / module.r[adapter]
-
-
-@torch.no_grad()
-def lora_modules(model: nn.Module):
-    """Yield (module path, lora_down weight, lora_up weight, rank, alpha) for every adapted module."""
-    from peft.tuners.lora import LoraLayer
-
-    for name, module in model.named_modules():
-        if isinstance(module, LoraLayer) and ADAPTER_NAME in module.lora_A:
-            yield (
-                name,
-                module.lora_A[ADAPTER_NAME].weight,
-                module.lora_B[ADAPTER_NAME].weight,
-                module.r[ADAPTER_NAME],
-                float(module.lora_alpha[ADAPTER_NAME]),
-            )

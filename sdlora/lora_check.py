@@ -21,7 +21,8 @@ def _finite(t: torch.Tensor) -> bool:
 
 
 def lora_file_problems(tensors: dict[str, torch.Tensor]) -> list[str]:
-    """Problems of a LoRA in kohya naming (a diffusers file converted first); [] when it is well formed."""
+    """Problems of a LoRA in kohya/LyCORIS naming (a diffusers file converted first); [] when it is well formed."""
+    from .formats.lycoris import algo_of
     from .verify import group_kohya
 
     problems: list[str] = []
@@ -40,6 +41,8 @@ def lora_file_problems(tensors: dict[str, torch.Tensor]) -> list[str]:
             shape_problems.append(f"{prefix}: alpha has shape {tuple(alpha.shape)}; it must be a single number")
         if "unknown" in parts:
             continue  # not a LoRA key: the key check names it (unmapped)
+        if algo_of(parts) in ("loha", "lokr"):
+            continue  # their shapes only make sense against the module's weight: verify's key check judges them
         if down is None or up is None:
             shape_problems.append(f"{prefix}: needs both lora_down and lora_up")
             continue

@@ -125,17 +125,21 @@ def trace_step_bytes(unet, *, family, config, compute_dtype: torch.dtype, height
     included); `trained_text_encoders` (name -> module) run inside the step when they train."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    from .lora import inject_text_encoder_lora, inject_unet_lora
+    from .adapters.layers import trainable_parameters
+    from .adapters.spec import AdapterSpec
+    from .lora import inject_text_encoder, inject_unet
 
+    spec = AdapterSpec.from_config(config)
     meta_unet = _meta_copy(unet)
-    inject_unet_lora(meta_unet, config.targets, config.rank, config.alpha, conv_rank=config.conv_rank, conv_alpha=config.conv_alpha)
+    inject_unet(meta_unet, config.targets, spec)
     meta_tes = {}
     for name, te in (trained_text_encoders or {}).items():
         meta_tes[name] = _meta_copy(te)
-        inject_text_encoder_lora(meta_tes[name], config.rank, config.alpha)
+        inject_text_encoder(meta_tes[name], spec)
     for m in (meta_unet, *meta_tes.values()):
-        for name, p in m.named_parameters():  # only the LoRA weights train, as in the run
-            p.requires_grad_("lora_" in name)
+        trained = {id(p) for _, p in trainable_parameters(m)}
+        for p in m.parameters():  # only the adapter weights train, as in the run
+            p.requires_grad_(id(p) in trained)
         m.train()
     if config.gradient_checkpointing:
         meta_unet.enable_gradient_checkpointing()

@@ -39,9 +39,9 @@ class LoadedCheckpoint:
 
 
 def _expected(model) -> dict[str, torch.Tensor]:
-    from peft.utils import get_peft_model_state_dict
+    from .adapters.layers import adapter_state_dict
 
-    return get_peft_model_state_dict(model)
+    return adapter_state_dict(model)
 
 
 def _check_tensors(found: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], part: str) -> None:
@@ -160,10 +160,10 @@ def read_checkpoint(path, *, modules: dict, optimizer) -> LoadedCheckpoint:
 
 
 def apply_checkpoint(ckpt: LoadedCheckpoint, *, modules: dict, optimizer, scheduler) -> None:
-    from peft.utils import set_peft_model_state_dict
+    from .adapters.layers import load_adapter_state_dict
 
     for part, module in modules.items():
-        set_peft_model_state_dict(module, ckpt.weights[part])
+        load_adapter_state_dict(module, ckpt.weights[part])
     optimizer.load_state_dict(ckpt.training["optimizer"])
     scheduler.load_state_dict(ckpt.training["scheduler"])
     torch.set_rng_state(ckpt.training["torch_rng"])

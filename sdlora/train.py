@@ -25,12 +25,9 @@ from .errors import UserError
 from .events import TrainEvent
 from .export import build_metadata, export_diffusers, export_kohya
 from .families import Conditioning
-from .lora import (
-    count_lora_parameters,
-    inject_text_encoder_lora,
-    inject_unet_lora,
-    make_lora_params_fp32,
-)
+from .adapters.layers import is_up_parameter, make_trainable_fp32, trainable_parameters
+from .adapters.spec import AdapterSpec
+from .lora import inject_text_encoder, inject_unet
 from .sampling import generate, parse_prompt_line, sample_filename, save_png_atomic
 from .training_set import LatentCache, TextEmbeddingCache
 
@@ -73,13 +70,13 @@ def _make_optimizer(config: TrainConfig, groups: list[dict]):
 
 
 def _param_groups(module, lr: float, loraplus_ratio: float | None) -> list[dict]:
-    """The module's LoRA parameters as optimizer groups. LoRA+ (kohya's loraplus_lr_ratio): the up/B matrices get their own
-    group at lr x ratio."""
-    named = [(n, p) for n, p in module.named_parameters() if "lora_" in n]
+    """The module's adapter parameters as optimizer groups. LoRA+ (kohya's loraplus_lr_ratio): the up/B matrices get their
+    own group at lr x ratio."""
+    named = trainable_parameters(module)
     if not loraplus_ratio:
         return [{"params": [p for _, p in named], "lr": lr}]
-    up = [p for n, p in named if "lora_B" in n.split(".")]
-    down = [p for n, p in named if "lora_B" not in n.split(".")]
+    up = [p for n, p in named if is_up_parameter(n)]
+    down = [p for n, p in named if not is_up_parameter(n)]
     return [{"params": down, "lr": lr}, {"params": up, "lr": lr * loraplus_ratio}]
 
 
@@ -183,17 +180,17 @@ class Trainer:
 
         # Seed right before injection: LoRA init must not depend on what loading the model consumed.
         set_seed(cfg.seed)
+        self.adapter = AdapterSpec.from_config(cfg)
         with MODEL_LOCK:  # new LoRA layers are modules too: not while another thread is loading a model
-            self.unet_modules = inject_unet_lora(base.unet, cfg.targets, cfg.rank, cfg.alpha, conv_rank=cfg.conv_rank,
-                                                 conv_alpha=cfg.conv_alpha)
+            self.unet_modules = inject_unet(base.unet, cfg.targets, self.adapter)
             # A text encoder whose LR is 0 stays frozen (kohya's way of training one SDXL encoder only).
             self.trained_te = [i for i in range(len(self.te_names)) if cfg.train_text_encoder and te_lrs[i] > 0]
-            self.te_modules = {self.te_names[i]: inject_text_encoder_lora(base.text_encoders[i], cfg.rank, cfg.alpha)
+            self.te_modules = {self.te_names[i]: inject_text_encoder(base.text_encoders[i], self.adapter)
                                for i in self.trained_te}
         n_te_modules = sum(len(m) for m in self.te_modules.values())
-        n_params = count_lora_parameters(self.unet_modules, cfg.rank, cfg.conv_rank) + sum(
-            count_lora_parameters(m, cfg.rank) for m in self.te_modules.values())
-        self.emit("status", message=f"{self.family.label} model; LoRA on {len(self.unet_modules)} UNet and {n_te_modules} "
+        n_params = self.adapter.parameter_count(self.unet_modules) + sum(
+            self.adapter.parameter_count(m) for m in self.te_modules.values())
+        self.emit("status", message=f"{self.family.label} model; {self.adapter.label} on {len(self.unet_modules)} UNet and {n_te_modules} "
                                     f"text-encoder modules: {n_params:,} trainable parameters")
         # Once latents and captions are cached, the VAE encoder and a frozen text encoder are idle. An owned model drops
         # them (previews use cached prompt embeddings and the VAE decoder); on CUDA what is kept leaves the GPU until
@@ -207,9 +204,9 @@ class Trainer:
         base.unet.to(self.device, dtype=self.weight_dtype)
         for i, te in enumerate(base.text_encoders):
             te.to(self.device, dtype=torch.float32 if i in self.trained_te else self.weight_dtype)
-            make_lora_params_fp32(te)
+            make_trainable_fp32(te)
         base.vae.to(self.device, dtype=torch.float32)
-        make_lora_params_fp32(base.unet)
+        make_trainable_fp32(base.unet)
         if cfg.gradient_checkpointing:
             base.unet.enable_gradient_checkpointing()
             for i in self.trained_te:

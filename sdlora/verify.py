@@ -15,9 +15,6 @@ from .errors import UserError
 from .export import read_lora
 from .families import FAMILIES, SampleGeometry, family_of_lora
 
-_SUFFIXES = (".lora_down.weight", ".lora_up.weight", ".alpha")
-
-
 class LoraMismatchError(UserError, ValueError):
     pass
 
@@ -33,6 +30,8 @@ class VerifyReport:
     unet_max_diff: float | None = None
     text_encoder_max_diff: float | None = None
     lora_effect: float | None = None
+    text_encoder_effect: float | None = None
+    algorithms: str = ""
     tolerance: float = 1e-4
 
     @property
@@ -40,13 +39,18 @@ class VerifyReport:
         return not self.unmapped and not self.problems and self.mapped > 0
 
     def summary(self) -> str:
-        lines = [f"LoRA file: {self.path} ({self.format} format)",
+        held = f", {self.algorithms}" if self.algorithms else ""
+        lines = [f"LoRA file: {self.path} ({self.format} format{held})",
                  f"modules: {self.modules}, mapped onto the base model: {self.mapped}, unmapped: {len(self.unmapped)}"]
         lines += [f"  unmapped: {k}" for k in self.unmapped[:20]]
         if len(self.unmapped) > 20:
             lines.append(f"  ... and {len(self.unmapped) - 20} more")
         if self.unet_max_diff is not None:
             lines.append(f"UNet: diffusers loader vs W+(alpha/r)·up·down: max abs diff {self.unet_max_diff:.3g} (tolerance {self.tolerance:g}); LoRA changes the output by {self.lora_effect:.3g}")
+        elif self.lora_effect is not None:
+            lines.append("diffusers has no loader for these adapter types; applied with ComfyUI's and A1111's formula, "
+                         f"the LoRA changes the UNet output by {self.lora_effect:.3g}"
+                         + (f" and the text encoders' by {self.text_encoder_effect:.3g}" if self.text_encoder_effect else ""))
         if self.text_encoder_max_diff is not None:
             lines.append(f"text encoder: max abs diff {self.text_encoder_max_diff:.3g}")
         lines += [f"problem: {p}" for p in self.problems]
@@ -84,15 +88,10 @@ def module_index(family, components: dict[str, nn.Module]) -> dict[str, tuple[st
 
 
 def group_kohya(tensors: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
-    groups: dict[str, dict[str, torch.Tensor]] = {}
-    for key, value in tensors.items():
-        for suffix in _SUFFIXES:
-            if key.endswith(suffix):
-                groups.setdefault(key[: -len(suffix)], {})[suffix.strip(".").split(".")[0]] = value
-                break
-        else:
-            groups.setdefault(key, {})["unknown"] = value
-    return groups
+    """{module prefix: {part: tensor}} for every LoRA/LoCon/LoHa/LoKr/DoRA part; other keys under 'unknown'."""
+    from .formats.lycoris import group_modules
+
+    return group_modules(tensors)
 
 
 def detect_format(tensors: dict) -> str:
@@ -118,7 +117,9 @@ def describe_family(tensors: dict, family=None) -> str | None:
 
 
 def check_keys(tensors: dict, family, components: dict[str, nn.Module], report: VerifyReport) -> dict[str, dict]:
-    """Map each kohya module onto the base model's components; fill report.mapped/unmapped/problems."""
+    """Map each kohya/LyCORIS module onto the base model's components; fill report.mapped/unmapped/problems."""
+    from .formats.lycoris import shape_problem
+
     index = module_index(family, components)
     groups = group_kohya(tensors)
     report.modules = len(groups)
@@ -128,19 +129,11 @@ def check_keys(tensors: dict, family, components: dict[str, nn.Module], report: 
         if target is None or "unknown" in parts:
             report.unmapped.append(prefix)
             continue
-        if "lora_down" not in parts or "lora_up" not in parts:
-            report.problems.append(f"{prefix}: needs both lora_down and lora_up")
-            continue
         module = components[target[0]].get_submodule(target[1])
         module = getattr(module, "base_layer", module)
-        down, up = parts["lora_down"], parts["lora_up"]
-        rank = down.shape[0]
-        if up.shape[1] != rank:
-            report.problems.append(f"{prefix}: lora_up {tuple(up.shape)} does not match rank {rank} of lora_down {tuple(down.shape)}")
-            continue
-        w = module.weight
-        if down.shape[1] != w.shape[1] or up.shape[0] != w.shape[0]:
-            report.problems.append(f"{prefix}: shapes down {tuple(down.shape)} / up {tuple(up.shape)} do not fit the module weight {tuple(w.shape)}")
+        why = shape_problem(parts, tuple(module.weight.shape))
+        if why:
+            report.problems.append(f"{prefix}: {why}")
             continue
         mapped[prefix] = {"target": target, **parts}
     report.mapped = len(mapped)
@@ -149,22 +142,16 @@ def check_keys(tensors: dict, family, components: dict[str, nn.Module], report: 
 
 @torch.no_grad()
 def apply_kohya_by_hand(components: dict[str, nn.Module], mapped: dict[str, dict], strength: float = 1.0) -> None:
-    """W += strength · (alpha/r) · up @ down, done directly on the weights (the reference for the check)."""
-    for prefix, parts in mapped.items():
+    """W += strength · ΔW with ΔW as ComfyUI/A1111 compute it (sdlora.formats.lycoris), directly on the weights: the
+    reference for the check."""
+    from .formats.lycoris import module_delta
+
+    for parts in mapped.values():
         kind, path = parts["target"]
         module = components[kind].get_submodule(path)
         module = getattr(module, "base_layer", module)
-        down = parts["lora_down"].float()
-        up = parts["lora_up"].float()
-        rank = down.shape[0]
-        alpha = float(parts["alpha"]) if "alpha" in parts else float(rank)
-        scale = strength * alpha / rank
-        if down.dim() == 4:
-            # up is out×r×1×1; down is r×in×k×k: the product is a conv kernel out×in×k×k
-            delta = torch.einsum("or,rikl->oikl", up.flatten(1), down)
-        else:
-            delta = up @ down
-        module.weight += (scale * delta).to(module.weight.dtype).reshape(module.weight.shape)
+        delta = module_delta(parts, module.weight)
+        module.weight += (strength * delta).to(module.weight.dtype)
 
 
 def _probe_inputs(base, seed: int = 0):
@@ -195,14 +182,22 @@ def _has_adapters(components) -> bool:
 @contextmanager
 def _adapters_off(pipe, components):
     """The bare base weights for the reference, even when a shared pipeline carries LoRAs."""
+    from .inference import formula_loras
+
     loaded = _has_adapters(components)
+    formula = formula_loras(pipe, create=False)
+    strengths = dict(formula.strengths) if formula is not None else {}
     if loaded:
         pipe.disable_lora()
+    if strengths:
+        formula.set_strengths({name: 0.0 for name in strengths})
     try:
         yield
     finally:
         if loaded:
             pipe.enable_lora()
+        if strengths:
+            formula.set_strengths(strengths)
 
 
 def _enable_only(pipe, components, name: str) -> None:
@@ -226,6 +221,24 @@ def _hand_applied(components, mapped):
         with torch.no_grad():
             for weight, original in saved:
                 weight.copy_(original)
+
+
+def _verify_by_formula(report: VerifyReport, base, components, mapped) -> VerifyReport:
+    """LoHa, LoKr, DoRA and Tucker files: diffusers has no loader for them, so the check is that the loaders' formula
+    applies to every module and gives a finite, non-zero change."""
+    family = base.family
+    latents, t, ids, geometry = _probe_inputs(base)
+    encoders = [components[n] for n in family.text_encoder_names]
+    pipe = base.make_pipeline()
+    with _adapters_off(pipe, components):
+        base_out, base_hidden = _forward(family, base.unet, encoders, ids, latents, t, geometry)
+        with _hand_applied(components, mapped):
+            ref_out, ref_hidden = _forward(family, base.unet, encoders, ids, latents, t, geometry)
+    if not (torch.isfinite(ref_out).all() and torch.isfinite(ref_hidden).all()):
+        report.problems.append("applied with the loaders' formula, the LoRA makes the model's output NaN or infinite")
+    report.lora_effect = float((ref_out - base_out).abs().max())
+    report.text_encoder_effect = float((ref_hidden - base_hidden).abs().max())
+    return report
 
 
 def verify_lora(path: str | Path, base, *, numeric: bool = True, tolerance: float = 1e-4) -> VerifyReport:
@@ -257,6 +270,12 @@ def verify_lora(path: str | Path, base, *, numeric: bool = True, tolerance: floa
     mapped = check_keys(tensors, base.family, components, report)
     if not numeric or not mapped or report.problems or report.unmapped:
         return report
+
+    from .formats.lycoris import describe_algos, diffusers_reads
+
+    report.algorithms = describe_algos(mapped)
+    if not all(diffusers_reads(p) for p in mapped.values()):
+        return _verify_by_formula(report, base, components, mapped)
 
     # Everything runs on the base's own modules, nothing is copied (an SDXL UNet is 10 GB in fp32): the hand-applied
     # weights are restored from a copy of just the adapted weights, and diffusers' adapter is deleted afterwards.

@@ -13,7 +13,7 @@ from safetensors import safe_open
 
 from sdlora.config import make_config
 from sdlora.export import read_lora, text_encoder_kohya_prefix, unet_kohya_prefix
-from sdlora.lora import set_lora_scale
+from sdlora.adapters.layers import set_strength as set_lora_scale
 from sdlora.models import load_base_model
 from sdlora.train import Trainer, train
 from sdlora.verify import apply_kohya_by_hand, check_keys, VerifyReport, verify_lora

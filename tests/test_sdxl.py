@@ -17,7 +17,7 @@ from conftest import ROOT, subprocess_env
 from sdlora.config import make_config
 from sdlora.export import read_lora
 from sdlora.families import SampleGeometry
-from sdlora.lora import set_lora_scale
+from sdlora.adapters.layers import set_strength as set_lora_scale
 from sdlora.models import load_base_model
 from sdlora.train import Trainer, train
 from sdlora.verify import apply_kohya_by_hand, check_keys, VerifyReport, verify_lora

@@ -194,15 +194,18 @@ class Service:
         return base, pipe
 
     def count_parameters(self, spec: str, targets: list[str], rank: int, conv_rank: int, train_te: bool,
-                         allow_pickle: bool = False) -> tuple[int, int, int]:
-        """(trainable parameters, UNet modules, text-encoder modules) for these choices, without injecting anything."""
-        from ..lora import count_lora_parameters, resolve_text_encoder_targets, resolve_unet_targets
+                         allow_pickle: bool = False, adapter=None) -> tuple[int, int, int]:
+        """(trainable parameters, UNet modules, text-encoder modules) for these choices, without injecting anything.
+        `adapter`: an AdapterSpec (default: plain LoRA at this rank)."""
+        from ..adapters.spec import AdapterSpec
+        from ..lora import resolve_text_encoder_targets, resolve_unet_targets
 
         with self._model_lock:
             base = self.base_model(spec, allow_pickle=allow_pickle)
             unet_mods = resolve_unet_targets(base.unet, targets, conv_rank=conv_rank) if (targets or conv_rank) else []
             te_mods = [m for te in base.text_encoders for m in resolve_text_encoder_targets(te)] if train_te else []
-        total = count_lora_parameters(unet_mods, rank, conv_rank) + count_lora_parameters(te_mods, rank)
+        adapter = adapter or AdapterSpec(rank=int(rank), alpha=float(rank), conv_rank=int(conv_rank))
+        total = adapter.parameter_count(unet_mods) + adapter.parameter_count(te_mods)
         return total, len(unet_mods), len(te_mods)
 
     # config, presets ---------------------------------------------------------------------------------
@@ -287,7 +290,8 @@ class Service:
         run will need on this server's device, from the same code the run uses (no model is trained or changed)."""
         import torch
 
-        from ..lora import count_lora_parameters, resolve_text_encoder_targets, resolve_unet_targets
+        from ..adapters.spec import AdapterSpec
+        from ..lora import resolve_text_encoder_targets, resolve_unet_targets
         from ..memory import estimate_training_memory
         from ..training_data import build_training_data, make_step_plan
 
@@ -299,8 +303,9 @@ class Service:
             unet_mods = resolve_unet_targets(base.unet, cfg.targets, conv_rank=cfg.conv_rank)
             lrs = cfg.text_encoder_lrs(len(base.text_encoders))
             trained = [i for i, lr in enumerate(lrs) if cfg.train_text_encoder and lr > 0]
-            n = count_lora_parameters(unet_mods, cfg.rank, cfg.conv_rank) + sum(
-                count_lora_parameters(resolve_text_encoder_targets(base.text_encoders[i]), cfg.rank) for i in trained)
+            adapter = AdapterSpec.from_config(cfg)
+            n = adapter.parameter_count(unet_mods) + sum(
+                adapter.parameter_count(resolve_text_encoder_targets(base.text_encoders[i])) for i in trained)
             device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
             # As the run does: cached latents send the VAE away, cached captions the frozen text encoders.
             est = estimate_training_memory(
@@ -398,7 +403,7 @@ class Service:
                  steps: int = 20, cfg: float = 7.0, width: int | None = None, height: int | None = None,
                  grid_strengths: list[float] | None = None, prompts: list[str] | None = None):
         """One image, or a strength grid (one row per prompt, one column per strength) when grid_strengths is given."""
-        from ..inference import load_loras, set_strengths, strength_grid
+        from ..inference import load_loras, set_strengths, strength_grid, unload_loras
         from ..sampling import SamplePrompt, generate
 
         if int(steps) < 1 or int(steps) > 200:
@@ -415,9 +420,7 @@ class Service:
         with self._model_lock:
             base, pipe = self._pipeline(spec)
             # Fresh adapters every call: files may have been re-trained or re-exported since the last one.
-            if any(getattr(m, "peft_config", None) for m in base.components().values() if m is not None) or \
-                    getattr(pipe.unet, "peft_config", None):
-                pipe.unload_lora_weights()
+            unload_loras(pipe)
             names = load_loras(pipe, paths)
             if grid_strengths:
                 return strength_grid(pipe, names, [sample(p) for p in (prompts or [prompt])], grid_strengths,
