@@ -36,6 +36,12 @@ def reexport(source: Path, out: Path, *, fmt: str = "kohya", precision: str = "f
             Path(out).parent.mkdir(parents=True, exist_ok=True)
             metadata = _with_hashes(Path(out), cast, metadata)
         return save_safetensors_atomic(cast, Path(out), metadata)
+    from .formats.lycoris import describe_algos, diffusers_reads, group_modules
+
+    groups = group_modules(tensors)
+    if not all(diffusers_reads(p) for p in groups.values() if "unknown" not in p):
+        raise ExportError(f"'{src}' holds {describe_algos(groups)} modules; the diffusers/PEFT format holds plain LoRA only. "
+                          "Keep the kohya/LyCORIS file: ComfyUI and A1111 load it.")
     # Format change: let diffusers load the file onto the base model, then write from the injected modules.
     from .models import load_base_model
 

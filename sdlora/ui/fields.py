@@ -13,8 +13,9 @@ LAYER_CHOICES = list(LAYER_GROUPS) + [CONV_GROUP]
 # Form-only keys: form_to_config turns them into config fields.
 FORM_ONLY = ("layers", "sample_prompts_text", "length_mode", "length")
 INT_FIELDS = ("rank", "conv_rank", "batch_size", "grad_accum", "resolution", "seed", "warmup_steps", "keep_tokens",
-              "sample_every", "save_every", "sample_steps", "validate_every")
-FLOAT_FIELDS = ("alpha", "conv_alpha", "lr", "noise_offset", "caption_dropout", "prior_loss_weight", "validation_split")
+              "sample_every", "save_every", "sample_steps", "validate_every", "lokr_factor")
+FLOAT_FIELDS = ("alpha", "conv_alpha", "lr", "noise_offset", "caption_dropout", "prior_loss_weight", "validation_split",
+                "rank_dropout", "module_dropout")
 
 def layers_to_targets(layers: list[str] | None) -> list[str]:
     targets: list[str] = []
@@ -72,6 +73,9 @@ def form_to_config(form: dict[str, Any]) -> dict[str, Any]:
     values["targets"] = layers_to_targets(layers)
     if CONV_GROUP not in layers:
         values["conv_rank"] = 0
+        if form.get("network") == "locon":
+            raise ConfigError(f"Adapter type: locon adapts the ResNet blocks; tick '{CONV_GROUP}' under UNet layers to "
+                              "adapt, or choose lora.")
     elif "conv_rank" in form:
         if _number(form, "conv_rank", int) < 1:
             raise ConfigError("conv_rank: 'conv 3x3' is ticked, so its rank must be at least 1.")

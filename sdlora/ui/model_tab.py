@@ -24,10 +24,10 @@ def show_scale(rank, alpha, conv_rank=None, conv_alpha=None, layers=None) -> str
 def build(service, ctx: dict, defaults: dict) -> None:
     f = ctx["fields"]
     with gr.Row():
-        f["base_model"] = gr.Dropdown(["builtin:tiny", "builtin:tiny-xl"], value=defaults["base_model"], label="Base model", scale=4,
+        f["base_model"] = gr.Dropdown(["builtin:toy", "builtin:tiny", "builtin:tiny-xl"], value=defaults["base_model"], label="Base model", scale=4,
                                       allow_custom_value=True, filterable=True, elem_id="base-model",
-                                      info="builtin:tiny / builtin:tiny-xl (offline demos), a diffusers folder, an "
-                                           "SD1.x/SD2.x/SDXL .safetensors/.ckpt file, or a hub id such as "
+                                      info="builtin:toy (draws simple shapes) / builtin:tiny / builtin:tiny-xl (offline "
+                                           "demos), a diffusers folder, an SD1.x/SD2.x/SDXL .safetensors/.ckpt file, or a hub id such as "
                                            "stabilityai/stable-diffusion-xl-base-1.0")
         ctx["family_info"] = gr.Markdown("", elem_id="model-family")
         f["prediction_type"] = gr.Dropdown(["auto", "epsilon", "v_prediction"], value=defaults["prediction_type"],
@@ -48,6 +48,15 @@ def build(service, ctx: dict, defaults: dict) -> None:
                                    precision=0, elem_id="conv-rank")
         f["conv_alpha"] = gr.Number(label="Conv 3x3 alpha", value=defaults["conv_alpha"], elem_id="conv-alpha")
     with gr.Row():
+        f["network"] = gr.Dropdown(["lora", "locon", "loha", "lokr"], value=defaults["network"], label="Adapter type",
+                                   elem_id="network", info="locon: LoRA on the ResNet blocks too (tick conv 3x3); loha: "
+                                                           "Hadamard product; lokr: Kronecker product (LyCORIS)")
+        f["dora"] = gr.Checkbox(label="DoRA (weight-decomposed)", value=bool(defaults["dora"]), elem_id="dora")
+        f["lokr_factor"] = gr.Number(label="LoKr factor (-1 = balanced)", value=defaults["lokr_factor"], precision=0,
+                                     elem_id="lokr-factor")
+        f["rank_dropout"] = gr.Number(label="Rank dropout", value=defaults["rank_dropout"], elem_id="rank-dropout")
+        f["module_dropout"] = gr.Number(label="Module dropout", value=defaults["module_dropout"], elem_id="module-dropout")
+    with gr.Row():
         f["train_text_encoder"] = gr.Checkbox(label="Train a text-encoder LoRA too (SDXL: both encoders)",
                                               value=defaults["train_text_encoder"],
                                               elem_id="train-te")
@@ -55,7 +64,7 @@ def build(service, ctx: dict, defaults: dict) -> None:
                                           value=str(defaults["text_encoder_lr"]), elem_id="te-lr")
     params = gr.Markdown("Trainable parameters: …", elem_id="param-count")
 
-    def show_params(spec, layers, rank, conv_rank, train_te, allow_pickle):
+    def show_params(spec, layers, rank, conv_rank, train_te, allow_pickle, network, dora, lokr_factor):
         try:
             targets = layers_to_targets(layers)
             conv = int(conv_rank or 0) if CONV_GROUP in (layers or []) else 0
@@ -63,7 +72,12 @@ def build(service, ctx: dict, defaults: dict) -> None:
                 return "⚠️ Choose at least one layer group."
             if int(rank or 0) < 1:
                 return "⚠️ Rank must be at least 1."
-            n, n_unet, n_te = service.count_parameters(spec, targets, int(rank), conv, bool(train_te), bool(allow_pickle))
+            from ..adapters.spec import AdapterSpec
+
+            adapter = AdapterSpec(network=network or "lora", rank=int(rank), alpha=float(rank), conv_rank=conv,
+                                  dora=bool(dora), lokr_factor=int(lokr_factor or -1))
+            n, n_unet, n_te = service.count_parameters(spec, targets, int(rank), conv, bool(train_te), bool(allow_pickle),
+                                                       adapter=adapter)
             size = n * 2 / 1024
             size_text = f"{size / 1024:.1f} MiB" if size >= 1024 else f"{size:.0f} KiB"
             return (f"Trainable parameters: **{n:,}** ({n_unet} UNet modules, {n_te} text-encoder modules; "
@@ -74,7 +88,8 @@ def build(service, ctx: dict, defaults: dict) -> None:
     scale_inputs = [f["rank"], f["alpha"], f["conv_rank"], f["conv_alpha"], f["layers"]]
     for comp in scale_inputs:
         comp.change(show_scale, scale_inputs, scale, show_progress="hidden", queue=False, api_visibility="private")
-    count_inputs = [f["base_model"], f["layers"], f["rank"], f["conv_rank"], f["train_text_encoder"], f["allow_pickle"]]
+    count_inputs = [f["base_model"], f["layers"], f["rank"], f["conv_rank"], f["train_text_encoder"], f["allow_pickle"],
+                    f["network"], f["dora"], f["lokr_factor"]]
     for comp in count_inputs:
         comp.change(show_params, count_inputs, params, show_progress="minimal", trigger_mode="always_last",
                     concurrency_id="params", concurrency_limit=1, api_visibility="private")
