@@ -494,3 +494,63 @@ def test_cli_merge_extract_resize_combine(tiny, tmp_path, capsys):
     code, out, err = run("combine", lora, "--mode", "svd", "--out", tmp_path / "no.safetensors")
     assert code == 2 and "--rank" in err
     assert not (tmp_path / "no.safetensors").exists()
+
+
+# --- the web UI's service -------------------------------------------------------------------------------------
+def test_ui_service_tools_stay_inside_the_access_policy(tiny, tmp_path):
+    import shutil
+
+    from sdlora.config import ConfigError
+    from sdlora.ui.service import Service
+
+    models, out_root = tmp_path / "models", tmp_path / "out"
+    models.mkdir()
+    service = Service(output_root=out_root, presets_dir=tmp_path, model_roots=[models])
+    lora = make_lora(tiny, models / "style.safetensors", rank=4)
+    seen = []
+    result = service.tool_resize(str(lora), rank=2, name="../../escape", progress=lambda d, t, w: seen.append((d, t)))
+    assert result.path == out_root / "tools" / "escape.safetensors" and result.path.is_file()
+    assert seen[0][0] == 0 and seen[-1][0] == seen[-1][1] > 0  # progress from the first module to the end
+    outside = make_lora(tiny, tmp_path / "elsewhere.safetensors")
+    with pytest.raises(ConfigError, match="outside the output folder and the model folders"):
+        service.tool_resize(str(outside), rank=2)
+    with pytest.raises(ConfigError, match="outside the output folder"):
+        service.tool_combine([(str(lora), 1.0), (str(outside), 1.0)])
+    combined = service.tool_combine([(str(lora), 0.5), (str(result.path), 0.5)], name="both")  # outputs are usable inputs
+    assert combined.path == out_root / "tools" / "both.safetensors"
+    merged = service.tool_merge("builtin:tiny", [(str(lora), 1.0)], precision="fp32", name="merged")
+    assert merged.path == out_root / "tools" / "merged.safetensors"
+    assert str(merged.path) not in service.list_loras()  # a checkpoint, not offered as a LoRA
+    with pytest.raises(ConfigError, match="base_model: .* outside the folders this server may load models from"):
+        service.tool_merge(str(tmp_path / "model.safetensors"), [(str(lora), 1.0)])
+    # A fine-tuned model is loaded only from a model root: the merged checkpoint is one once it is put there.
+    with pytest.raises(ConfigError, match="outside the folders this server may load models from"):
+        service.tool_extract(str(merged.path), "builtin:tiny", rank=4)
+    shutil.copy(merged.path, models / "tuned.safetensors")
+    extracted = service.tool_extract(str(models / "tuned.safetensors"), "builtin:tiny", rank=64, conv_rank=64,
+                                     precision="fp32")
+    weights = _weights(tiny)
+    want, got = deltas(lora, weights), deltas(extracted.path, weights)
+    assert set(got) == set(want) and max(rel(got[p], want[p]) for p in want) <= 1e-5
+
+
+def test_tools_tab_endpoints(tiny, tmp_path):
+    from gradio_client import Client
+    from ui_helpers import app_in_process
+
+    models = tmp_path / "models"
+    models.mkdir()
+    lora = make_lora(tiny, models / "style.safetensors", rank=4)
+    outside = make_lora(tiny, tmp_path / "elsewhere.safetensors")
+    with app_in_process(tmp_path / "out", ["--model-root", str(models)]) as (url, service):
+        client = Client(url, verbose=False)
+        # The base-model field holds the demo's model: a plain LoRA is resized without it.
+        path, report = client.predict(source=str(lora), rank=2, method="sv_fro", param=0.99, name="small",
+                                      api_name="/tool_resize")
+        assert path.endswith("small.safetensors") and "kept" in report and "lora_unet_" in report
+        assert rank_of(service.output_root / "tools" / "small.safetensors", "lora_unet_mid_block_attentions_0_"
+                       "transformer_blocks_0_attn1_to_q") <= 2
+        path, report = client.predict(base_model="builtin:tiny", loras=f"{lora}:0.5", name="baked", api_name="/tool_merge")
+        assert path.endswith("baked.safetensors") and "style.safetensors at 0.5" in report
+        with pytest.raises(Exception, match="outside the output folder and the model folders"):
+            client.predict(sources=f"{lora}:1\n{outside}:1", api_name="/tool_combine")

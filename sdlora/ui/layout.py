@@ -11,6 +11,7 @@ import gradio as gr
 
 from ..config import config_from_preset, make_config
 from . import dataset_tab, export_tab, model_tab, run_tab, training_tab, try_tab
+from . import tools_tab
 from .common import guard, user_message
 from .fields import LAYER_CHOICES, config_to_form, form_to_config
 from .service import Service
@@ -68,6 +69,8 @@ def build_app(service: Service) -> gr.Blocks:
                 try_tab.build(service, ctx, defaults)
             with gr.Tab("6 · Export", elem_id="tab-export") as export_tab_el:
                 export_tab.build(service, ctx, defaults)
+            with gr.Tab("7 · Tools", elem_id="tab-tools") as tools_tab_el:
+                tools_tab.build(service, ctx, defaults)
 
         keys = ctx["field_keys"]
         inputs = [ctx["fields"][k] for k in keys]
@@ -126,6 +129,8 @@ def build_app(service: Service) -> gr.Blocks:
         ctx["on_load"].append((show_family, fam_inputs, fam_outputs))
         try_tab_el.select(try_choices, ctx["try_lora"], ctx["try_lora"], api_visibility="private", queue=False)
         export_tab_el.select(export_choices, ctx["export_source"], ctx["export_source"], api_visibility="private", queue=False)
+        tools_tab_el.select(lambda current: gr.update(choices=service.list_loras(), value=current), ctx["tools_source"],
+                            ctx["tools_source"], api_visibility="private", queue=False)
         restored = demo.load(restore, saved, inputs, api_visibility="private", show_progress="hidden", queue=False)
         for fn, ins, outs in ctx["on_load"]:
             restored.then(fn, ins, outs, api_visibility="private", show_progress="hidden")

@@ -19,6 +19,7 @@ from ..jobs import JobQueue, smooth
 from ..models import MODEL_LOCK
 from ..paths import DEMO_DATA, resolve_data_dir
 from .access import THUMBS_DIR, AccessPolicy, is_inside, resolved, too_broad
+from .tools_service import ToolsService
 
 __all__ = ["Service", "is_inside", "sanitize_name", "parse_lora_lines", "parse_strengths", "format_eta", "progress_text"]
 
@@ -41,7 +42,7 @@ def sanitize_name(name: str, *, default: str = "lora") -> str:
 
 
 @dataclass
-class Service:
+class Service(ToolsService):  # the Tools tab's methods: tools_service.py
     output_root: Path
     presets_dir: Path
     queue: JobQueue = field(default_factory=JobQueue)
