@@ -39,8 +39,10 @@ def resize_lora(path, out, *, rank: int, conv_rank: int | None = None, method: s
         if "dora_scale" in parts:
             tensors[f"{prefix}.dora_scale"] = parts["dora_scale"]
     progress(total, total, "writing")
-    # kohya's rule: the input's alpha/rank is kept, so alpha = that ratio x the new (largest) rank.
-    alpha = common.file_scale(src) * max(down.shape[0] for down, _ in factors.values())
+    # kohya's rule: the input's alpha/rank is kept, so alpha = that ratio x the new rank (ss_network_dim's: the
+    # largest of the linear and 1x1 modules, the convs' when there are only convs).
+    linear = [d.shape[0] for p, (d, _) in factors.items() if not common.is_conv3(shapes[p])]
+    alpha = common.file_scale(src) * max(linear or [d.shape[0] for d, _ in factors.values()])
     for prefix, (down, up) in factors.items():
         common.put_module(tensors, prefix, down, up, alpha)
     settings = {"rank": int(rank), "conv_rank": int(conv_rank), "method": method}
