@@ -44,7 +44,7 @@ def _config(tmp: Path, data: Path, base: str, **over):
 
 # -- the loaders' formula, from ComfyUI's weight_adapter (lora, loha, lokr, weight_decompose) and A1111's networks ----
 def _cp(t, wa, wb):  # Tucker: core r×r×k×k with the out (wa) and in (wb) factors
-    return torch.einsum("i j k l, j r, i p -> p r k l", t, wb, wa)
+    return torch.einsum("i j k l, j r, i p -> p r k l", t, wb, wa).contiguous()
 
 
 def loader_weight(weight: torch.Tensor, p: dict[str, torch.Tensor], strength: float) -> torch.Tensor:
@@ -53,10 +53,19 @@ def loader_weight(weight: torch.Tensor, p: dict[str, torch.Tensor], strength: fl
     if "lora_up.weight" in p:
         up, down = p["lora_up.weight"], p["lora_down.weight"]
         scale = p["alpha"].item() / down.shape[0]
+        if "lora_mid.weight" in p:  # ComfyUI: fold the Tucker core into the down factor
+            mid = p["lora_mid.weight"]
+            shape = [down.shape[1], down.shape[0], mid.shape[2], mid.shape[3]]
+            down = torch.mm(down.transpose(0, 1).flatten(1), mid.transpose(0, 1).flatten(1)).reshape(shape).transpose(0, 1)
         diff = (up.flatten(1) @ down.flatten(1)).reshape(w.shape)
     elif "hada_w1_a" in p:
         scale = p["alpha"].item() / p["hada_w1_b"].shape[0]
-        diff = ((p["hada_w1_a"] @ p["hada_w1_b"]) * (p["hada_w2_a"] @ p["hada_w2_b"])).reshape(w.shape)
+        if "hada_t1" in p:
+            m1 = _cp(p["hada_t1"], p["hada_w1_a"], p["hada_w1_b"])
+            m2 = _cp(p["hada_t2"], p["hada_w2_a"], p["hada_w2_b"])
+        else:
+            m1, m2 = p["hada_w1_a"] @ p["hada_w1_b"], p["hada_w2_a"] @ p["hada_w2_b"]
+        diff = (m1 * m2).reshape(w.shape)
     else:
         dim = None
         w1 = p.get("lokr_w1")
@@ -191,6 +200,31 @@ def test_verify_and_generate_apply_every_type_as_the_loaders_do(runs, family, ki
     unload_loras(pipe)
     after, _ = _outputs(base.family, pipe.unet, base.text_encoders, probe)
     assert torch.equal(after, plain)  # the base weights come back exactly
+
+
+@pytest.mark.parametrize("over", [dict(network="loha", tucker=True, conv_rank=2, module_dropout=0.2),
+                                  dict(network="locon", tucker=True, conv_rank=2, conv_alpha=1.0, rank_dropout=0.3),
+                                  dict(network="lokr", tucker=True, conv_rank=4, lokr_factor=2, rank_dropout=0.2)],
+                         ids=["loha-tucker", "locon-tucker-rank-dropout", "lokr-tucker"])
+def test_tucker_cores_and_dropouts_train_and_export_what_the_loaders_compute(tmp_path, demo_dataset, over):
+    trainer = Trainer(_config(tmp_path, demo_dataset, MODELS["sd1"], train_text_encoder=False, text_encoder_lr=None,
+                              **over))
+    trainer.prepare()
+    result = trainer.run()
+    tensors, metadata = read_lora(result.lora_path)
+    cores = {"loha": "hada_t1", "locon": "lora_mid.weight", "lokr": "lokr_t2"}[over["network"]]
+    assert any(k.endswith("." + cores) for k in tensors), sorted({k.split(".", 1)[1] for k in tensors})
+    assert json.loads(metadata["ss_network_args"])["use_tucker"] == "True"
+    trained = trainer.base
+    trained.unet.eval()  # dropout is a training-time thing: the file is the model without it
+    fresh = load_base_model(MODELS["sd1"])  # its text encoder also serves the trained UNet (the run dropped its own)
+    probe = _probe(fresh)
+    want, _ = _outputs(trained.family, trained.unet, fresh.text_encoders, probe)
+    apply_file_by_loader_formula(fresh, tensors, 1.0)
+    got, _ = _outputs(fresh.family, fresh.unet, fresh.text_encoders, probe)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    report = verify_lora(result.lora_path, load_base_model(MODELS["sd1"]))
+    assert report.ok and "Tucker" in report.algorithms, report.summary()
 
 
 @pytest.mark.parametrize("kind", list(TYPES))

@@ -7,7 +7,9 @@ import torch
 import torch.nn.functional as F
 
 from sdlora.config import make_config
-from sdlora.lora import inject_text_encoder_lora, inject_unet_lora, make_lora_params_fp32
+from sdlora.adapters.layers import make_trainable_fp32
+from sdlora.adapters.spec import AdapterSpec
+from sdlora.lora import inject_text_encoder, inject_unet
 from sdlora.memory import LiveTensorBytes, estimate_training_memory, trace_step_bytes
 from sdlora.models import load_base_model
 
@@ -32,12 +34,13 @@ def _real_step_bytes(cfg, res: int, spec: str = "builtin:tiny") -> int:
     family, unet, encoders = base.family, base.unet, base.text_encoders
     for m in (unet, *encoders):
         m.requires_grad_(False)
-    inject_unet_lora(unet, cfg.targets, cfg.rank, cfg.alpha, conv_rank=cfg.conv_rank, conv_alpha=cfg.conv_alpha)
+    spec = AdapterSpec.from_config(cfg)
+    inject_unet(unet, cfg.targets, spec)
     if cfg.train_text_encoder:
         for te in encoders:
-            inject_text_encoder_lora(te, cfg.rank, cfg.alpha)
+            inject_text_encoder(te, spec)
     unet.to(dtype=_dtype(cfg))
-    make_lora_params_fp32(unet)
+    make_trainable_fp32(unet)
     if cfg.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
         if cfg.train_text_encoder:
@@ -73,7 +76,10 @@ def _real_step_bytes(cfg, res: int, spec: str = "builtin:tiny") -> int:
     {"train_text_encoder": True},
     {"mixed_precision": "bf16"},
     {"mixed_precision": "bf16", "gradient_checkpointing": True, "batch_size": 1},
-], ids=["plain", "checkpointing", "conv-128px", "text-encoder", "bf16", "bf16-checkpointing"])
+    {"network": "loha", "conv_rank": 2},
+    {"network": "lokr", "lokr_factor": 4},
+    {"dora": True, "conv_rank": 2},
+], ids=["plain", "checkpointing", "conv-128px", "text-encoder", "bf16", "bf16-checkpointing", "loha", "lokr", "dora"])
 def test_trace_matches_a_real_cpu_step(over):
     cfg = _cfg(**over)
     base = load_base_model("builtin:tiny")

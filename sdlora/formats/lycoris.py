@@ -58,7 +58,7 @@ def _rank_scale(alpha, rank: int) -> float:
 
 def _tucker(core, b, a):
     # core: r×r×k×k (kept as LyCORIS stores it), b: r×in, a: out×r -> out×in×k×k
-    return torch.einsum("i j k l, j r, i p -> p r k l", core, b, a)
+    return torch.einsum("i j k l, j r, i p -> p r k l", core, b, a).contiguous()
 
 
 def _lora(p, shape):
