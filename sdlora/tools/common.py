@@ -340,7 +340,7 @@ def network_metadata(tensors: dict) -> dict[str, str]:
     md["ss_network_args"] = json.dumps(args) if args else "null"
     if any("dora_scale" in p for p in groups.values()):
         md["ss_network_module"] = "lycoris.kohya"
-        md["ss_network_args"] = json.dumps({"algo": "lora", "dora_wd": True, **args})
+        md["ss_network_args"] = json.dumps({"algo": "lora", "dora_wd": "True", **args})  # as LyCORIS writes it
     return md
 
 
