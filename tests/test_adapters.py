@@ -282,3 +282,46 @@ def test_adapter_settings_that_cannot_work_are_refused_with_a_sentence(tmp_path,
         _config(tmp_path, demo_dataset, MODELS["sd1"], network="lokr", loraplus_lr_ratio=16)
     with pytest.raises(ConfigError, match="rank_dropout"):
         _config(tmp_path, demo_dataset, MODELS["sd1"], network="loha", dropout=0.1)
+
+
+def test_ui_service_offers_every_type(runs, tmp_path):
+    """The form carries the adapter settings both ways; the parameter count follows the type; Try applies a LoHa file
+    (strength 0 = base, 1 = changed); the Export tab refuses a diffusers copy of it with a sentence and re-exports the
+    kohya/LyCORIS layout, verified."""
+    import shutil
+
+    import numpy as np
+
+    from sdlora.adapters.spec import AdapterSpec
+    from sdlora.ui.fields import config_to_form, form_to_config
+    from sdlora.ui.service import Service
+
+    cfg = make_config(network="lokr", lokr_factor=4, dora=True, tucker=True, conv_rank=2, rank_dropout=0.1,
+                      module_dropout=0.05, dropout=0.0, lokr_full_matrix=True)
+    values = form_to_config(config_to_form(cfg.model_dump()))
+    assert {k: values[k] for k in ("network", "lokr_factor", "dora", "tucker", "rank_dropout", "module_dropout",
+                                   "lokr_full_matrix")} == {"network": "lokr", "lokr_factor": 4, "dora": True,
+                                                            "tucker": True, "rank_dropout": 0.1, "module_dropout": 0.05,
+                                                            "lokr_full_matrix": True}
+    with pytest.raises(ConfigError, match="tick 'conv 3x3"):
+        form_to_config(dict(config_to_form(make_config().model_dump()), network="locon"))
+
+    service = Service(output_root=tmp_path / "out", presets_dir=tmp_path)
+    counts = {net: service.count_parameters("builtin:tiny", ["attn"], 4, 0, False,
+                                            adapter=AdapterSpec(network=net, rank=4))[0] for net in ("lora", "loha")}
+    assert counts["loha"] == 2 * counts["lora"]
+
+    _, result = runs("sd1", "loha")
+    lora = service.output_root / "loha_run" / "loha.safetensors"
+    lora.parent.mkdir(parents=True)
+    shutil.copy(result.lora_path, lora)
+    assert str(lora) in service.list_loras()
+    common = dict(prompt="sdlora_mascot, a red circle", seed=3, steps=2)
+    base_img = np.asarray(service.generate("builtin:tiny", [], **common)).astype(int)
+    zero = np.asarray(service.generate("builtin:tiny", [(str(lora), 0.0)], **common)).astype(int)
+    full = np.asarray(service.generate("builtin:tiny", [(str(lora), 1.0)], **common)).astype(int)
+    assert np.abs(base_img - zero).max() <= 1 and np.abs(base_img - full).max() > 8
+    with pytest.raises(Exception, match="plain LoRA only"):
+        service.export(str(lora), fmt="diffusers", precision="fp16", name="loha_d", base_spec="builtin:tiny")
+    out, summary, ok = service.export(str(lora), fmt="kohya", precision="fp16", name="loha_k", base_spec="builtin:tiny")
+    assert ok and "LoHa" in summary, summary

@@ -15,7 +15,7 @@ FORM_ONLY = ("layers", "sample_prompts_text", "length_mode", "length")
 INT_FIELDS = ("rank", "conv_rank", "batch_size", "grad_accum", "resolution", "seed", "warmup_steps", "keep_tokens",
               "sample_every", "save_every", "sample_steps", "validate_every", "lokr_factor")
 FLOAT_FIELDS = ("alpha", "conv_alpha", "lr", "noise_offset", "caption_dropout", "prior_loss_weight", "validation_split",
-                "rank_dropout", "module_dropout")
+                "rank_dropout", "module_dropout", "dropout")
 
 def layers_to_targets(layers: list[str] | None) -> list[str]:
     targets: list[str] = []

@@ -54,6 +54,11 @@ def build(service, ctx: dict, defaults: dict) -> None:
         f["dora"] = gr.Checkbox(label="DoRA (weight-decomposed)", value=bool(defaults["dora"]), elem_id="dora")
         f["lokr_factor"] = gr.Number(label="LoKr factor (-1 = balanced)", value=defaults["lokr_factor"], precision=0,
                                      elem_id="lokr-factor")
+    with gr.Row():
+        f["lokr_full_matrix"] = gr.Checkbox(label="LoKr: full second factor", value=bool(defaults["lokr_full_matrix"]),
+                                            elem_id="lokr-full-matrix")
+        f["tucker"] = gr.Checkbox(label="Tucker cores on 3x3 convs", value=bool(defaults["tucker"]), elem_id="tucker")
+        f["dropout"] = gr.Number(label="Dropout (LoRA/LoCon/DoRA)", value=defaults["dropout"], elem_id="dropout")
         f["rank_dropout"] = gr.Number(label="Rank dropout", value=defaults["rank_dropout"], elem_id="rank-dropout")
         f["module_dropout"] = gr.Number(label="Module dropout", value=defaults["module_dropout"], elem_id="module-dropout")
     with gr.Row():
