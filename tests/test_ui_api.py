@@ -365,3 +365,21 @@ def test_run_preview_shows_step_plan_and_memory_before_start(tmp_path):
     assert service.status()["state"] == "idle"
     with pytest.raises(ConfigError, match="data_dir"):
         service.preview_run(dict(values, data_dir=str(tmp_path / "missing")))
+
+
+def test_messages_written_for_the_cli_name_the_ui_field_on_the_page(tmp_path):
+    """'Point --data at ...' is right in a terminal; on the page the same sentence names the field and its tab."""
+    from sdlora.data.scan import scan_dataset
+    from sdlora.ui.common import user_message
+    from sdlora.ui.service import progress_text
+
+    with pytest.raises(DatasetError) as caught:
+        scan_dataset(tmp_path / "missing")
+    assert "--data" in str(caught.value)
+    shown = user_message(caught.value)
+    assert "--data" not in shown and "Dataset folder field (Dataset tab)" in shown
+    with pytest.raises(ConfigError) as caught:
+        make_config(bucket_no_upscale=True)
+    assert "'Aspect-ratio buckets', Training tab" in user_message(caught.value)
+    snap = {"state": "failed", "losses": [], "step": 0, "total_steps": 10, "id": 1, "error": str(caught.value)}
+    assert "--buckets" not in progress_text(snap) and "Aspect-ratio buckets" in progress_text(snap)

@@ -15,8 +15,9 @@ def user_message(exc: BaseException, context: str = "the web UI") -> str:
     """The library's own sentence for user errors; for anything else one sentence saying what failed and where its
     traceback was written (the same error boundary as the CLI and the job queue: sdlora.errorlog)."""
     from ..errorlog import describe
+    from .wording import for_the_ui
 
-    return describe(exc, context=context)
+    return for_the_ui(describe(exc, context=context))
 
 
 def guard(fn):

@@ -17,6 +17,7 @@ from typing import Any
 from ..config import ConfigError, TrainConfig, make_config, save_preset
 from ..jobs import JobQueue, smooth
 from ..models import MODEL_LOCK
+from .wording import for_the_ui
 from ..paths import DEMO_DATA, resolve_data_dir
 from .access import THUMBS_DIR, AccessPolicy, is_inside, resolved, too_broad
 from .tools_service import ToolsService
@@ -543,7 +544,7 @@ def progress_text(snap: dict[str, Any]) -> str:
     if waiting:
         text += f" · {len(waiting)} job(s) waiting"
     if snap.get("error"):
-        text += f"\n\n**Error:** {snap['error']}"
+        text += f"\n\n**Error:** {for_the_ui(snap['error'])}"
     if snap.get("lora_path"):
         text += f"\n\nLoRA: `{snap['lora_path']}`"
     return text
