@@ -86,11 +86,14 @@ def main(argv=None) -> int:
     p.add_argument("--json", help="also write the figures here")
     p.add_argument("--keep", help="write the files into this folder (default: a temporary one)")
     args = p.parse_args(argv)
+    with torch.no_grad():  # scoped, not set globally: the test suite calls main() inside its own process
+        return _run(args)
 
+
+def _run(args) -> int:
     from sdlora.models import load_base_model
     from sdlora.tools import combine_loras, extract_lora, merge_loras, resize_lora
 
-    torch.set_grad_enabled(False)
     folder = Path(args.keep or tempfile.mkdtemp(prefix="sdlora-tools-bench-"))
     folder.mkdir(parents=True, exist_ok=True)
     r = {"model": args.model, "rank": args.rank, "conv_rank": args.conv_rank, "threads": torch.get_num_threads()}
