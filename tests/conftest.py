@@ -36,3 +36,13 @@ def subprocess_env() -> dict:
     env = dict(os.environ)
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
     return env
+
+
+def model_and_pipeline(spec: str):
+    """(BaseModel, its quiet inference pipeline) for a built-in model."""
+    from sdlora.models import load_base_model
+
+    base = load_base_model(spec)
+    pipe = base.make_pipeline()
+    pipe.set_progress_bar_config(disable=True)
+    return base, pipe

@@ -22,7 +22,7 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
-from conftest import ROOT, subprocess_env
+from conftest import ROOT, model_and_pipeline, subprocess_env
 from sdlora.cli import main
 from sdlora.config import make_config
 from sdlora.export import read_lora
@@ -291,12 +291,7 @@ def malformed(lora, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def tiny():
-    from sdlora.models import load_base_model
-
-    base = load_base_model("builtin:tiny")
-    pipe = base.make_pipeline()
-    pipe.set_progress_bar_config(disable=True)
-    return base, pipe
+    return model_and_pipeline("builtin:tiny")
 
 
 MALFORMED = ["nan", "inf_alpha", "int8", "bool", "alpha_vector", "odd_rank", "rank0", "down_1d", "up_3d", "no_up",
