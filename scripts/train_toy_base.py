@@ -5,9 +5,11 @@ for a CPU, trained from scratch on generated scenes (sdlora/data/scenes.py: one 
 colours on another colour, at one of 5 places, small or large), so that a prompt such as "a red circle on a blue
 background" draws that at 64 px. Two phases:
 
-1. the VAE (64 px -> 8x8x4 latents), on 32 px crops of scenes (it is convolutional; crops cost a quarter);
+1. the VAE (64 px -> 8x8x4 latents), on 32 px crops of scenes (it is convolutional; crops cost a quarter), half of
+   them in arbitrary colours so it can draw colours the UNet never learns (the demo mascot's pink);
 2. the UNet and the text encoder together on latents of a fixed set of scenes, epsilon prediction with the SD 1.x
-   noise schedule, min-SNR weighting, 10% empty captions so classifier-free guidance works.
+   noise schedule, min-SNR weighting, 10% empty captions so classifier-free guidance works, 15% with a made-up word
+   so an unknown trigger word leaves a prompt's meaning alone.
 
 Seeded: the same command gives the same weights on the same torch build. It writes fp16 safetensors plus configs,
 tokenizer and SHA256SUMS to sdlora/assets/toy/, which sdlora unpacks into its cache on first use of builtin:toy.
@@ -34,7 +36,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from sdlora.data.scenes import random_scene, scene_caption  # noqa: E402
+from sdlora.data.scenes import any_colour_scene, nonsense_word, random_scene, scene_caption  # noqa: E402
 from sdlora.models.toy import TOY_ASSETS, build_toy_components, save_toy_assets  # noqa: E402
 
 
@@ -42,14 +44,28 @@ def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
+def to_tensor(imgs) -> torch.Tensor:
+    return torch.from_numpy(np.stack([np.asarray(i, dtype=np.float32) for i in imgs])).permute(0, 3, 1, 2) / 127.5 - 1.0
+
+
 def scene_batch(rng: random.Random, n: int, size: int = 64) -> tuple[torch.Tensor, list[dict]]:
-    imgs, scenes = [], []
-    for _ in range(n):
-        img, scene = random_scene(rng, size)
-        imgs.append(np.asarray(img, dtype=np.float32))
-        scenes.append(scene)
-    x = torch.from_numpy(np.stack(imgs)).permute(0, 3, 1, 2) / 127.5 - 1.0
-    return x, scenes
+    imgs, scenes = zip(*(random_scene(rng, size) for _ in range(n)))
+    return to_tensor(imgs), list(scenes)
+
+
+def vae_batch(rng: random.Random, n: int, size: int = 64) -> torch.Tensor:
+    """Half base-world scenes, half the same shapes in arbitrary colours (so the VAE can draw any flat colour)."""
+    return to_tensor([random_scene(rng, size)[0] if i % 2 else any_colour_scene(rng, size) for i in range(n)])
+
+
+@torch.no_grad()
+def mascot_reconstruction(vae) -> float:
+    """Mean absolute error (0-255) of the VAE on the mascot's pink: the demo LoRA can only teach what the VAE can draw."""
+    from sdlora.data.scenes import COLOURS, MASCOT_COLOUR, render_scene
+
+    x = to_tensor([render_scene(64, "star", MASCOT_COLOUR, COLOURS[bg], "centered", 0.25) for bg in ("blue", "green")])
+    rec = vae.decode(vae.encode(x).latent_dist.mean).sample.clamp(-1, 1)
+    return float((rec - x).abs().mean() * 127.5)
 
 
 def train_vae(vae, steps: int, batch: int, seed: int) -> None:
@@ -60,7 +76,7 @@ def train_vae(vae, steps: int, batch: int, seed: int) -> None:
     vae.train()
     t0 = time.perf_counter()
     for step in range(1, steps + 1):
-        x, _ = scene_batch(rng, batch)
+        x = vae_batch(rng, batch)
         i, j = (int(v) for v in torch.randint(0, 33, (2,), generator=gen))
         x = x[:, :, i:i + 32, j:j + 32]
         post = vae.encode(x).latent_dist
@@ -91,6 +107,13 @@ def encode_scenes(vae, count: int, seed: int) -> tuple[torch.Tensor, torch.Tenso
     return torch.cat(means), torch.cat(stds), scenes
 
 
+def with_nonsense(caption: str, rng: random.Random) -> str:
+    """15% of captions get a made-up word, first (where trigger words go) or last."""
+    if rng.random() >= 0.15:
+        return caption
+    return f"{nonsense_word(rng)}, {caption}" if rng.random() < 0.7 else f"{caption}, {nonsense_word(rng)}"
+
+
 def train_unet(unet, text_encoder, tokenizer, scheduler, means, stds, scenes, *, steps: int, batch: int, seed: int,
                scaling: float) -> None:
     rng = random.Random(seed)
@@ -106,7 +129,7 @@ def train_unet(unet, text_encoder, tokenizer, scheduler, means, stds, scenes, *,
     for step in range(1, steps + 1):
         idx = torch.randint(0, len(scenes), (batch,), generator=gen)
         z = (means[idx] + stds[idx] * torch.randn(means[idx].shape, generator=gen)) * scaling
-        captions = ["" if rng.random() < 0.1 else scene_caption(scenes[int(i)], rng) for i in idx]
+        captions = ["" if rng.random() < 0.1 else with_nonsense(scene_caption(scenes[int(i)], rng), rng) for i in idx]
         ids = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
                         return_tensors="pt").input_ids
         hidden = text_encoder(ids)[0]
@@ -150,6 +173,7 @@ def main(argv=None) -> None:
             f"text encoder {sum(p.numel() for p in text_encoder.parameters()) / 1e6:.2f}M")
         train_vae(vae, args.vae_steps, args.vae_batch, args.seed + 1)
         t_vae = time.perf_counter() - start
+        log(f"VAE error on the mascot (pink star), mean abs 0-255: {mascot_reconstruction(vae):.1f}")
         means, stds, scenes = encode_scenes(vae, args.scenes, args.seed + 2)
         scaling = float(1.0 / means.std())
         vae.register_to_config(scaling_factor=scaling)
@@ -158,7 +182,8 @@ def main(argv=None) -> None:
                    batch=args.unet_batch, seed=args.seed + 3, scaling=scaling)
         total = time.perf_counter() - start
         info = {"threads": torch.get_num_threads(), "vae_steps": args.vae_steps, "unet_steps": args.unet_steps,
-                "scenes": args.scenes, "seed": args.seed, "vae_seconds": round(t_vae), "total_seconds": round(total),
+                "scenes": args.scenes, "seed": args.seed,
+                "vae_error_on_mascot": round(mascot_reconstruction(vae), 1), "vae_seconds": round(t_vae), "total_seconds": round(total),
                 "torch": torch.__version__}
         save_toy_assets(args.out, vae=vae, unet=unet, text_encoder=text_encoder, tokenizer_dir=tok_dir / "tokenizer",
                         scheduler=scheduler, info=info)

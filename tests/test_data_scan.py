@@ -331,7 +331,8 @@ def test_demo_dataset(tmp_path):
     assert root == tmp_path / "demo"
     report = scan_dataset(root)
     assert report.num_images == 4 and report.num_captioned == 4 and report.total_samples == 40
-    assert all("a red circle" in i.caption and i.path.parent.name == "10_demo" and i.width == 64 for i in report.items)
+    assert all(i.caption.endswith(("centered", "left", "right", "top", "bottom")) and " background, " in i.caption
+               and i.path.parent.name == "10_demo" and i.width == 64 for i in report.items)
     assert list(report.tag_frequency) == ["10_demo"] and not report.skipped and not report.warnings
     # deterministic for a seed, different for another
     files = sorted(p.name for p in (root / "10_demo").iterdir())

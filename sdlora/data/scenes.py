@@ -63,6 +63,22 @@ def random_scene(rng: random.Random, size: int = 64) -> tuple[Image.Image, dict]
     return img, scene
 
 
+def any_colour_scene(rng: random.Random, size: int = 64) -> Image.Image:
+    """A base-world shape in arbitrary RGB colours, for the VAE: an autoencoder that saw only the 8 named colours
+    decodes any other (the mascot's pink) as its nearest one, and a LoRA could not teach a colour it cannot draw."""
+    colour, background = (tuple(rng.randrange(256) for _ in range(3)) for _ in range(2))
+    size_word = rng.choice(list(SIZES))
+    return render_scene(size, rng.choice(SHAPES), colour, background, rng.choice(list(PLACES)),
+                        rng.uniform(*SIZES[size_word]), rng)
+
+
+def nonsense_word(rng: random.Random) -> str:
+    """A made-up word (letters and underscores, 4-14 characters): captions of the base training carry one now and then,
+    so an unknown word in a prompt (a LoRA's trigger, before the LoRA) changes nothing instead of derailing the rest."""
+    letters = "abcdefghijklmnopqrstuvwxyz_"
+    return "".join(rng.choice(letters) for _ in range(rng.randint(4, 14)))
+
+
 def scene_caption(scene: dict, rng: random.Random) -> str:
     """A caption for a scene. Parts are left out at random (the picture still has them), so short prompts such as
     "a red circle" work as well as full ones; two phrasings of the background."""

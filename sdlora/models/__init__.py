@@ -7,6 +7,7 @@ vocabulary (`assets/`). They are written once into the cache and passed to diffu
 
   common.py            the user-facing error, the model-load lock
   tiny.py              the built-in tiny models (builders, cache)
+  toy.py               builtin:toy, trained on simple scenes: shipped weights, hash check, unpacking
   checkpoint_files.py  safe reading of .safetensors/.ckpt files
   recognise.py         what a spec is, without loading weights
   loading.py           loading into a BaseModel

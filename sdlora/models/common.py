@@ -24,7 +24,7 @@ CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
 SAMPLERS = ("euler_a", "euler", "ddim", "dpm++")
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 SUPPORTED = ("Supported base models: SD1.x, SD2.x (512 and 768-v) and SDXL (1.0 base and its derivatives), as a "
-             "diffusers folder or a single .safetensors/.ckpt checkpoint, or builtin:tiny / builtin:tiny-xl.")
+             "diffusers folder or a single .safetensors/.ckpt checkpoint, or builtin:toy / builtin:tiny / builtin:tiny-xl.")
 
 
 class ModelLoadError(UserError, ValueError):

@@ -14,13 +14,14 @@ import torch
 
 from ..model_configs import MODEL_CONFIGS, bytes_to_unicode, write_tokenizer
 from ..paths import cache_dir
+from .toy import TOY_SPEC, TOY_VERSION, unpack_toy_model
 
 TINY_SPEC = "builtin:tiny"
 TINY_VERSION = "tiny-v1"
 TINY_XL_SPEC = "builtin:tiny-xl"
 TINY_XL_VERSION = "tiny-xl-v1"
 # spec -> cache folder name
-BUILTIN_MODELS = {TINY_SPEC: TINY_VERSION, TINY_XL_SPEC: TINY_XL_VERSION}
+BUILTIN_MODELS = {TINY_SPEC: TINY_VERSION, TINY_XL_SPEC: TINY_XL_VERSION, TOY_SPEC: TOY_VERSION}
 
 _TINY_WORDS = ("a an the of on in at with and photo picture red blue green yellow grey purple white black orange circle "
                "square background centered left right top bottom mascot sdlora style portrait of person dog cat man woman "
@@ -93,7 +94,8 @@ def build_tiny_model(folder: Path) -> Path:
 
 
 def tiny_model_dir(spec: str = TINY_SPEC) -> Path:
-    """Build once (in a temp folder, renamed into place, so concurrent first uses are safe), then reuse."""
+    """Build once (in a temp folder, renamed into place, so concurrent first uses are safe), then reuse. builtin:toy is
+    unpacked from sdlora/assets/toy instead of built."""
     version = BUILTIN_MODELS[spec]
     final = cache_dir() / version
     if (final / "model_index.json").is_file():
@@ -101,7 +103,7 @@ def tiny_model_dir(spec: str = TINY_SPEC) -> Path:
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{version}.", dir=final.parent))
     try:
-        (build_tiny_xl_model if spec == TINY_XL_SPEC else build_tiny_model)(tmp)
+        {TINY_SPEC: build_tiny_model, TINY_XL_SPEC: build_tiny_xl_model, TOY_SPEC: unpack_toy_model}[spec](tmp)
         try:
             os.replace(tmp, final)
         except OSError:

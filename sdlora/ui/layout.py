@@ -39,9 +39,9 @@ def demo_defaults(presets_dir: Path) -> dict[str, Any]:
     try:
         cfg = config_from_preset(demo)
     except Exception:  # noqa: BLE001 - a broken or missing demo preset must not stop the UI
-        cfg = make_config(base_model="builtin:tiny", data_dir="builtin:demo", resolution=64, steps=300, rank=8, alpha=8,
+        cfg = make_config(base_model="builtin:toy", data_dir="builtin:demo", resolution=64, steps=300, rank=8, alpha=8,
                           lr=1e-3, batch_size=4, trigger_word="sdlora_mascot", sample_every=100, sample_steps=10,
-                          sample_prompts=["sdlora_mascot, a red circle --d 1"], output_name="demo_lora")
+                          sample_prompts=["sdlora_mascot, blue background --d 1"], output_name="demo_lora")
     return config_to_form(cfg.model_dump())
 
 
