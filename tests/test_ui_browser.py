@@ -17,6 +17,7 @@ import pytest
 from conftest import ROOT, subprocess_env
 from PIL import Image
 from playwright.sync_api import expect, sync_playwright
+from toy_helpers import CONCEPT_PROMPT, STRENGTHS, grid_cells, pink_fraction
 from ui_helpers import ARTIFACTS, CHROMIUM, CHROMIUM_ARGS, make_dataset, require_chromium, running_app
 
 # Third-party noise: gradio's event statistics use pandas options pandas 3 deprecates; PEFT notes reloaded adapters.
@@ -224,6 +225,41 @@ def test_full_flow_in_browser(tmp_path):
                          env=subprocess_env(), capture_output=True, text=True, timeout=300, check=False)
     assert res.returncode == 0, res.stdout + res.stderr
     print(f"screenshots in {ARTIFACTS}")
+
+
+def test_offline_demo_in_browser(tmp_path):
+    """A new user's first minute: a fresh page, Start, previews that turn into the mascot, a strength grid from the
+    base model (0) to it (1). The screenshots are the README's pictures (docs/images/)."""
+    require_chromium()
+    CLOCK["start"] = time.time()
+    out = tmp_path / "outputs"
+    with running_app(out) as url, sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        page.set_default_timeout(TIMEOUT)
+        expect.set_options(timeout=TIMEOUT)
+        page.goto(url)
+        expect(field(page, "data-folder")).to_have_value("builtin:demo")
+        open_tab(page, "2 · Model & LoRA")
+        expect(field(page, "base-model")).to_have_value("builtin:toy")
+        open_tab(page, "4 · Run")
+        page.click("#start-btn")
+        expect(page.locator("#progress")).to_contain_text("Job 1: done", timeout=TRAIN_TIMEOUT)
+        expect(page.locator("#previews img")).to_have_count(6)  # 2 prompts at steps 200 and 400, and at the end (600)
+        shot(page, "demo-run")
+        # previews come newest first: the last of them is the mascot at step 200, the first the finished LoRA
+        previews = [page.request.get(img.get_attribute("src")).body() for img in page.locator("#previews img").all()]
+        pinks = [pink_fraction(Image.open(io.BytesIO(b))) for b in previews]
+        assert max(pinks[:2]) > 0.04 and max(pinks[:2]) >= max(pinks[-2:]), pinks
+
+        open_tab(page, "5 · Try")
+        fill(page, "try-prompt", CONCEPT_PROMPT)
+        page.click("#grid-btn")
+        grid = wait_new_image(page, "#grid-image", None)
+        cells = [pink_fraction(c) for c in grid_cells(grid, len(STRENGTHS))]
+        assert cells[0] < 0.01 < cells[-1], cells  # base model at 0, the mascot at 1 (tests/test_toy_demo.py: monotone)
+        shot(page, "demo-try")
+        browser.close()
 
 
 def _base_image(prompt: str, seed: int, steps: int) -> np.ndarray:

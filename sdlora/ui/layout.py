@@ -29,7 +29,7 @@ CSS = """
 INTRO = ("# sdlora — Stable Diffusion LoRA trainer\n"
          "**1** pick images → **2** base model and LoRA shape → **3** training settings → **4** run and watch → "
          "**5** try it at different strengths → **6** export one `.safetensors` file for AUTOMATIC1111 / Forge / ComfyUI / "
-         "diffusers. The offline demo (tiny built-in model, generated dataset) is preselected: open **4 · Run** and press "
+         "diffusers. The offline demo (builtin:toy learns the mascot from a generated dataset) is preselected: open **4 · Run** and press "
          "**Start training**.")
 
 
