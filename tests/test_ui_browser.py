@@ -93,7 +93,7 @@ def test_full_flow_in_browser(tmp_path):
         open_tab(page, "3 · Training")
         fill(page, "length", 7)
         page.click("#preset-load")  # a preset fills every field again
-        expect(field(page, "length")).to_have_value("300")
+        expect(field(page, "length")).to_have_value("600")
         open_tab(page, "1 · Dataset")
 
         # Dataset: an uploaded zip is unpacked under the output root and scanned
