@@ -2,7 +2,7 @@
 presets/demo.toml`), with an empty cache (first use: builtin:toy unpacked, the demo set drawn) and again with a warm
 one; and the whole run's time.
 
-    python bench/demo_first_step.py [--steps 300] [--json demo.json]
+    python bench/demo_first_step.py [--steps 600] [--json demo.json]
 
 The first step is the moment `OUTPUT/train_log.jsonl` gets its first line (the file is written once per step).
 """
@@ -42,7 +42,7 @@ def run_demo(cache: Path, out: Path, steps: int) -> dict:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--steps", type=int, default=300, help="the preset's 300 by default")
+    p.add_argument("--steps", type=int, default=600, help="the preset's 600 by default")
     p.add_argument("--json", help="also write the figures here")
     args = p.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
