@@ -86,7 +86,7 @@ def main(argv=None) -> int:
     p.add_argument("--json", help="also write the figures here")
     p.add_argument("--keep", help="write the files into this folder (default: a temporary one)")
     args = p.parse_args(argv)
-    with torch.no_grad():  # scoped, not set globally: the test suite calls main() inside its own process
+    with torch.no_grad():
         return _run(args)
 
 

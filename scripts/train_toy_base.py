@@ -173,7 +173,8 @@ def main(argv=None) -> None:
             f"text encoder {sum(p.numel() for p in text_encoder.parameters()) / 1e6:.2f}M")
         train_vae(vae, args.vae_steps, args.vae_batch, args.seed + 1)
         t_vae = time.perf_counter() - start
-        log(f"VAE error on the mascot (pink star), mean abs 0-255: {mascot_reconstruction(vae):.1f}")
+        vae_error = mascot_reconstruction(vae)
+        log(f"VAE error on the mascot (pink star), mean abs 0-255: {vae_error:.1f}")
         means, stds, scenes = encode_scenes(vae, args.scenes, args.seed + 2)
         scaling = float(1.0 / means.std())
         vae.register_to_config(scaling_factor=scaling)
@@ -183,7 +184,7 @@ def main(argv=None) -> None:
         total = time.perf_counter() - start
         info = {"threads": torch.get_num_threads(), "vae_steps": args.vae_steps, "unet_steps": args.unet_steps,
                 "scenes": args.scenes, "seed": args.seed,
-                "vae_error_on_mascot": round(mascot_reconstruction(vae), 1), "vae_seconds": round(t_vae), "total_seconds": round(total),
+                "vae_error_on_mascot": round(vae_error, 1), "vae_seconds": round(t_vae), "total_seconds": round(total),
                 "torch": torch.__version__}
         save_toy_assets(args.out, vae=vae, unet=unet, text_encoder=text_encoder, tokenizer_dir=tok_dir / "tokenizer",
                         scheduler=scheduler, info=info)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -46,3 +47,12 @@ def model_and_pipeline(spec: str):
     pipe = base.make_pipeline()
     pipe.set_progress_bar_config(disable=True)
     return base, pipe
+
+
+def run_cli(*args, check=True, timeout=600):
+    """`python -m sdlora ARGS` in a subprocess; with check, a non-zero exit fails with both outputs."""
+    proc = subprocess.run([sys.executable, "-m", "sdlora", *map(str, args)], cwd=ROOT, env=subprocess_env(),
+                          capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"exit {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}")
+    return proc

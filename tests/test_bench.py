@@ -28,3 +28,16 @@ def test_train_speed_benchmark_runs_and_reports(tmp_path, model):
     sd = r["peak_memory"]["sdlora"]
     assert abs(sd["estimate_step_mib"] - sd["measured_step_mib"]) <= 0.05 * sd["measured_step_mib"]
     assert 0 < r["mfu_sdlora"] < 1
+
+
+def test_tools_benchmark_runs_and_reports(tmp_path):
+    out = tmp_path / "r.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "tools_speed.py"), "--model", "tiny", "--rank", "4",
+                           "--conv-rank", "2", "--json", str(out), "--keep", str(tmp_path / "files")],
+                          capture_output=True, text=True, env=subprocess_env(), timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r = json.loads(out.read_text())
+    timings = [k for k in r if " " in k]  # the labels the table prints, e.g. "resize sv_fro 0.9"
+    assert len(timings) == 8 and all(r[k] > 0 for k in timings)
+    assert r["extract_modules"] == r["lora_modules"] > 0  # fp16 rounding changes every module of the set
+    assert "extract rank 4 / conv 2" in proc.stdout

@@ -12,15 +12,7 @@ from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from conftest import ROOT, subprocess_env
-
-
-def run_cli(*args, check=True, timeout=600):
-    proc = subprocess.run([sys.executable, "-m", "sdlora", *map(str, args)], cwd=ROOT, env=subprocess_env(),
-                          capture_output=True, text=True, timeout=timeout)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"exit {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}")
-    return proc
+from conftest import ROOT, run_cli, subprocess_env
 
 
 @pytest.fixture(scope="module")

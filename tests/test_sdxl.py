@@ -4,16 +4,15 @@ own SDXL loader reproducing the trained model, learning, strength, size conditio
 from __future__ import annotations
 
 import re
-import subprocess
-import sys
 import threading
+from functools import partial
 from pathlib import Path
 
 import pytest
 import torch
 from PIL import Image
 
-from conftest import ROOT, subprocess_env
+from conftest import run_cli
 from sdlora.config import make_config
 from sdlora.export import read_lora
 from sdlora.families import SampleGeometry
@@ -32,9 +31,7 @@ def _config(tmp: Path, data: Path, **over):
     return make_config(**values)
 
 
-def run_cli(*args, timeout=600):
-    return subprocess.run([sys.executable, "-m", "sdlora", *map(str, args)], cwd=ROOT, env=subprocess_env(),
-                          capture_output=True, text=True, timeout=timeout)
+run_cli_unchecked = partial(run_cli, check=False)  # the tests read the exit status themselves
 
 
 @pytest.fixture(scope="module")
@@ -66,7 +63,7 @@ def _out(family, unet, encoders, probe):
 
 def test_cli_trains_both_text_encoders_end_to_end(tmp_path, demo_dataset):
     out = tmp_path / "cli"
-    proc = run_cli("train", "--base-model", XL, "--data", demo_dataset, "--output", out, "--resolution", 64, "--steps", 4,
+    proc = run_cli_unchecked("train", "--base-model", XL, "--data", demo_dataset, "--output", out, "--resolution", 64, "--steps", 4,
                    "--rank", 4, "--train-text-encoder", "--text-encoder-lr", "1e-4,5e-5", "--sample-every", 2,
                    "--sample-prompt", "a red circle --s 2 --w 64 --h 64", "--quiet")
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -78,7 +75,7 @@ def test_cli_trains_both_text_encoders_end_to_end(tmp_path, demo_dataset):
     tensors, md = read_lora(Path(last))
     assert any(k.startswith("lora_te1_") for k in tensors) and any(k.startswith("lora_te2_") for k in tensors)
     assert md["ss_text_encoder_lr"] == "[0.0001, 5e-05]"
-    proc = run_cli("verify", last, "--base-model", XL)
+    proc = run_cli_unchecked("verify", last, "--base-model", XL)
     assert proc.returncode == 0 and proc.stdout.strip().endswith("OK"), proc.stdout + proc.stderr
 
 
@@ -263,7 +260,7 @@ def test_diffusers_format_and_family_mismatch(tmp_path, trained):
     assert any(k.startswith("text_encoder_2.") for k in tensors) and "lora_adapter_metadata" in md
     assert verify_lora(path, load_base_model(XL)).ok
     # An SDXL LoRA on an SD1 base, and an SD1 LoRA on the SDXL base, are refused with a sentence.
-    proc = run_cli("generate", "--base-model", "builtin:tiny", "--lora", result.lora_path, "--prompt", "x", "--steps", 1,
+    proc = run_cli_unchecked("generate", "--base-model", "builtin:tiny", "--lora", result.lora_path, "--prompt", "x", "--steps", 1,
                    "--out", tmp_path / "a.png")
     assert proc.returncode == 2 and "SDXL" in proc.stderr and "Traceback" not in proc.stderr
     sd1 = tmp_path / "sd1.safetensors"
@@ -271,7 +268,7 @@ def test_diffusers_format_and_family_mismatch(tmp_path, trained):
 
     save_file({"lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight": torch.zeros(4, 32),
                "lora_te_text_model_encoder_layers_0_mlp_fc1.lora_down.weight": torch.zeros(4, 32)}, sd1)
-    proc = run_cli("generate", "--base-model", XL, "--lora", sd1, "--prompt", "x", "--steps", 1, "--out", tmp_path / "b.png")
+    proc = run_cli_unchecked("generate", "--base-model", XL, "--lora", sd1, "--prompt", "x", "--steps", 1, "--out", tmp_path / "b.png")
     assert proc.returncode == 2 and "SD 1.x/2.x" in proc.stderr and "SDXL" in proc.stderr, proc.stderr
     report = verify_lora(sd1, load_base_model(XL))
     assert not report.ok and any("SD 1.x/2.x" in p for p in report.problems)
@@ -279,7 +276,7 @@ def test_diffusers_format_and_family_mismatch(tmp_path, trained):
 
 def test_generate_and_strength_grid_on_sdxl(tmp_path, trained):
     _, result = trained
-    proc = run_cli("generate", "--base-model", XL, "--lora", f"{result.lora_path}:0.5", "--prompt", "a red circle",
+    proc = run_cli_unchecked("generate", "--base-model", XL, "--lora", f"{result.lora_path}:0.5", "--prompt", "a red circle",
                    "--steps", 2, "--grid", "0,1", "--out", tmp_path / "grid.png")
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert Image.open(tmp_path / "grid.png").width == 128

@@ -555,20 +555,3 @@ def test_tools_tab_endpoints(tiny, tmp_path):
         with pytest.raises(Exception, match="outside the output folder and the model folders"):
             client.predict(sources=f"{lora}:1\n{outside}:1", api_name="/tool_combine")
 
-
-def test_tools_benchmark_runs_and_reports(tmp_path, capsys):
-    import importlib.util
-
-    from conftest import ROOT
-
-    spec = importlib.util.spec_from_file_location("tools_speed", ROOT / "bench" / "tools_speed.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
-    out = tmp_path / "r.json"
-    assert bench.main(["--model", "tiny", "--rank", "4", "--conv-rank", "2", "--json", str(out), "--keep",
-                       str(tmp_path / "files")]) == 0
-    r = json.loads(out.read_text())
-    timings = [k for k in r if " " in k]  # the labels the table prints, e.g. "resize sv_fro 0.9"
-    assert len(timings) == 8 and all(r[k] > 0 for k in timings)
-    assert r["extract_modules"] == r["lora_modules"] > 0  # fp16 rounding changes every module of the set
-    assert "extract rank 4 / conv 2" in capsys.readouterr().out

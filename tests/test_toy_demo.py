@@ -5,8 +5,6 @@ through sdlora's own generate and in a plain diffusers pipeline. Every check rea
 from __future__ import annotations
 
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -14,15 +12,8 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import ROOT, model_and_pipeline, subprocess_env
+from conftest import ROOT, model_and_pipeline, run_cli
 from toy_helpers import CONCEPT_PROMPT, STRENGTHS, assert_moves_to_concept, grid_cells, pink_fraction, pixels, scene_reading
-
-
-def run_cli(*args):
-    proc = subprocess.run([sys.executable, "-m", "sdlora", *map(str, args)], cwd=ROOT, env=subprocess_env(),
-                          capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, f"exit {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
-    return proc
 
 
 @pytest.fixture(scope="module")
