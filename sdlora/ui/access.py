@@ -6,7 +6,8 @@ Every event of a Gradio app is API surface (hiding it from the API page does not
 - dataset folders (read images and captions, write captions, read a sample-prompt file) must lie under a
   `--data-root DIR`, the upload folder OUTPUT/uploads, or the built-in demo dataset;
 - base models, LoRAs to try and export sources given as paths must lie under a `--model-root DIR` (LoRAs and
-  export sources may also come from the output root); builtin:tiny and hub ids (owner/name) need no root;
+  export sources may also come from the output root); the built-in models (builtin:toy, builtin:tiny, ...) and hub
+  ids (owner/name) need no root;
 - writes go to the output root (runs, exports, thumbnails), dataset roots (captions only) and the presets folder;
 - `allow_pickle` is refused from clients unless the server was started with `--allow-pickle-from-clients`;
 - the web server serves only files sdlora writes under the output root (images and LoRA files), never a dataset
@@ -147,8 +148,8 @@ class AccessPolicy:
             return
         if not self._inside_any(resolved(spec), self.model_roots):
             raise ConfigError(f"base_model: {_quote(spec)} is outside the folders this server may load models from; "
-                              "start the server with --model-root DIR (that folder or one above it), or use builtin:tiny "
-                              "or a hub id (owner/name).")
+                              "start the server with --model-root DIR (that folder or one above it), or use a built-in model "
+                              "(builtin:toy, builtin:tiny) or a hub id (owner/name).")
 
     def lora_file(self, value: str, *, what: str = "LoRA") -> Path:
         """A LoRA to load or export: under the output root or a --model-root."""
@@ -181,6 +182,6 @@ class AccessPolicy:
     def describe(self) -> str:
         """One line for the start-up message."""
         data = ", ".join(str(p) for p in self.data_roots) or "none (uploads and builtin:demo only; add --data-root DIR)"
-        models = ", ".join(str(p) for p in self.model_roots) or "none (builtin:tiny and hub ids only; add --model-root DIR)"
+        models = ", ".join(str(p) for p in self.model_roots) or "none (built-in models and hub ids only; add --model-root DIR)"
         pickle = "; clients may turn on allow_pickle" if self.pickle_from_clients else ""
         return f"dataset folders: {data}; model folders: {models}{pickle}"
