@@ -8,6 +8,9 @@ import os
 import sys
 from pathlib import Path
 
+from .paths import BUILTIN_DATA
+
+
 def _lr_list(value: str):
     """`5e-5` or, for SDXL's two text encoders, `5e-5,1e-5`."""
     try:
@@ -150,8 +153,10 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("file", help="the .json file kohya_ss's Save button wrote")
     k.add_argument("--out", required=True, help="preset to write, e.g. presets/mine.toml")
 
-    d = sub.add_parser("demo-data", help="write the generated demo dataset")
+    d = sub.add_parser("demo-data", help="write a generated demo dataset")
     d.add_argument("folder", nargs="?", default="demo_data")
+    d.add_argument("--which", default="builtin:demo", choices=list(BUILTIN_DATA),
+                   help="the mascot (builtin:demo) or shapes on navy (builtin:demo-navy)")
 
     from .tools.cli import add_parsers as add_tool_parsers  # merge, resize, combine, extract
 
@@ -302,7 +307,7 @@ def cmd_demo_data(args) -> int:
 
     check_output_dir(args.folder, what="demo-data folder")
 
-    print(str(Path(make_demo_dataset(args.folder)).resolve()))
+    print(str(Path(make_demo_dataset(args.folder, which=args.which)).resolve()))
     return 0
 
 

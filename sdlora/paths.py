@@ -6,6 +6,8 @@ import os
 from pathlib import Path
 
 DEMO_DATA = "builtin:demo"
+# the generated demo datasets (sdlora/data/demo.py) and their folders in the cache
+BUILTIN_DATA = {DEMO_DATA: "demo_data", "builtin:demo-navy": "demo_navy_data"}
 
 
 def cache_dir() -> Path:
@@ -14,10 +16,17 @@ def cache_dir() -> Path:
     return Path(root).expanduser() if root else Path.home() / ".cache" / "sdlora"
 
 
+def builtin_data_dirs() -> list[Path]:
+    """Where the built-in datasets are (or will be) generated."""
+    return [cache_dir() / folder for folder in BUILTIN_DATA.values()]
+
+
 def resolve_data_dir(spec: str) -> Path:
-    """`builtin:demo` -> the generated demo dataset (made on first use); anything else is a folder path."""
-    if spec.strip() == DEMO_DATA:
+    """`builtin:demo` (or another built-in name) -> that generated dataset (made on first use); anything else is a
+    folder path."""
+    name = spec.strip()
+    if name in BUILTIN_DATA:
         from .data.demo import make_demo_dataset
 
-        return Path(make_demo_dataset(cache_dir() / "demo_data"))
+        return Path(make_demo_dataset(cache_dir() / BUILTIN_DATA[name], which=name))
     return Path(spec).expanduser()

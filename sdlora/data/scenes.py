@@ -1,6 +1,6 @@
 """Simple captioned scenes (one shape, a colour, a background, a place, a size): the world builtin:toy was trained on,
 and the vocabulary the tests use to check what it draws. The demo's mascot (a pink star) is deliberately not part
-of it, so a LoRA has something new to teach."""
+of it, nor is navy, so LoRAs have something new to teach."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ PLACES = {"centered": (0.5, 0.5), "on the left": (0.28, 0.5), "on the right": (0
           "at the bottom": (0.5, 0.72)}
 SIZES = {"small": (0.12, 0.16), "large": (0.24, 0.3)}  # radius as a fraction of the image side
 MASCOT_COLOUR = (250, 110, 200)  # pink: no base colour is near it
+NAVY = (20, 30, 100)  # the second demo LoRA's colour: no base colour is near it, and the pink star shows on it
 WORDS = ("a", "on", "background", *COLOURS, *SHAPES, *SIZES, "centered", "left", "right", "top", "bottom", "the", "at")
 
 
@@ -79,11 +80,11 @@ def nonsense_word(rng: random.Random) -> str:
     return "".join(rng.choice(letters) for _ in range(rng.randint(4, 14)))
 
 
-def scene_caption(scene: dict, rng: random.Random) -> str:
+def scene_caption(scene: dict, rng: random.Random, *, background_chance: float = 0.8) -> str:
     """A caption for a scene. Parts are left out at random (the picture still has them), so short prompts such as
     "a red circle" work as well as full ones; two phrasings of the background."""
     caption = " ".join(w for w in ("a", scene["size"] if rng.random() < 0.5 else "", scene["colour"], scene["shape"]) if w)
-    if rng.random() < 0.8:
+    if rng.random() < background_chance:
         bg = scene["background"]
         caption += f" on a {bg} background" if rng.random() < 0.5 else f", {bg} background"
     if rng.random() < 0.6:

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..config import ConfigError
-from ..paths import DEMO_DATA, cache_dir
+from ..paths import DEMO_DATA, builtin_data_dirs
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
@@ -92,12 +92,12 @@ class AccessPolicy:
         return self.output_root / "uploads"
 
     @staticmethod
-    def demo_dir() -> Path:
-        """Where builtin:demo is generated (the cache may be moved with $SDLORA_CACHE, so looked up each time)."""
-        return resolved(cache_dir() / "demo_data")
+    def demo_dirs() -> list[Path]:
+        """Where the built-in datasets are generated (the cache may be moved with $SDLORA_CACHE, so looked up each time)."""
+        return [resolved(p) for p in builtin_data_dirs()]
 
     def dataset_roots(self) -> list[Path]:
-        return [*self.data_roots, self.uploads_dir, self.demo_dir()]
+        return [*self.data_roots, self.uploads_dir, *self.demo_dirs()]
 
     def _inside_any(self, path: Path, roots) -> bool:
         return any(is_inside(path, root) for root in roots)

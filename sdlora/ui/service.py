@@ -18,7 +18,7 @@ from ..config import ConfigError, TrainConfig, make_config, save_preset
 from ..jobs import JobQueue, smooth
 from ..models import MODEL_LOCK
 from .wording import for_the_ui
-from ..paths import DEMO_DATA, resolve_data_dir
+from ..paths import BUILTIN_DATA, DEMO_DATA, resolve_data_dir
 from .access import THUMBS_DIR, AccessPolicy, is_inside, resolved, too_broad
 from .tools_service import ToolsService
 
@@ -82,7 +82,7 @@ class Service(ToolsService):  # the Tools tab's methods: tools_service.py
         folder = (folder or "").strip()
         if not folder:
             raise ConfigError(f"Dataset folder: enter the path of a folder of images, or {DEMO_DATA}.")
-        if folder == DEMO_DATA:
+        if folder in BUILTIN_DATA:
             return resolve_data_dir(folder).expanduser().resolve()
         return self.access.dataset_folder(resolve_data_dir(folder), folder, what=what)
 
