@@ -1,6 +1,7 @@
 """builtin:toy draws what its prompts say, and the demo LoRA (presets/demo.toml, trained by the CLI) moves its images
 from the base model toward the concept it teaches (the mascot: a pink star), monotonically in the strength, both
-through sdlora's own generate and in a plain diffusers pipeline. Every check reads pixels."""
+through sdlora's own generate and in a plain diffusers pipeline. A second demo LoRA (presets/demo-navy.toml) teaches
+the word navy, and the two combine: a pink star on navy. Every check reads pixels."""
 
 from __future__ import annotations
 
@@ -13,7 +14,8 @@ import torch
 from PIL import Image
 
 from conftest import ROOT, model_and_pipeline, run_cli
-from toy_helpers import CONCEPT_PROMPT, STRENGTHS, assert_moves_to_concept, grid_cells, pink_fraction, pixels, scene_reading
+from toy_helpers import (COMBINED_PROMPT, CONCEPT_PROMPT, STRENGTHS, assert_both_concepts, assert_moves_to_concept, grid_cells,
+                         navy_fraction, pink_fraction, pixels, scene_reading)
 
 
 @pytest.fixture(scope="module")
@@ -117,6 +119,88 @@ def test_strengths_in_a_plain_diffusers_pipeline(demo_lora):
     pipe.fuse_lora(lora_scale=1.0, adapter_names=["demo"])
     pipe.unload_lora_weights()
     assert np.abs(images(seeds[0]) - adapter).max() < 0.02
+
+
+SEEDS = (1, 2, 3)
+
+
+@pytest.fixture(scope="module")
+def navy_lora(tmp_path_factory):
+    """The second demo LoRA, as a user trains it: python -m sdlora train --config presets/demo-navy.toml."""
+    out = tmp_path_factory.mktemp("toy_navy")
+    proc = run_cli("train", "--config", ROOT / "presets" / "demo-navy.toml", "--output", out, "--quiet")
+    return Path(proc.stdout.strip().splitlines()[-1])
+
+
+def _images(pipe, prompt: str, seeds=SEEDS) -> list:
+    from sdlora.sampling import SamplePrompt, generate
+
+    return [generate(pipe, SamplePrompt(prompt=prompt, seed=seed, steps=20), default_size=64) for seed in seeds]
+
+
+def test_navy_lora_teaches_the_base_a_word(navy_lora):
+    from sdlora.inference import load_loras, set_strengths
+
+    _, pipe = model_and_pipeline("builtin:toy")
+    prompt = "a red circle on a navy background"
+    names = load_loras(pipe, [(navy_lora, 1.0)])
+    set_strengths(pipe, names, [0.0])
+    before = _images(pipe, prompt)
+    set_strengths(pipe, names, [1.0])
+    after = _images(pipe, prompt)
+    assert max(navy_fraction(i) for i in before) < 0.02  # the base has no word for navy
+    assert np.mean([navy_fraction(i) for i in after]) > 0.3  # with the LoRA, the background is navy
+    assert [scene_reading(i)["colour"] for i in after].count("red") >= 2  # ... and the circle is still red
+
+
+def test_two_loras_combine_through_sdlora_generate(demo_lora, navy_lora, tmp_path):
+    """Both files on the command line: the grid's 0 column is the base model, its 1 column both LoRAs at full
+    strength; each LoRA alone (the library, same settings) draws only its own half of the prompt."""
+    from sdlora.inference import load_loras, set_strengths
+
+    mascot, _ = demo_lora
+    combined, base = [], []
+    for seed in SEEDS:
+        grid = tmp_path / f"both{seed}.png"
+        run_cli("generate", "--base-model", "builtin:toy", "--lora", f"{mascot}:1", "--lora", f"{navy_lora}:1", "--prompt",
+                COMBINED_PROMPT, "--seed", seed, "--grid", "0,1", "--out", grid)
+        base_cell, both_cell = grid_cells(Image.open(grid), 2)
+        base.append(base_cell)
+        combined.append(both_cell)
+    # the base model does not know either word (it draws some shape on some background, now and then purplish)
+    base_pink, base_navy = np.mean([(pink_fraction(i), navy_fraction(i)) for i in base], axis=0)
+    both_pink, both_navy = np.mean([(pink_fraction(i), navy_fraction(i)) for i in combined], axis=0)
+    assert both_pink > base_pink + 0.04 and both_navy > base_navy + 0.25, (base_pink, base_navy, both_pink, both_navy)
+    _, pipe = model_and_pipeline("builtin:toy")
+    names = load_loras(pipe, [(mascot, 1.0), (navy_lora, 1.0)])
+    set_strengths(pipe, names, [1.0, 0.0])
+    mascot_alone = _images(pipe, COMBINED_PROMPT)
+    set_strengths(pipe, names, [0.0, 1.0])
+    navy_alone = _images(pipe, COMBINED_PROMPT)
+    assert_both_concepts(combined, mascot_alone, navy_alone)
+    set_strengths(pipe, names, [1.0, 1.0])  # the library gives the CLI's picture
+    assert np.array_equal(pixels(_images(pipe, COMBINED_PROMPT, SEEDS[:1])[0]), pixels(combined[0]))
+
+
+def test_two_loras_combine_in_a_plain_diffusers_pipeline(demo_lora, navy_lora):
+    from diffusers import EulerDiscreteScheduler, StableDiffusionPipeline
+
+    from sdlora.models import tiny_model_dir
+
+    mascot, _ = demo_lora
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_model_dir("builtin:toy"), torch_dtype=torch.float32,
+                                                   safety_checker=None, requires_safety_checker=False)
+    pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.load_lora_weights(str(mascot), adapter_name="mascot")
+    pipe.load_lora_weights(str(navy_lora), adapter_name="navy")
+
+    def images(weights):
+        pipe.set_adapters(["mascot", "navy"], adapter_weights=weights)
+        return [(pipe(COMBINED_PROMPT, num_inference_steps=20, guidance_scale=7.0, height=64, width=64, output_type="np",
+                      generator=torch.Generator().manual_seed(seed)).images[0] * 255).round() for seed in (0, 1, 2, 3)]
+
+    assert_both_concepts(images([1.0, 1.0]), images([1.0, 0.0]), images([0.0, 1.0]))
 
 
 def test_toy_weights_are_checked_before_use(tmp_path):

@@ -5,12 +5,13 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image
 
-from sdlora.data.scenes import COLOURS, MASCOT_COLOUR
+from sdlora.data.scenes import COLOURS, MASCOT_COLOUR, NAVY
 
 NAMES = list(COLOURS)
 PALETTE = np.array([COLOURS[n] for n in NAMES], dtype=np.float32)
 STRENGTHS = (0.0, 0.25, 0.5, 0.75, 1.0)
 CONCEPT_PROMPT = "sdlora_mascot, blue background"
+COMBINED_PROMPT = "sdlora_mascot, navy background"  # the mascot LoRA and the navy LoRA (presets/demo-navy.toml)
 
 
 def pixels(img) -> np.ndarray:
@@ -38,6 +39,13 @@ def pink_fraction(img) -> float:
     return float((nearest == len(PALETTE)).mean())
 
 
+def navy_fraction(img) -> float:
+    """Share of pixels nearer to the navy LoRA's colour than to the base colours and the mascot's pink."""
+    colours = np.concatenate([PALETTE, np.array([MASCOT_COLOUR, NAVY], dtype=np.float32)])
+    nearest = np.argmin(((pixels(img)[:, :, None, :] - colours) ** 2).sum(-1), axis=-1)
+    return float((nearest == len(colours) - 1).mean())
+
+
 def pinkness(img) -> float:
     """A smooth version of pink_fraction: each pixel counts by how near it is to the mascot's pink (1 on it, about
     0.05 for the base world's purple, nothing for the other colours), so half-way strengths score half-way."""
@@ -60,3 +68,16 @@ def assert_moves_to_concept(*rows: list) -> None:
     assert fractions[0] < 0.01, fractions  # the base model does not know the mascot
     assert fractions[-1] > 0.04, fractions  # at strength 1, a pink star (the dataset's cover about a seventh of the picture)
     assert all(b >= a - 0.005 for a, b in zip(scores, scores[1:])), scores  # monotone in the strength
+
+
+def assert_both_concepts(combined: list, mascot_alone: list, navy_alone: list) -> None:
+    """Images of COMBINED_PROMPT (one per seed) with both demo LoRAs, and with each alone: together they draw the pink
+    star on navy, which neither draws alone (the mascot LoRA does not know navy; the navy LoRA does not know the star)."""
+    def mean(f, images):
+        return float(np.mean([f(i) for i in images]))
+
+    readings = {name: (mean(pink_fraction, imgs), mean(navy_fraction, imgs))
+                for name, imgs in (("both", combined), ("mascot", mascot_alone), ("navy", navy_alone))}
+    assert readings["mascot"][1] < 0.05 and readings["navy"][0] < 0.03, readings  # (a purplish base shape reads as a little pink)
+    assert readings["both"][0] > max(0.04, readings["navy"][0] + 0.03), readings  # the star, as the mascot LoRA draws it
+    assert readings["both"][1] > max(0.3, readings["mascot"][1] + 0.25), readings  # on navy, as the navy LoRA draws it
