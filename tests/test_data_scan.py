@@ -351,3 +351,15 @@ def test_demo_dataset(tmp_path):
     with pytest.raises(DatasetError, match="not an sdlora demo set"):
         make_demo_dataset(tmp_path / "mine")
     assert (tmp_path / "mine" / "10_demo" / "precious.png").exists()
+
+
+def test_second_demo_dataset_names_the_new_colour(tmp_path):
+    """builtin:demo-navy: base-world shapes on navy, every caption naming it, beside (not inside) the mascot set."""
+    from sdlora.data.scenes import COLOURS, NAVY
+
+    root = make_demo_dataset(tmp_path / "navy", which="builtin:demo-navy", size=64)
+    report = scan_dataset(root)
+    assert report.num_images == 16 and report.total_samples == 80 and list(report.tag_frequency) == ["5_navy"]
+    assert all("navy background" in i.caption and any(c in i.caption for c in COLOURS) for i in report.items)
+    corner = Image.open(report.items[0].path).convert("RGB").getpixel((0, 0))
+    assert corner == NAVY

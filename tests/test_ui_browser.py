@@ -17,7 +17,7 @@ import pytest
 from conftest import ROOT, subprocess_env
 from PIL import Image
 from playwright.sync_api import expect, sync_playwright
-from toy_helpers import CONCEPT_PROMPT, STRENGTHS, grid_cells, pink_fraction
+from toy_helpers import COMBINED_PROMPT, CONCEPT_PROMPT, STRENGTHS, grid_cells, navy_fraction, pink_fraction
 from ui_helpers import ARTIFACTS, CHROMIUM, CHROMIUM_ARGS, make_dataset, require_chromium, running_app
 
 # Third-party noise: gradio's event statistics use pandas options pandas 3 deprecates; PEFT notes reloaded adapters.
@@ -49,6 +49,14 @@ def shot(page, name: str) -> None:
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     page.keyboard.press("Escape")  # close any open dropdown list first
     page.screenshot(path=str(ARTIFACTS / f"{name}.png"), full_page=True)
+
+
+def choose(page, elem_id: str, value: str) -> None:
+    """Pick `value` from a dropdown, as a user does: open it, type, click the option."""
+    box = field(page, elem_id)
+    box.click()
+    box.fill(value)
+    page.get_by_role("option", name=value, exact=True).click()
 
 
 def open_tab(page, name: str) -> None:
@@ -235,8 +243,9 @@ def test_full_flow_in_browser(tmp_path):
 
 
 def test_offline_demo_in_browser(tmp_path):
-    """A new user's first minute: a fresh page, Start, previews that turn into the mascot, a strength grid from the
-    base model (0) to it (1). The screenshots are the README's pictures (docs/images/)."""
+    """A new user's first minutes: a fresh page, Start, previews that turn into the mascot, a strength grid from the
+    base model (0) to it (1); then the second demo LoRA (navy) and both at once. The screenshots are the README's
+    pictures (docs/images/)."""
     require_chromium()
     CLOCK["start"] = time.time()
     out = tmp_path / "outputs"
@@ -266,6 +275,30 @@ def test_offline_demo_in_browser(tmp_path):
         cells = [pink_fraction(c) for c in grid_cells(grid, len(STRENGTHS))]
         assert cells[0] < 0.01 < cells[-1], cells  # base model at 0, the mascot at 1 (tests/test_toy_demo.py: monotone)
         shot(page, "demo-try")
+
+        # a second LoRA (the word navy: its own generated dataset and preset), then both at once on the Try tab
+        open_tab(page, "1 · Dataset")
+        fill(page, "data-folder", "builtin:demo-navy")
+        page.click("#scan-btn")
+        expect(page.locator("#scan-report textarea")).to_have_value(re.compile(r"Found 16 images"))
+        open_tab(page, "3 · Training")
+        choose(page, "preset", "demo-navy")
+        page.click("#preset-load")
+        expect(field(page, "output-name")).to_have_value("demo_navy_lora")
+        open_tab(page, "4 · Run")
+        page.click("#start-btn")
+        expect(page.locator("#progress")).to_contain_text("Job 2: done", timeout=TRAIN_TIMEOUT)
+        (mascot,), (navy,) = (list(out.rglob(f"{name}.safetensors")) for name in ("demo_lora", "demo_navy_lora"))
+        open_tab(page, "5 · Try")
+        fill(page, "try-lora", mascot)
+        fill(page, "try-more", f"{navy}:1")
+        fill(page, "try-prompt", COMBINED_PROMPT)
+        before = image_src(page, "#try-image")
+        page.click("#try-generate")
+        both = wait_new_image(page, "#try-image", before)
+        assert pink_fraction(both) > 0.04 and navy_fraction(both) > 0.3, (pink_fraction(both), navy_fraction(both))
+        page.locator("#intro").click()  # close the LoRA list the path was typed into
+        shot(page, "demo-combine")
         browser.close()
 
 

@@ -382,7 +382,8 @@ def test_flags_and_safe_defaults(tmp_path):
     assert service.access.data_roots == [] and service.access.model_roots == [] and not service.access.pickle_from_clients
     with pytest.raises(ConfigError, match="--data-root"):
         service.scan(str(make_dataset(tmp_path / "data", n=1)))
-    assert service.scan("builtin:demo").items  # the demo and uploads need no flag
+    assert service.scan("builtin:demo").items  # the demo datasets and uploads need no flag
+    assert service.checked_config({"data_dir": "builtin:demo-navy", "base_model": "builtin:toy"}).data_dir == "builtin:demo-navy"
     with pytest.raises(ConfigError, match="--model-root"):
         service.checked_config({"data_dir": "builtin:demo", "base_model": str(tmp_path / "m.safetensors")})
     service.access.base_model("stable-diffusion-v1-5/stable-diffusion-v1-5")  # hub ids are fine
