@@ -258,6 +258,22 @@ def test_form_fields_map_to_a_config():
     assert form_to_config(dict(xl, reg_data_dir=" /r ", dataset_config=""))["reg_data_dir"] == "/r"
 
 
+def test_the_form_starts_from_one_demo_definition(tmp_path):
+    """A fresh page shows the demo preset; a server whose presets folder lacks it (or holds a broken one) shows the
+    shipped presets/demo.toml, not a stale copy of it; the server's own demo.toml wins."""
+    from sdlora.config import config_from_preset
+    from sdlora.ui.layout import ROOT, demo_defaults
+
+    shipped = config_to_form(config_from_preset(ROOT / "presets" / "demo.toml").model_dump())
+    assert demo_defaults(ROOT / "presets") == shipped and shipped["data_dir"] == "builtin:demo"
+    assert demo_defaults(tmp_path) == shipped  # no demo.toml there
+    (tmp_path / "demo.toml").write_text("steps = 'many'\n")
+    assert demo_defaults(tmp_path) == shipped
+    (tmp_path / "demo.toml").write_text('base_model = "builtin:tiny"\ndata_dir = "builtin:demo"\n[training]\nsteps = 7\n')
+    mine = demo_defaults(tmp_path)
+    assert mine["base_model"] == "builtin:tiny" and mine["length"] == 7
+
+
 def test_stop_queue_and_resume_through_the_service(tmp_path, monkeypatch):
     import sdlora.train as train_module
 

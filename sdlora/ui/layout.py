@@ -34,15 +34,15 @@ INTRO = ("# sdlora — Stable Diffusion LoRA trainer\n"
 
 
 def demo_defaults(presets_dir: Path) -> dict[str, Any]:
-    """The form's first values: presets/demo.toml, so a fresh page trains the offline demo as is."""
-    demo = Path(presets_dir) / "demo.toml"
-    try:
-        cfg = config_from_preset(demo)
-    except Exception:  # noqa: BLE001 - a broken or missing demo preset must not stop the UI
-        cfg = make_config(base_model="builtin:toy", data_dir="builtin:demo", resolution=64, steps=300, rank=8, alpha=8,
-                          lr=1e-3, batch_size=4, trigger_word="sdlora_mascot", sample_every=100, sample_steps=10,
-                          sample_prompts=["sdlora_mascot, blue background --d 1"], output_name="demo_lora")
-    return config_to_form(cfg.model_dump())
+    """The form's first values: demo.toml from the server's presets folder, so a fresh page trains the offline demo as
+    is; the shipped presets/demo.toml when that one is missing or broken (one definition of the demo); the plain
+    defaults on builtin:toy when both are."""
+    for demo in dict.fromkeys([Path(presets_dir) / "demo.toml", ROOT / "presets" / "demo.toml"]):
+        try:
+            return config_to_form(config_from_preset(demo).model_dump())
+        except Exception:  # noqa: BLE001 - a broken or missing demo preset must not stop the UI
+            continue
+    return config_to_form(make_config(base_model="builtin:toy", data_dir="builtin:demo", resolution=64).model_dump())
 
 
 def build_app(service: Service) -> gr.Blocks:
