@@ -58,7 +58,7 @@ def choose(page, elem_id: str, value: str) -> None:
     box = field(page, elem_id)
     box.click()
     box.fill(value)
-    page.get_by_role("option", name=value, exact=True).click()
+    page.locator(f"#{elem_id}").get_by_role("option", name=value, exact=True).click()
 
 
 def open_tab(page, name: str) -> None:
@@ -293,14 +293,15 @@ def test_offline_demo_in_browser(tmp_path):
         expect(page.locator("#progress")).to_contain_text("Job 2: done", timeout=TRAIN_TIMEOUT)
         (mascot,), (navy,) = (list(out.rglob(f"{name}.safetensors")) for name in ("demo_lora", "demo_navy_lora"))
         open_tab(page, "5 · Try")
-        fill(page, "try-lora", mascot)
-        fill(page, "try-more", f"{navy}:1")
+        choose(page, "try-lora", str(mascot))
+        choose(page, "try-add-lora", str(navy))  # the list offers every LoRA trained here
+        page.click("#try-add")
+        expect(field(page, "try-more")).to_have_value(f"{navy}:1")
         fill(page, "try-prompt", COMBINED_PROMPT)
         before = image_src(page, "#try-image")
         page.click("#try-generate")
         both = wait_new_image(page, "#try-image", before)
         assert pink_fraction(both) > 0.04 and navy_fraction(both) > 0.3, (pink_fraction(both), navy_fraction(both))
-        page.locator("#intro").click()  # close the LoRA list the path was typed into
         shot(page, "demo-combine")
         browser.close()
 

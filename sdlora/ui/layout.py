@@ -128,6 +128,8 @@ def build_app(service: Service) -> gr.Blocks:
                                            show_progress="minimal", trigger_mode="always_last")
         ctx["on_load"].append((show_family, fam_inputs, fam_outputs))
         try_tab_el.select(try_choices, ctx["try_lora"], ctx["try_lora"], api_visibility="private", queue=False)
+        try_tab_el.select(lambda current: gr.update(choices=service.list_loras(), value=current), ctx["try_add_lora"],
+                          ctx["try_add_lora"], api_visibility="private", queue=False)
         export_tab_el.select(export_choices, ctx["export_source"], ctx["export_source"], api_visibility="private", queue=False)
         tools_tab_el.select(lambda current: gr.update(choices=service.list_loras(), value=current), ctx["tools_source"],
                             ctx["tools_source"], api_visibility="private", queue=False)

@@ -14,6 +14,11 @@ def build(service, ctx: dict, defaults: dict) -> None:
                            scale=5, elem_id="try-lora")
         refresh = gr.Button("↻ Refresh list", scale=1, elem_id="try-refresh")
         strength = gr.Slider(0, 1.5, value=1.0, step=0.05, label="Strength", scale=3, elem_id="try-strength")
+    with gr.Row(equal_height=True):
+        add_lora = gr.Dropdown(service.list_loras(), value=None, label="Another LoRA to use at the same time",
+                               allow_custom_value=True, scale=5, elem_id="try-add-lora")
+        add_strength = gr.Slider(0, 1.5, value=1.0, step=0.05, label="Its strength", scale=3, elem_id="try-add-strength")
+        add_btn = gr.Button("Add to the list below", scale=1, elem_id="try-add")
     more = gr.Textbox("", label="More LoRAs at once: one `path:strength` per line", lines=2, elem_id="try-more",
                       placeholder="/path/to/style.safetensors:0.6")
     sample_lines = defaults.get("sample_prompts_text", "").splitlines()
@@ -73,6 +78,16 @@ def build(service, ctx: dict, defaults: dict) -> None:
                        concurrency_limit=1)
     grid_btn.click(strength_grid, [base, lora, more] + common + [strengths, grid_prompts], grid, api_name="strength_grid",
                    concurrency_id="model", concurrency_limit=1)
-    refresh.click(lambda current: gr.update(choices=service.list_loras(), value=current), lora, lora,
-                  api_visibility="private", queue=False)
+    def add_line(path: str, strength: float, text: str) -> str:
+        if not (path or "").strip():
+            raise gr.Error("Pick the LoRA to add first (or type its path).")
+        service.check_lora_path(path)
+        lines = [line for line in (text or "").splitlines() if line.strip()]
+        return "\n".join(lines + [f"{path.strip()}:{float(strength):g}"])
+
+    add_btn.click(guard(add_line), [add_lora, add_strength, more], more, api_visibility="private", queue=False)
+    refresh.click(lambda current, other: (gr.update(choices=service.list_loras(), value=current),
+                                          gr.update(choices=service.list_loras(), value=other)),
+                  [lora, add_lora], [lora, add_lora], api_visibility="private", queue=False)
     ctx["try_lora"] = lora
+    ctx["try_add_lora"] = add_lora
