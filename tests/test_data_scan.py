@@ -355,7 +355,11 @@ def test_demo_dataset(tmp_path):
 
 def test_second_demo_dataset_names_the_new_colour(tmp_path):
     """builtin:demo-navy: base-world shapes on navy, every caption naming it, beside (not inside) the mascot set."""
+    from sdlora.data.demo import DEMO_SETS
     from sdlora.data.scenes import COLOURS, NAVY
+    from sdlora.paths import BUILTIN_DATA
+
+    assert set(DEMO_SETS) == set(BUILTIN_DATA)  # every built-in name has a drawing and a cache folder
 
     root = make_demo_dataset(tmp_path / "navy", which="builtin:demo-navy", size=64)
     report = scan_dataset(root)
