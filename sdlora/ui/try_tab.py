@@ -78,6 +78,7 @@ def build(service, ctx: dict, defaults: dict) -> None:
                        concurrency_limit=1)
     grid_btn.click(strength_grid, [base, lora, more] + common + [strengths, grid_prompts], grid, api_name="strength_grid",
                    concurrency_id="model", concurrency_limit=1)
+
     def add_line(path: str, strength: float, text: str) -> str:
         if not (path or "").strip():
             raise gr.Error("Pick the LoRA to add first (or type its path).")
