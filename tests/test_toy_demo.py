@@ -155,31 +155,26 @@ def test_navy_lora_teaches_the_base_a_word(navy_lora):
 
 def test_two_loras_combine_through_sdlora_generate(demo_lora, navy_lora, tmp_path):
     """Both files on the command line: the grid's 0 column is the base model, its 1 column both LoRAs at full
-    strength; each LoRA alone (the library, same settings) draws only its own half of the prompt."""
+    strength. The library gives the same picture, and the other seeds; each LoRA alone draws only its half."""
     from sdlora.inference import load_loras, set_strengths
 
     mascot, _ = demo_lora
-    combined, base = [], []
-    for seed in SEEDS:
-        grid = tmp_path / f"both{seed}.png"
-        run_cli("generate", "--base-model", "builtin:toy", "--lora", f"{mascot}:1", "--lora", f"{navy_lora}:1", "--prompt",
-                COMBINED_PROMPT, "--seed", seed, "--grid", "0,1", "--out", grid)
-        base_cell, both_cell = grid_cells(Image.open(grid), 2)
-        base.append(base_cell)
-        combined.append(both_cell)
-    # the base model does not know either word (it draws some shape on some background, now and then purplish)
-    base_pink, base_navy = np.mean([(pink_fraction(i), navy_fraction(i)) for i in base], axis=0)
-    both_pink, both_navy = np.mean([(pink_fraction(i), navy_fraction(i)) for i in combined], axis=0)
-    assert both_pink > base_pink + 0.04 and both_navy > base_navy + 0.25, (base_pink, base_navy, both_pink, both_navy)
+    grid = tmp_path / "both.png"
+    run_cli("generate", "--base-model", "builtin:toy", "--lora", f"{mascot}:1", "--lora", f"{navy_lora}:1", "--prompt",
+            COMBINED_PROMPT, "--seed", SEEDS[0], "--grid", "0,1", "--out", grid)
+    cli_base, cli_both = grid_cells(Image.open(grid), 2)
     _, pipe = model_and_pipeline("builtin:toy")
     names = load_loras(pipe, [(mascot, 1.0), (navy_lora, 1.0)])
-    set_strengths(pipe, names, [1.0, 0.0])
-    mascot_alone = _images(pipe, COMBINED_PROMPT)
-    set_strengths(pipe, names, [0.0, 1.0])
-    navy_alone = _images(pipe, COMBINED_PROMPT)
-    assert_both_concepts(combined, mascot_alone, navy_alone)
-    set_strengths(pipe, names, [1.0, 1.0])  # the library gives the CLI's picture
-    assert np.array_equal(pixels(_images(pipe, COMBINED_PROMPT, SEEDS[:1])[0]), pixels(combined[0]))
+    runs = {}
+    for label, weights in (("base", [0.0, 0.0]), ("both", [1.0, 1.0]), ("mascot", [1.0, 0.0]), ("navy", [0.0, 1.0])):
+        set_strengths(pipe, names, weights)
+        runs[label] = _images(pipe, COMBINED_PROMPT)
+    assert np.array_equal(pixels(runs["base"][0]), pixels(cli_base)) and np.array_equal(pixels(runs["both"][0]), pixels(cli_both))
+    # the base model does not know either word (it draws some shape on some background, now and then purplish)
+    base_pink, base_navy = np.mean([(pink_fraction(i), navy_fraction(i)) for i in runs["base"]], axis=0)
+    both_pink, both_navy = np.mean([(pink_fraction(i), navy_fraction(i)) for i in runs["both"]], axis=0)
+    assert both_pink > base_pink + 0.04 and both_navy > base_navy + 0.25, (base_pink, base_navy, both_pink, both_navy)
+    assert_both_concepts(runs["both"], runs["mascot"], runs["navy"])
 
 
 def test_two_loras_combine_in_a_plain_diffusers_pipeline(demo_lora, navy_lora):
