@@ -14,8 +14,8 @@ import torch
 from PIL import Image
 
 from conftest import ROOT, model_and_pipeline, run_cli
-from toy_helpers import (COMBINED_PROMPT, CONCEPT_PROMPT, STRENGTHS, assert_both_concepts, assert_moves_to_concept, grid_cells,
-                         navy_fraction, pink_fraction, pixels, scene_reading)
+from toy_helpers import (COMBINED_PROMPT, CONCEPT_PROMPT, STRENGTHS, assert_both_concepts, assert_moves_to_concept,
+                         concept_readings, grid_cells, navy_fraction, pink_fraction, pixels, scene_reading)
 
 
 @pytest.fixture(scope="module")
@@ -84,16 +84,22 @@ def test_strengths_through_sdlora_generate(demo_lora, tmp_path):
     assert_moves_to_concept(*rows)
 
 
-def test_strengths_in_a_plain_diffusers_pipeline(demo_lora):
+def _plain_diffusers_pipeline():
+    """builtin:toy's folder in diffusers' own StableDiffusionPipeline (Euler), no sdlora code in the way."""
     from diffusers import EulerDiscreteScheduler, StableDiffusionPipeline
 
     from sdlora.models import tiny_model_dir
 
-    lora, _ = demo_lora
     pipe = StableDiffusionPipeline.from_pretrained(tiny_model_dir("builtin:toy"), torch_dtype=torch.float32,
                                                    safety_checker=None, requires_safety_checker=False)
     pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def test_strengths_in_a_plain_diffusers_pipeline(demo_lora):
+    lora, _ = demo_lora
+    pipe = _plain_diffusers_pipeline()
 
     def images(seed):
         return pipe(CONCEPT_PROMPT, num_inference_steps=20, guidance_scale=7.0, height=64, width=64, output_type="np",
@@ -171,22 +177,14 @@ def test_two_loras_combine_through_sdlora_generate(demo_lora, navy_lora, tmp_pat
         runs[label] = _images(pipe, COMBINED_PROMPT)
     assert np.array_equal(pixels(runs["base"][0]), pixels(cli_base)) and np.array_equal(pixels(runs["both"][0]), pixels(cli_both))
     # the base model does not know either word (it draws some shape on some background, now and then purplish)
-    base_pink, base_navy = np.mean([(pink_fraction(i), navy_fraction(i)) for i in runs["base"]], axis=0)
-    both_pink, both_navy = np.mean([(pink_fraction(i), navy_fraction(i)) for i in runs["both"]], axis=0)
+    (base_pink, base_navy), (both_pink, both_navy) = concept_readings(runs["base"]), concept_readings(runs["both"])
     assert both_pink > base_pink + 0.04 and both_navy > base_navy + 0.25, (base_pink, base_navy, both_pink, both_navy)
     assert_both_concepts(runs["both"], runs["mascot"], runs["navy"])
 
 
 def test_two_loras_combine_in_a_plain_diffusers_pipeline(demo_lora, navy_lora):
-    from diffusers import EulerDiscreteScheduler, StableDiffusionPipeline
-
-    from sdlora.models import tiny_model_dir
-
     mascot, _ = demo_lora
-    pipe = StableDiffusionPipeline.from_pretrained(tiny_model_dir("builtin:toy"), torch_dtype=torch.float32,
-                                                   safety_checker=None, requires_safety_checker=False)
-    pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config)
-    pipe.set_progress_bar_config(disable=True)
+    pipe = _plain_diffusers_pipeline()
     pipe.load_lora_weights(str(mascot), adapter_name="mascot")
     pipe.load_lora_weights(str(navy_lora), adapter_name="navy")
 

@@ -9,6 +9,8 @@ from sdlora.data.scenes import COLOURS, MASCOT_COLOUR, NAVY
 
 NAMES = list(COLOURS)
 PALETTE = np.array([COLOURS[n] for n in NAMES], dtype=np.float32)
+WITH_PINK = np.concatenate([PALETTE, np.array([MASCOT_COLOUR], dtype=np.float32)])
+WITH_NAVY = np.concatenate([WITH_PINK, np.array([NAVY], dtype=np.float32)])
 STRENGTHS = (0.0, 0.25, 0.5, 0.75, 1.0)
 CONCEPT_PROMPT = "sdlora_mascot, blue background"
 COMBINED_PROMPT = "sdlora_mascot, navy background"  # the mascot LoRA and the navy LoRA (presets/demo-navy.toml)
@@ -18,11 +20,15 @@ def pixels(img) -> np.ndarray:
     return np.asarray(img.convert("RGB") if isinstance(img, Image.Image) else img, dtype=np.float32)
 
 
+def nearest_colour(img, colours: np.ndarray) -> np.ndarray:
+    """Per pixel, the index of the nearest of `colours` (RGB rows)."""
+    return np.argmin(((pixels(img)[:, :, None, :] - colours) ** 2).sum(-1), axis=-1)
+
+
 def scene_reading(img) -> dict:
     """What a picture shows, by nearest base colour per pixel: the background is the commonest colour, the shape the
     next; its area (fraction of the image) and centroid (x, y in 0..1)."""
-    px = pixels(img)
-    nearest = np.argmin(((px[:, :, None, :] - PALETTE) ** 2).sum(-1), axis=-1)
+    nearest = nearest_colour(img, PALETTE)
     counts = np.bincount(nearest.ravel(), minlength=len(NAMES))
     bg, shape = np.argsort(counts)[::-1][:2]
     ys, xs = np.nonzero(nearest == shape)
@@ -34,16 +40,12 @@ def scene_reading(img) -> dict:
 def pink_fraction(img) -> float:
     """Share of pixels nearer to the mascot's pink than to any base colour (the model draws it a little darker or
     lighter than the dataset's pink, but never as one of the 8 colours it knew)."""
-    colours = np.concatenate([PALETTE, np.array([MASCOT_COLOUR], dtype=np.float32)])
-    nearest = np.argmin(((pixels(img)[:, :, None, :] - colours) ** 2).sum(-1), axis=-1)
-    return float((nearest == len(PALETTE)).mean())
+    return float((nearest_colour(img, WITH_PINK) == len(PALETTE)).mean())
 
 
 def navy_fraction(img) -> float:
     """Share of pixels nearer to the navy LoRA's colour than to the base colours and the mascot's pink."""
-    colours = np.concatenate([PALETTE, np.array([MASCOT_COLOUR, NAVY], dtype=np.float32)])
-    nearest = np.argmin(((pixels(img)[:, :, None, :] - colours) ** 2).sum(-1), axis=-1)
-    return float((nearest == len(colours) - 1).mean())
+    return float((nearest_colour(img, WITH_NAVY) == len(WITH_NAVY) - 1).mean())
 
 
 def pinkness(img) -> float:
@@ -70,13 +72,15 @@ def assert_moves_to_concept(*rows: list) -> None:
     assert all(b >= a - 0.005 for a, b in zip(scores, scores[1:])), scores  # monotone in the strength
 
 
+def concept_readings(images: list) -> tuple[float, float]:
+    """(mean pink fraction, mean navy fraction) over images: how much mascot and how much navy they show."""
+    return (float(np.mean([pink_fraction(i) for i in images])), float(np.mean([navy_fraction(i) for i in images])))
+
+
 def assert_both_concepts(combined: list, mascot_alone: list, navy_alone: list) -> None:
     """Images of COMBINED_PROMPT (one per seed) with both demo LoRAs, and with each alone: together they draw the pink
     star on navy, which neither draws alone (the mascot LoRA does not know navy; the navy LoRA does not know the star)."""
-    def mean(f, images):
-        return float(np.mean([f(i) for i in images]))
-
-    readings = {name: (mean(pink_fraction, imgs), mean(navy_fraction, imgs))
+    readings = {name: concept_readings(imgs)
                 for name, imgs in (("both", combined), ("mascot", mascot_alone), ("navy", navy_alone))}
     assert readings["mascot"][1] < 0.05 and readings["navy"][0] < 0.03, readings  # (a purplish base shape reads as a little pink)
     assert readings["both"][0] > max(0.04, readings["navy"][0] + 0.03), readings  # the star, as the mascot LoRA draws it

@@ -55,7 +55,6 @@ DEMO_SETS = {
     "builtin:demo": DemoSet("10_demo", "mascot", "pink-star-v2\n", 8, _draw_mascot),
     "builtin:demo-navy": DemoSet("5_navy", "navy", "navy-v1\n", 16, _draw_on_navy),
 }
-DEMO_SUBSET = DEMO_SETS["builtin:demo"].subset
 
 
 def make_demo_dataset(folder, *, count: int | None = None, size: int = 128, seed: int = 0,

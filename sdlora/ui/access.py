@@ -4,7 +4,7 @@ Every event of a Gradio app is API surface (hiding it from the API page does not
 `/gradio_api/queue/join`), so the server decides, not the page. Its user decides on the command line:
 
 - dataset folders (read images and captions, write captions, read a sample-prompt file) must lie under a
-  `--data-root DIR`, the upload folder OUTPUT/uploads, or the built-in demo dataset;
+  `--data-root DIR`, the upload folder OUTPUT/uploads, or a built-in demo dataset (builtin:demo, builtin:demo-navy);
 - base models, LoRAs to try and export sources given as paths must lie under a `--model-root DIR` (LoRAs and
   export sources may also come from the output root); the built-in models (builtin:toy, builtin:tiny, ...) and hub
   ids (owner/name) need no root;
@@ -181,7 +181,7 @@ class AccessPolicy:
 
     def describe(self) -> str:
         """One line for the start-up message."""
-        data = ", ".join(str(p) for p in self.data_roots) or "none (uploads and builtin:demo only; add --data-root DIR)"
+        data = ", ".join(str(p) for p in self.data_roots) or "none (uploads and the built-in demo datasets only; add --data-root DIR)"
         models = ", ".join(str(p) for p in self.model_roots) or "none (built-in models and hub ids only; add --model-root DIR)"
         pickle = "; clients may turn on allow_pickle" if self.pickle_from_clients else ""
         return f"dataset folders: {data}; model folders: {models}{pickle}"

@@ -50,7 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output-root", default="outputs", help="where trained LoRAs, uploads and exports go (default ./outputs)")
     p.add_argument("--data-root", action="append", default=[], metavar="DIR",
                    help="a folder whose datasets the UI and API may open: read images, write captions, read prompt files "
-                        "(repeatable; without it: uploads and builtin:demo only)")
+                        "(repeatable; without it: uploads and the built-in demo datasets only)")
     p.add_argument("--model-root", action="append", default=[], metavar="DIR",
                    help="a folder whose base models and LoRA files clients may load by path (repeatable; without it: "
                         "builtin:tiny, hub ids and LoRAs under the output root only)")

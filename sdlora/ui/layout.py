@@ -127,12 +127,13 @@ def build_app(service: Service) -> gr.Blocks:
         ctx["fields"]["base_model"].change(show_family, fam_inputs, fam_outputs, api_visibility="private",
                                            show_progress="minimal", trigger_mode="always_last")
         ctx["on_load"].append((show_family, fam_inputs, fam_outputs))
+        def lora_choices(current):  # the list refreshed, the choice kept
+            return gr.update(choices=service.list_loras(), value=current)
+
         try_tab_el.select(try_choices, ctx["try_lora"], ctx["try_lora"], api_visibility="private", queue=False)
-        try_tab_el.select(lambda current: gr.update(choices=service.list_loras(), value=current), ctx["try_add_lora"],
-                          ctx["try_add_lora"], api_visibility="private", queue=False)
+        try_tab_el.select(lora_choices, ctx["try_add_lora"], ctx["try_add_lora"], api_visibility="private", queue=False)
         export_tab_el.select(export_choices, ctx["export_source"], ctx["export_source"], api_visibility="private", queue=False)
-        tools_tab_el.select(lambda current: gr.update(choices=service.list_loras(), value=current), ctx["tools_source"],
-                            ctx["tools_source"], api_visibility="private", queue=False)
+        tools_tab_el.select(lora_choices, ctx["tools_source"], ctx["tools_source"], api_visibility="private", queue=False)
         restored = demo.load(restore, saved, inputs, api_visibility="private", show_progress="hidden", queue=False)
         for fn, ins, outs in ctx["on_load"]:
             restored.then(fn, ins, outs, api_visibility="private", show_progress="hidden")
