@@ -3,7 +3,7 @@
 
 import sys
 
-from sdlora.config import ConfigError
+from sdlora.config.train_config import ConfigError
 from sdlora.ui import build_app
 from sdlora.ui.launch import launch_kwargs, make_service_for, parse_launch_args
 

@@ -48,8 +48,8 @@ def main() -> None:
 
     from sdlora.adapters.layers import make_trainable_fp32, trainable_parameters
     from sdlora.adapters.spec import AdapterSpec
-    from sdlora.lora import inject_unet
-    from sdlora.model_configs import MODEL_CONFIGS
+    from sdlora.adapters.inject import inject_unet
+    from sdlora.models.component_configs import MODEL_CONFIGS
 
     device = torch.device(args.device)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.precision]

@@ -1,6 +1,6 @@
 """sdlora's memory estimate for full-size SD1.5 / SD2 / SDXL UNets at the usual settings, without a GPU or any weights.
 
-Each row traces one LoRA training step on fake tensors (sdlora.memory.trace_step_bytes) and adds the frozen
+Each row traces one LoRA training step on fake tensors (sdlora.training.memory.trace_step_bytes) and adds the frozen
 UNet weights in the compute dtype and the LoRA parameters with gradients and AdamW state: the GPU memory a run
 needs with cached latents and text embeddings (VAE and frozen text encoder off the GPU), before CUDA's own
 context and allocator slack. Rows marked "te" train LoRA on the text encoder(s) too: their fp32 weights stay on
@@ -36,7 +36,7 @@ def _text_encoders(model: str):
     """The model's text encoders on the meta device (shapes only), in the family's order."""
     import transformers
 
-    from sdlora.model_configs import MODEL_CONFIGS
+    from sdlora.models.component_configs import MODEL_CONFIGS
 
     spec, out = MODEL_CONFIGS[model], []
     for part in ("text_encoder", "text_encoder_2"):
@@ -51,11 +51,11 @@ def _text_encoders(model: str):
 def main(argv=None) -> int:
     from diffusers import UNet2DConditionModel
 
-    from sdlora.config import make_config
+    from sdlora.config.train_config import make_config
     from sdlora.families import family as family_named
-    from sdlora.lora import count_lora_parameters, resolve_text_encoder_targets, resolve_unet_targets
-    from sdlora.memory import trace_step_bytes
-    from sdlora.model_configs import MODEL_CONFIGS
+    from sdlora.adapters.inject import count_lora_parameters, resolve_text_encoder_targets, resolve_unet_targets
+    from sdlora.training.memory import trace_step_bytes
+    from sdlora.models.component_configs import MODEL_CONFIGS
     from sdlora.models import quiet_libraries
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -24,10 +24,10 @@ import sdlora  # noqa: E402,F401  (first: it quiets libraries that log on import
 def main() -> int:
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-    from sdlora.model_configs import MODEL_CONFIGS, write_config_folder
+    from sdlora.models.component_configs import MODEL_CONFIGS, write_config_folder
     from sdlora.models import quiet_libraries
     from sdlora.paths import cache_dir
-    from sdlora.training_set import TextEmbeddingCache
+    from sdlora.data.training_set import TextEmbeddingCache
 
     p = argparse.ArgumentParser()
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")

@@ -1,6 +1,6 @@
 """Run times of the LoRA tools (resize, combine, merge, extract) on SD1.5-shaped files.
 
-The base model has SD1.5's real shapes (`sdlora/model_configs.py`) and random weights; the LoRAs are random LoCon
+The base model has SD1.5's real shapes (`sdlora/models/component_configs.py`) and random weights; the LoRAs are random LoCon
 files in kohya's module set (every transformer Linear/1x1 conv and text-encoder attention/MLP at --rank, every
 ResNet/down/upsampler 3x3 conv at --conv-rank). Each tool runs once, through the library, writing real files.
 
@@ -39,7 +39,7 @@ def base_model(name: str):
 def kohya_modules(base, conv: bool) -> dict[str, tuple]:
     """prefix -> weight shape of kohya's LoCon module set (the set extract uses)."""
     from sdlora.tools.extract import _RESNET, _TRANSFORMER
-    from sdlora.verify import module_index
+    from sdlora.tools.verify import module_index
 
     comps = base.components()
     out = {}

@@ -44,7 +44,7 @@ def build_random(model: str, device: str, dtype: torch.dtype):
     from transformers import CLIPTextConfig, CLIPTokenizer
 
     from sdlora.families import family as family_named
-    from sdlora.model_configs import MODEL_CONFIGS, write_config_folder
+    from sdlora.models.component_configs import MODEL_CONFIGS, write_config_folder
     from sdlora.models import BaseModel
     from sdlora.paths import cache_dir
 
@@ -86,8 +86,8 @@ def sync(device: str) -> None:
 
 class Bench:
     def __init__(self, args):
-        from sdlora.config import make_config
-        from sdlora.train import Trainer
+        from sdlora.config.train_config import make_config
+        from sdlora.training.trainer import Trainer
 
         self.args = args
         self.device = args.device
@@ -271,7 +271,7 @@ def run_memory_only(args, loop: str) -> dict:
     and for sdlora its memory estimate next to what the step really allocated."""
     import gc
 
-    from sdlora.memory import LiveTensorBytes
+    from sdlora.training.memory import LiveTensorBytes
 
     args.loops = [loop]
     bench = Bench(args)

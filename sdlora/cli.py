@@ -165,7 +165,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def config_from_args(args: argparse.Namespace):
-    from .config import ConfigError, TrainConfig, format_validation_error, load_preset, parse_set_value
+    from .config.train_config import ConfigError, TrainConfig, format_validation_error, load_preset, parse_set_value
 
     values = load_preset(args.config) if args.config else {}
     for item in args.set:
@@ -224,7 +224,7 @@ class _Progress:
 
 
 def cmd_train(args) -> int:
-    from .train import train
+    from .training.trainer import train
 
     config = config_from_args(args)
     result = train(config, on_event=_Progress(args.quiet))
@@ -236,7 +236,7 @@ def cmd_train(args) -> int:
 def _grid_strengths(text: str) -> list[float]:
     import math
 
-    from .config import ConfigError
+    from .config.train_config import ConfigError
 
     try:
         strengths = [float(s) for s in text.split(",") if s.strip()]
@@ -248,11 +248,11 @@ def _grid_strengths(text: str) -> list[float]:
 
 
 def cmd_generate(args) -> int:
-    from .inference import load_loras, parse_lora_arg, strength_grid
+    from .inference.loras import load_loras, parse_lora_arg, strength_grid
     from .models import load_base_model
     from .outputs import check_output_file
     from .safetext import clean_text
-    from .sampling import SamplePrompt, generate, save_png_atomic
+    from .inference.sampling import SamplePrompt, generate, save_png_atomic
 
     check_output_file(args.out, what="--out")  # before any model loads: never a folder or a device
     # Checked before any model loads: seed, size, steps and CFG ranges (SamplePrompt), the prompt's text.
@@ -275,7 +275,7 @@ def cmd_generate(args) -> int:
 
 def cmd_verify(args) -> int:
     from .models import load_base_model
-    from .verify import verify_lora
+    from .tools.verify import verify_lora
 
     base = load_base_model(args.base_model, allow_pickle=args.allow_pickle)
     report = verify_lora(args.file, base)
@@ -284,7 +284,7 @@ def cmd_verify(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from .convert import reexport
+    from .tools.convert import reexport
     from .outputs import check_output_file
 
     check_output_file(args.out, what="--out")
@@ -312,8 +312,8 @@ def cmd_demo_data(args) -> int:
 
 
 def cmd_import_kohya(args) -> int:
-    from .config import save_preset
-    from .kohya_import import import_kohya_json
+    from .config.train_config import save_preset
+    from .config.kohya_import import import_kohya_json
     from .outputs import check_output_file
 
     check_output_file(args.out, what="--out")

@@ -12,12 +12,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from sdlora.config import ConfigError, make_config
-from sdlora.export import read_lora
+from sdlora.config.train_config import ConfigError, make_config
+from sdlora.formats.export import read_lora
 from sdlora.families import SampleGeometry
 from sdlora.models import load_base_model
-from sdlora.train import Trainer, train
-from sdlora.verify import module_index, verify_lora
+from sdlora.training.trainer import Trainer, train
+from sdlora.tools.verify import module_index, verify_lora
 
 TYPES = {
     "locon": dict(network="locon", conv_rank=2, conv_alpha=1.0),
@@ -171,7 +171,7 @@ def test_exported_file_reproduces_the_trained_model_through_the_loader_formula(r
 @pytest.mark.parametrize("family", ["sd1", "sdxl"])
 @pytest.mark.parametrize("kind", list(TYPES))
 def test_verify_and_generate_apply_every_type_as_the_loaders_do(runs, family, kind):
-    from sdlora.inference import load_loras, set_strengths, unload_loras
+    from sdlora.inference.loras import load_loras, set_strengths, unload_loras
 
     _, result = runs(family, kind)
     base = load_base_model(MODELS[family])
@@ -250,8 +250,8 @@ def test_locon_adapts_kohyas_module_set_on_the_real_sd15_unet():
     from transformers import CLIPTextConfig, CLIPTextModel
 
     from sdlora.adapters.spec import AdapterSpec
-    from sdlora.lora import resolve_text_encoder_targets, resolve_unet_targets
-    from sdlora.model_configs import MODEL_CONFIGS
+    from sdlora.adapters.inject import resolve_text_encoder_targets, resolve_unet_targets
+    from sdlora.models.component_configs import MODEL_CONFIGS
 
     cfg = MODEL_CONFIGS["sd15"]
     with torch.device("meta"):

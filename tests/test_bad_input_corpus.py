@@ -24,8 +24,8 @@ from safetensors.torch import save_file
 
 from conftest import ROOT, model_and_pipeline, subprocess_env
 from sdlora.cli import main
-from sdlora.config import make_config
-from sdlora.export import read_lora
+from sdlora.config.train_config import make_config
+from sdlora.formats.export import read_lora
 
 
 def cli(capsys, *argv) -> tuple[int, str, str]:
@@ -49,7 +49,7 @@ TRAIN = ["train", "--base-model", "builtin:tiny", "--steps", "2", "--rank", "2",
 
 @pytest.fixture(scope="module")
 def lora(tmp_path_factory, demo_dataset) -> Path:
-    from sdlora.train import train
+    from sdlora.training.trainer import train
 
     out = tmp_path_factory.mktemp("lora")
     return train(make_config(base_model="builtin:tiny", data_dir=str(demo_dataset), output_dir=str(out), steps=2, rank=2,
@@ -144,8 +144,8 @@ def test_run_tab_and_dataset_report_carry_non_utf8_names_as_json(tmp_path):
     import orjson
 
     from sdlora.data.scan import scan_dataset
-    from sdlora.events import TrainEvent
-    from sdlora.jobs import Job
+    from sdlora.training.events import TrainEvent
+    from sdlora.training.jobs import Job
 
     report = scan_dataset(_unicode_dataset(tmp_path / "data"))
     orjson.dumps(report.summary())
@@ -237,7 +237,7 @@ def test_out_of_range_generate_settings(capsys, tmp_path, args, needle):
 # malformed LoRA files ------------------------------------------------------------------------------------------------
 
 def _malformed(lora: Path, folder: Path) -> dict[str, Path]:
-    from sdlora.convert import reexport
+    from sdlora.tools.convert import reexport
 
     t, md = read_lora(lora)
     diffusers = reexport(lora, folder / "diffusers.safetensors", fmt="diffusers", precision="fp32", base_model="builtin:tiny")
@@ -301,10 +301,10 @@ MALFORMED = ["nan", "inf_alpha", "int8", "bool", "alpha_vector", "odd_rank", "ra
 
 @pytest.mark.parametrize("name", MALFORMED)
 def test_malformed_lora_verify_generate_export(malformed, tiny, tmp_path, name):
-    from sdlora.convert import reexport
+    from sdlora.tools.convert import reexport
     from sdlora.errors import USER_ERRORS
-    from sdlora.inference import load_loras
-    from sdlora.verify import verify_lora
+    from sdlora.inference.loras import load_loras
+    from sdlora.tools.verify import verify_lora
 
     base, pipe = tiny
     path = malformed[name]
@@ -424,8 +424,8 @@ def test_unexpected_errors_become_one_sentence_with_a_log(capsys, monkeypatch, t
 
 
 def test_job_errors_become_one_sentence_with_a_log(monkeypatch, tmp_path):
-    import sdlora.train as train_mod
-    from sdlora.jobs import JobQueue
+    import sdlora.training.trainer as train_mod
+    from sdlora.training.jobs import JobQueue
 
     def broken_train(config, **kw):
         (tmp_path / "out").mkdir(exist_ok=True)

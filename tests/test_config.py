@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from sdlora.config import ConfigError, TrainConfig, config_from_preset, make_config, save_preset
+from sdlora.config.train_config import ConfigError, TrainConfig, config_from_preset, make_config, save_preset
 
 PRESETS = sorted((Path(__file__).resolve().parents[1] / "presets").glob("*.toml"))
 

@@ -109,7 +109,7 @@ def test_own_size_bucket(size, resolution, expect):
 def test_no_upscale_buckets_never_exceed_the_image(tmp_path):
     from types import SimpleNamespace
 
-    from sdlora.training_set import TrainingSet
+    from sdlora.data.training_set import TrainingSet
 
     sizes = [(300, 200), (200, 300), (512, 512), (900, 600), (128, 640), (1024, 256)]
     items = [SimpleNamespace(width=w, height=h, repeats=1, caption="", path=tmp_path / f"{i}.png") for i, (w, h) in enumerate(sizes)]
@@ -129,7 +129,7 @@ def test_no_upscale_buckets_never_exceed_the_image(tmp_path):
 
 
 def test_no_upscale_needs_buckets():
-    from sdlora.config import ConfigError, make_config
+    from sdlora.config.train_config import ConfigError, make_config
 
     with pytest.raises(ConfigError, match="bucket_no_upscale needs aspect-ratio buckets"):
         make_config(data_dir="x", bucket_no_upscale=True)

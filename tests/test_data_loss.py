@@ -24,11 +24,11 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from conftest import ROOT, subprocess_env
-from sdlora.config import ConfigError, make_config
-from sdlora.export import read_lora
+from sdlora.config.train_config import ConfigError, make_config
+from sdlora.formats.export import read_lora
 from sdlora.outputs import LOCK_NAME, OutputError, output_lock
-from sdlora.resume import CheckpointError
-from sdlora.train import TrainingError, train
+from sdlora.training.resume import CheckpointError
+from sdlora.training.trainer import TrainingError, train
 
 
 def _config(out, data, **over):
@@ -53,7 +53,7 @@ def _same_weights(a: Path, b: Path):
 # previews ----------------------------------------------------------------------------------------------------------
 
 def test_failing_final_preview_is_a_warning_and_the_lora_is_written(tmp_path, demo_dataset, monkeypatch):
-    import sdlora.train as train_mod
+    import sdlora.training.trainer as train_mod
 
     def overflow(*a, **k):
         raise ValueError("Overflow when unpacking long long")  # what torch said for a huge --d seed
@@ -76,7 +76,7 @@ def test_out_of_range_sample_seed_is_refused_before_training(tmp_path, demo_data
 # full disk ---------------------------------------------------------------------------------------------------------
 
 def test_checkpoint_write_failures_with_real_exception_types_keep_the_previous_one(tmp_path, demo_dataset, monkeypatch):
-    import sdlora.checkpoints as ck
+    import sdlora.training.checkpoints as ck
 
     real_save_file, real_torch_save = ck.save_file, ck.torch.save
     calls = {"st": 0, "pt": 0}
@@ -105,7 +105,7 @@ def test_checkpoint_write_failures_with_real_exception_types_keep_the_previous_o
 
 
 def test_final_export_failure_saves_the_lora_elsewhere_and_says_where(tmp_path, demo_dataset, monkeypatch):
-    import sdlora.export as export_mod
+    import sdlora.formats.export as export_mod
 
     out = tmp_path / "run"
     real = export_mod.save_file
@@ -369,7 +369,7 @@ DAMAGES = ["truncated lora_state", "state not JSON", "wrong step", "other rank",
 
 @pytest.mark.parametrize("how", DAMAGES)
 def test_resume_latest_skips_a_damaged_checkpoint_and_says_so(tmp_path, checkpointed, demo_dataset, how):
-    from sdlora.train import Trainer
+    from sdlora.training.trainer import Trainer
 
     part, _ = checkpointed
     out = tmp_path / "run"
@@ -438,7 +438,7 @@ def nan_lora(tmp_path_factory, demo_dataset):
 
 def test_verify_fails_a_lora_with_nan_weights(nan_lora):
     from sdlora.models import load_base_model
-    from sdlora.verify import verify_lora
+    from sdlora.tools.verify import verify_lora
 
     report = verify_lora(nan_lora, load_base_model("builtin:tiny"))
     assert not report.ok and any("NaN or infinite" in p for p in report.problems)
@@ -446,7 +446,7 @@ def test_verify_fails_a_lora_with_nan_weights(nan_lora):
 
 
 def test_generate_and_try_refuse_a_lora_with_nan_weights(nan_lora, tmp_path):
-    from sdlora.inference import LoraLoadError, load_loras
+    from sdlora.inference.loras import LoraLoadError, load_loras
     from sdlora.models import load_base_model
 
     pipe = load_base_model("builtin:tiny").make_pipeline()

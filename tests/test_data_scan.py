@@ -314,8 +314,8 @@ def test_no_usable_images_names_folder_reasons_and_formats(tmp_path):
 
 def test_no_usable_images_fails_before_model_load(tmp_path, monkeypatch):
     from sdlora import models
-    from sdlora.config import make_config
-    from sdlora.train import train
+    from sdlora.config.train_config import make_config
+    from sdlora.training.trainer import train
 
     def boom(*a, **k):
         raise AssertionError("model loaded before the dataset was checked")

@@ -14,10 +14,10 @@ import torch
 from PIL import Image
 
 from conftest import ROOT, subprocess_env
-from sdlora.config import ConfigError, config_from_preset, make_config
+from sdlora.config.train_config import ConfigError, config_from_preset, make_config
 from sdlora.data.scan import DatasetError
-from sdlora.training_data import build_training_data, make_step_plan
-from sdlora.training_set import balance_reg_repeats
+from sdlora.data.plan import build_training_data, make_step_plan
+from sdlora.data.training_set import balance_reg_repeats
 
 
 def _images(folder: Path, n: int, *, size=(64, 64), caption: str | None = "a thing", ext=".txt", color=(200, 30, 30)) -> Path:
@@ -176,7 +176,7 @@ def test_reg_folder_errors(tmp_path):
 
 def _simulate(cfg, ds, num_processes):
     """Run the loop's own index function for every process: (steps, samples seen per epoch per process)."""
-    from sdlora.train import Trainer
+    from sdlora.training.trainer import Trainer
 
     plan = make_step_plan(cfg, ds, num_processes)
     seen = []
@@ -213,8 +213,8 @@ def test_step_plan_matches_the_batches_the_loop_reads(kohya_layout, batch_size, 
 # a real run: reg samples in the loss, LoRA+, metadata, the plan on stderr ------------------------------------------
 
 def test_run_with_reg_images_loraplus_and_kohya_metadata(tmp_path, kohya_layout):
-    from sdlora.export import read_lora
-    from sdlora.train import Trainer
+    from sdlora.formats.export import read_lora
+    from sdlora.training.trainer import Trainer
 
     _, toml = kohya_layout
     cfg = make_config(base_model="builtin:tiny", dataset_config=str(toml), output_dir=str(tmp_path / "out"), rank=4,
@@ -304,7 +304,7 @@ KOHYA_SS_JSON = {
 
 
 def test_import_kohya_ss_json(tmp_path):
-    from sdlora.kohya_import import import_kohya_json
+    from sdlora.config.kohya_import import import_kohya_json
 
     src = tmp_path / "kohya.json"
     src.write_text(json.dumps(KOHYA_SS_JSON, indent=2))
@@ -347,7 +347,7 @@ def test_import_kohya_cli_writes_a_loadable_preset(tmp_path):
 
 
 def test_import_kohya_bad_values_name_the_key(tmp_path):
-    from sdlora.kohya_import import KohyaImportError, import_kohya_json
+    from sdlora.config.kohya_import import KohyaImportError, import_kohya_json
 
     src = tmp_path / "k.json"
     src.write_text(json.dumps(dict(KOHYA_SS_JSON, network_dim="sixteen")))

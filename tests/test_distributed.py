@@ -10,8 +10,8 @@ from pathlib import Path
 from conftest import ROOT, subprocess_env
 from sdlora.data.scan import scan_dataset
 from sdlora.models import load_base_model
-from sdlora.training_set import TrainingSet
-from sdlora.verify import verify_lora
+from sdlora.data.training_set import TrainingSet
+from sdlora.tools.verify import verify_lora
 
 
 def test_batches_are_sharded_across_processes(demo_dataset):

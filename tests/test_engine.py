@@ -11,12 +11,12 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from sdlora.config import make_config
-from sdlora.export import read_lora, text_encoder_kohya_prefix, unet_kohya_prefix
+from sdlora.config.train_config import make_config
+from sdlora.formats.export import read_lora, text_encoder_kohya_prefix, unet_kohya_prefix
 from sdlora.adapters.layers import set_strength as set_lora_scale
 from sdlora.models import load_base_model
-from sdlora.train import Trainer, train
-from sdlora.verify import apply_kohya_by_hand, check_keys, VerifyReport, verify_lora
+from sdlora.training.trainer import Trainer, train
+from sdlora.tools.verify import apply_kohya_by_hand, check_keys, VerifyReport, verify_lora
 
 REQUIRED_SS = ["ss_network_module", "ss_network_dim", "ss_network_alpha", "ss_base_model_version", "ss_v2", "ss_resolution",
                "ss_steps", "ss_learning_rate", "ss_unet_lr", "ss_text_encoder_lr", "ss_num_train_images", "ss_tag_frequency",

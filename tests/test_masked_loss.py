@@ -11,10 +11,10 @@ import pytest
 import torch
 from PIL import Image
 
-from sdlora.config import make_config
+from sdlora.config.train_config import make_config
 from sdlora.data.images import ImageLoadError
-from sdlora.train import Trainer, masked_mean
-from sdlora.training_data import build_training_data
+from sdlora.training.trainer import Trainer, masked_mean
+from sdlora.data.plan import build_training_data
 
 
 def _stub_trainer(masked: bool = True) -> Trainer:
@@ -132,7 +132,7 @@ def test_alpha_mask_in_dataset_toml_trains_with_cached_latents(tmp_path):
     trainer = Trainer(cfg)
     trainer.prepare()
     result = trainer.run()
-    from sdlora.export import read_lora
+    from sdlora.formats.export import read_lora
 
     _, md = read_lora(result.lora_path)
     assert md["ss_masked_loss"] == "True"

@@ -6,11 +6,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from sdlora.config import make_config
+from sdlora.config.train_config import make_config
 from sdlora.adapters.layers import make_trainable_fp32
 from sdlora.adapters.spec import AdapterSpec
-from sdlora.lora import inject_text_encoder, inject_unet
-from sdlora.memory import LiveTensorBytes, estimate_training_memory, trace_step_bytes
+from sdlora.adapters.inject import inject_text_encoder, inject_unet
+from sdlora.training.memory import LiveTensorBytes, estimate_training_memory, trace_step_bytes
 from sdlora.models import load_base_model
 
 
@@ -130,7 +130,7 @@ def test_trace_leaves_the_real_model_alone():
 
 
 def test_estimate_counts_what_stays_on_the_device(monkeypatch):
-    import sdlora.memory as memory
+    import sdlora.training.memory as memory
 
     base = load_base_model("builtin:tiny")
     cfg = _cfg(optimizer="adamw")
@@ -160,8 +160,8 @@ def test_estimate_counts_what_stays_on_the_device(monkeypatch):
 
 
 def test_training_warns_before_the_first_step_when_memory_is_short(monkeypatch, tmp_path, demo_dataset):
-    import sdlora.memory as memory
-    from sdlora.train import Trainer
+    import sdlora.training.memory as memory
+    from sdlora.training.trainer import Trainer
 
     monkeypatch.setattr(memory, "available_memory", lambda device: 1 << 20)
     events = []

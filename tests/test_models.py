@@ -17,7 +17,7 @@ import torch
 from helpers_ldm import pipeline_to_ldm
 from safetensors.torch import save_file
 
-from sdlora.model_configs import (
+from sdlora.models.component_configs import (
     MODEL_CONFIGS,
     clip_vocab_and_merges,
     config_folder,
@@ -357,7 +357,7 @@ def refuse(*args, **kwargs):
 socket.socket.connect = socket.create_connection = socket.getaddrinfo = refuse
 from diffusers import UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTokenizer
-from sdlora.model_configs import config_folder
+from sdlora.models.component_configs import config_folder
 from sdlora.models import load_base_model
 base = load_base_model(sys.argv[1])
 for variant in ("sd15", "sd2-v"):

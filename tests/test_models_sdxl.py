@@ -20,7 +20,7 @@ from safetensors.torch import save_file
 
 from sdlora.families import FAMILIES, SampleGeometry
 from sdlora.formats.ldm_names import diffusers_to_ldm, ldm_to_diffusers
-from sdlora.model_configs import MODEL_CONFIGS, config_folder
+from sdlora.models.component_configs import MODEL_CONFIGS, config_folder
 from sdlora.models import (
     TINY_XL_SPEC,
     ModelLoadError,
@@ -334,7 +334,7 @@ def refuse(*args, **kwargs):
 socket.socket.connect = socket.create_connection = socket.getaddrinfo = refuse
 from diffusers import UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTokenizer
-from sdlora.model_configs import config_folder
+from sdlora.models.component_configs import config_folder
 from sdlora.models import load_base_model
 base = load_base_model(sys.argv[1])
 folder = config_folder("sdxl")

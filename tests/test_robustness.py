@@ -14,9 +14,9 @@ import pytest
 import torch
 
 from conftest import ROOT, subprocess_env
-from sdlora.config import make_config
-from sdlora.export import read_lora
-from sdlora.train import Trainer, TrainingError, train
+from sdlora.config.train_config import make_config
+from sdlora.formats.export import read_lora
+from sdlora.training.trainer import Trainer, TrainingError, train
 
 STEPS, SAVE_EVERY = 12, 3
 
@@ -103,7 +103,7 @@ def test_repeated_nan_stops_with_cause_and_keeps_checkpoint(tmp_path, demo_datas
 
 
 def test_disk_full_while_checkpointing_keeps_previous(tmp_path, demo_dataset, monkeypatch):
-    import sdlora.checkpoints as ck
+    import sdlora.training.checkpoints as ck
 
     real = ck.save_file
     calls = {"n": 0}

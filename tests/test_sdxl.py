@@ -13,13 +13,13 @@ import torch
 from PIL import Image
 
 from conftest import run_cli
-from sdlora.config import make_config
-from sdlora.export import read_lora
+from sdlora.config.train_config import make_config
+from sdlora.formats.export import read_lora
 from sdlora.families import SampleGeometry
 from sdlora.adapters.layers import set_strength as set_lora_scale
 from sdlora.models import load_base_model
-from sdlora.train import Trainer, train
-from sdlora.verify import apply_kohya_by_hand, check_keys, VerifyReport, verify_lora
+from sdlora.training.trainer import Trainer, train
+from sdlora.tools.verify import apply_kohya_by_hand, check_keys, VerifyReport, verify_lora
 
 XL = "builtin:tiny-xl"
 
@@ -204,7 +204,7 @@ def test_size_conditioning_reaches_the_unet(tmp_path):
             assert geo.original_size == (item.height, item.width) and geo.target_size == (th, tw)
             # The crop the pixels really came from: same scale and random offset as the loader, mirrored when flipped.
             from sdlora.data.images import crop_box
-            from sdlora.training_set import _rng
+            from sdlora.data.training_set import _rng
 
             (nw, nh), (left, top) = crop_box((item.width, item.height), (tw, th), crop="random",
                                              rng=_rng(cfg.seed, "crop", epoch, i))

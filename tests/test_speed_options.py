@@ -6,9 +6,9 @@ import threading
 
 import torch
 
-from sdlora.config import make_config
-from sdlora.export import read_lora
-from sdlora.train import Trainer, train
+from sdlora.config.train_config import make_config
+from sdlora.formats.export import read_lora
+from sdlora.training.trainer import Trainer, train
 
 
 def _config(out, data, **over):
@@ -70,7 +70,7 @@ def test_gradient_checkpointing_gives_the_same_training(tmp_path, demo_dataset):
 
 def test_bf16_mixed_precision_keeps_lora_fp32_and_vae_fp32(tmp_path, demo_dataset):
     """The CUDA recipe, run on the CPU: frozen UNet in bf16 under autocast, fp32 LoRA weights, fp32 VAE."""
-    from sdlora.verify import verify_lora
+    from sdlora.tools.verify import verify_lora
     from sdlora.models import load_base_model
 
     trainer = Trainer(_config(tmp_path, demo_dataset, rank=4, alpha=4.0, steps=4, mixed_precision="bf16",

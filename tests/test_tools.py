@@ -14,7 +14,7 @@ from safetensors.torch import save_file
 
 from sdlora.formats import lycoris
 from sdlora.tools import ToolError, combine_loras, extract_lora, merge_loras, resize_lora
-from sdlora.verify import module_index
+from sdlora.tools.verify import module_index
 
 ATTN = ("to_q", "to_k", "to_v", "to_out.0")
 
@@ -196,7 +196,7 @@ def test_resize_dynamic_methods_keep_at_least_what_was_asked(tiny, tmp_path, met
 
 
 def test_resize_metadata_records_what_was_done(tiny, tmp_path):
-    from sdlora.export import tensors_hash
+    from sdlora.formats.export import tensors_hash
 
     src = make_lora(tiny, tmp_path / "in.safetensors", rank=4, metadata={"ss_output_name": "mine", "ss_steps": "500"})
     out = resize_lora(src, tmp_path / "small.safetensors", rank=2).path
@@ -245,7 +245,7 @@ def safe_load(path) -> dict:
 
 # --- combine --------------------------------------------------------------------------------------------------
 def test_combine_exact_is_the_weighted_sum_of_effects(tiny, tmp_path):
-    from sdlora.verify import verify_lora
+    from sdlora.tools.verify import verify_lora
 
     a = make_lora(tiny, tmp_path / "a.safetensors", rank=4, conv_rank=3, kinds={
         k: v for k, v in _mixed_kinds(tiny).items() if v != "dora"})
@@ -337,7 +337,7 @@ def _outputs(family, comps) -> tuple[torch.Tensor, list[torch.Tensor]]:
 
 @pytest.mark.parametrize("which", ["tiny", "tiny_xl"])
 def test_merge_equals_base_plus_loras(which, request, tmp_path):
-    from sdlora.export import tensors_hash
+    from sdlora.formats.export import tensors_hash
     from sdlora.models import load_base_model
 
     base = request.getfixturevalue(which)
@@ -420,7 +420,7 @@ def _fine_tuned(base, seed=0):
 
 
 def test_extract_at_full_rank_reproduces_the_difference(tiny, tmp_path):
-    from sdlora.verify import verify_lora
+    from sdlora.tools.verify import verify_lora
 
     tuned, changes = _fine_tuned(tiny)
     result = extract_lora(tuned, tiny, tmp_path / "x.safetensors", rank=128, conv_rank=512, precision="fp32")
@@ -500,7 +500,7 @@ def test_cli_merge_extract_resize_combine(tiny, tmp_path, capsys):
 def test_ui_service_tools_stay_inside_the_access_policy(tiny, tmp_path):
     import shutil
 
-    from sdlora.config import ConfigError
+    from sdlora.config.train_config import ConfigError
     from sdlora.ui.service import Service
 
     models, out_root = tmp_path / "models", tmp_path / "out"

@@ -35,7 +35,7 @@ PROMPTS = [
 
 
 def test_toy_base_follows_its_prompts(toy):
-    from sdlora.sampling import SamplePrompt, generate
+    from sdlora.inference.sampling import SamplePrompt, generate
 
     _, pipe = toy
     misses = []
@@ -61,7 +61,7 @@ def demo_lora(tmp_path_factory):
 
 
 def test_demo_previews_move_toward_the_concept(demo_lora, toy):
-    from sdlora.sampling import SamplePrompt, generate
+    from sdlora.inference.sampling import SamplePrompt, generate
 
     _, out = demo_lora
     previews = sorted(out.rglob("step*_01.png"))  # the preset's second preview prompt: the mascot on blue, seed 2
@@ -139,13 +139,13 @@ def navy_lora(tmp_path_factory):
 
 
 def _images(pipe, prompt: str, seeds=SEEDS) -> list:
-    from sdlora.sampling import SamplePrompt, generate
+    from sdlora.inference.sampling import SamplePrompt, generate
 
     return [generate(pipe, SamplePrompt(prompt=prompt, seed=seed, steps=20), default_size=64) for seed in seeds]
 
 
 def test_navy_lora_teaches_the_base_a_word(navy_lora):
-    from sdlora.inference import load_loras, set_strengths
+    from sdlora.inference.loras import load_loras, set_strengths
 
     _, pipe = model_and_pipeline("builtin:toy")
     prompt = "a red circle on a navy background"
@@ -162,7 +162,7 @@ def test_navy_lora_teaches_the_base_a_word(navy_lora):
 def test_two_loras_combine_through_sdlora_generate(demo_lora, navy_lora, tmp_path):
     """Both files on the command line: the grid's 0 column is the base model, its 1 column both LoRAs at full
     strength. The library gives the same picture, and the other seeds; each LoRA alone draws only its half."""
-    from sdlora.inference import load_loras, set_strengths
+    from sdlora.inference.loras import load_loras, set_strengths
 
     mascot, _ = demo_lora
     grid = tmp_path / "both.png"

@@ -19,7 +19,7 @@ pytestmark = [pytest.mark.filterwarnings("ignore:.*no_silent_downcasting:Warning
               pytest.mark.filterwarnings("ignore:The copy keyword is deprecated:Warning"),
               pytest.mark.filterwarnings("ignore:Already found a `peft_config` attribute:UserWarning")]
 
-from sdlora.config import ConfigError, make_config
+from sdlora.config.train_config import ConfigError, make_config
 from sdlora.data.scan import DatasetError
 from sdlora.paths import cache_dir
 from sdlora.ui.fields import CONV_GROUP, config_to_form, form_to_config
@@ -261,7 +261,7 @@ def test_form_fields_map_to_a_config():
 def test_the_form_starts_from_one_demo_definition(tmp_path):
     """A fresh page shows the demo preset; a server whose presets folder lacks it (or holds a broken one) shows the
     shipped presets/demo.toml, not a stale copy of it; the server's own demo.toml wins."""
-    from sdlora.config import config_from_preset
+    from sdlora.config.train_config import config_from_preset
     from sdlora.ui.layout import ROOT, demo_defaults
 
     shipped = config_to_form(config_from_preset(ROOT / "presets" / "demo.toml").model_dump())
@@ -275,7 +275,7 @@ def test_the_form_starts_from_one_demo_definition(tmp_path):
 
 
 def test_stop_queue_and_resume_through_the_service(tmp_path, monkeypatch):
-    import sdlora.train as train_module
+    import sdlora.training.trainer as train_module
 
     monkeypatch.setattr(train_module, "_STEP_DELAY", 0.1)
     service = Service(output_root=tmp_path / "out", presets_dir=tmp_path, data_roots=[tmp_path])
@@ -318,7 +318,7 @@ def test_ui_error_boundary_names_the_failure_and_logs_the_traceback(monkeypatch,
     """A bug in a handler becomes one sentence with the log file's path; the traceback is in that file, not on screen."""
     import gradio as gr
 
-    from sdlora.config import ConfigError
+    from sdlora.config.train_config import ConfigError
     from sdlora.ui.common import guard
 
     monkeypatch.setenv("SDLORA_CACHE", str(tmp_path / "cache"))

@@ -309,7 +309,7 @@ def test_offline_demo_in_browser(tmp_path):
 def _base_image(prompt: str, seed: int, steps: int) -> np.ndarray:
     """The base model alone, through the library, with the Try tab's settings."""
     from sdlora.models import load_base_model
-    from sdlora.sampling import SamplePrompt, generate
+    from sdlora.inference.sampling import SamplePrompt, generate
 
     base = load_base_model("builtin:tiny")
     pipe = base.make_pipeline()

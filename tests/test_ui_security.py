@@ -17,7 +17,7 @@ import pytest
 from PIL import Image
 from ui_helpers import app_in_process, make_dataset
 
-from sdlora.config import ConfigError, make_config
+from sdlora.config.train_config import ConfigError, make_config
 from sdlora.fileio import read_text_limited
 from sdlora.ui.access import AccessPolicy
 from sdlora.ui.http_guard import RequestGuard

@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from sdlora.config import ConfigError, make_config
-from sdlora.events import TrainEvent
-from sdlora.train import train
-from sdlora.training_data import build_training_data
+from sdlora.config.train_config import ConfigError, make_config
+from sdlora.training.events import TrainEvent
+from sdlora.training.trainer import train
+from sdlora.data.plan import build_training_data
 
 
 def _images(folder: Path, n: int, prefix: str = "img") -> Path:
@@ -90,7 +90,7 @@ def test_validation_loss_repeats_across_runs_and_resume(tmp_path):
 
 
 def test_validation_events_reach_job_and_plot():
-    from sdlora.jobs import Job
+    from sdlora.training.jobs import Job
     from sdlora.ui.service import Service
 
     job = Job(config=make_config(base_model="builtin:tiny", data_dir="x"))

@@ -1,5 +1,5 @@
 """UNet and text-encoder targets: the shorthands users type, the layer groups the UI offers, the module names a
-config may name. One copy: config validation, injection (`sdlora.lora`) and the UI's checkboxes all read it."""
+config may name. One copy: config validation, injection (`sdlora.adapters.inject`) and the UI's checkboxes all read it."""
 
 from __future__ import annotations
 

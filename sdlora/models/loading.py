@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from ..model_configs import MODEL_CONFIGS, config_folder
+from .component_configs import MODEL_CONFIGS, config_folder
 from .checkpoint_files import _read_state_dict, file_quick_hash, read_checkpoint_keys
 from .common import (MODEL_LOCK, PREDICTION_TYPES, SUPPORTED, ModelLoadError, _context_dim, _in_channels_message,
                      _read_json)

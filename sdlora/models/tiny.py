@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from ..model_configs import MODEL_CONFIGS, bytes_to_unicode, write_tokenizer
+from .component_configs import MODEL_CONFIGS, bytes_to_unicode, write_tokenizer
 from ..paths import cache_dir
 from .toy import TOY_SPEC, TOY_VERSION, unpack_toy_model
 

@@ -27,7 +27,7 @@ def build_toy_components(folder: Path, seed: int = 0):
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
     from ..data.scenes import WORDS
-    from ..model_configs import MODEL_CONFIGS, bytes_to_unicode, write_tokenizer
+    from .component_configs import MODEL_CONFIGS, bytes_to_unicode, write_tokenizer
     from .tiny import _learn_merges
 
     merges = _learn_merges(WORDS, count=1000)
@@ -67,7 +67,7 @@ def save_toy_assets(out: Path, *, vae, unet, text_encoder, tokenizer_dir: Path, 
     from safetensors.torch import load_file, save_file
     from transformers import CLIPTokenizer
 
-    from ..model_configs import MODEL_CONFIGS
+    from .component_configs import MODEL_CONFIGS
 
     out = Path(out)
     pipe = StableDiffusionPipeline(unet=unet, vae=vae, text_encoder=text_encoder,

@@ -14,7 +14,7 @@ PRECISION_CHOICES = ["fp16", "bf16", "fp32"]
 
 
 def _weighted(value: str) -> tuple[Path, float]:
-    from ..inference import parse_lora_arg
+    from ..inference.loras import parse_lora_arg
 
     return parse_lora_arg(value)
 

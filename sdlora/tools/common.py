@@ -52,9 +52,9 @@ class LoraFile:
 def read_lora_file(path, what: str = "LoRA") -> LoraFile:
     """A kohya/LyCORIS file (a diffusers-format one is converted), refused with a sentence naming it when it is not a
     LoRA or its tensors are broken."""
-    from ..export import read_lora
+    from ..formats.export import read_lora
     from ..families import family_of_lora
-    from ..verify import describe_family, detect_format
+    from .verify import describe_family, detect_format
 
     path = Path(path)
     if path.suffix.lower() != ".safetensors":
@@ -64,7 +64,7 @@ def read_lora_file(path, what: str = "LoRA") -> LoraFile:
         raise ToolError(f"{what} {_q(path)} holds no tensors: it is not a LoRA.")
     fmt = detect_format(tensors)
     if fmt == "diffusers":
-        from ..inference import diffusers_to_kohya
+        from ..inference.loras import diffusers_to_kohya
 
         family = family_of_lora(list(tensors))
         tensors = diffusers_to_kohya(tensors, metadata, family, source=path)
@@ -312,7 +312,7 @@ def check_output(out, inputs=()) -> Path:
 
 def input_record(path: Path, extra: dict | None = None) -> dict:
     """How the output's metadata names an input: file name and kohya's tensor-data hash (sshs_model_hash)."""
-    from ..export import tensors_hash
+    from ..formats.export import tensors_hash
 
     rec = {"file": Path(path).name, "sshs_model_hash": tensors_hash(Path(path))}
     rec.update(extra or {})
@@ -378,7 +378,7 @@ def lora_metadata(family, inputs: list[dict], out: Path, *, tool: dict, base: di
 
 def write_lora(tensors: dict, out: Path, metadata: dict[str, str], precision: str) -> Path:
     """Cast, add ss_network_* and kohya's hashes, write atomically."""
-    from ..export import _with_hashes, save_safetensors_atomic
+    from ..formats.export import _with_hashes, save_safetensors_atomic
 
     dtype = PRECISIONS[precision]
     tensors = {k: v.detach().to("cpu", dtype).contiguous() for k, v in tensors.items()}
@@ -406,7 +406,7 @@ def file_precision(tensors: dict) -> str:
 # --- module shapes ------------------------------------------------------------------------------------------------
 def base_shapes(base) -> dict[str, tuple]:
     """kohya prefix -> weight shape of every module of a loaded base model a LoRA may adapt."""
-    from ..verify import module_index
+    from .verify import module_index
 
     components = base.components()
     shapes = {}

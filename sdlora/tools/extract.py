@@ -38,7 +38,7 @@ def extract_lora(tuned, base, out, *, rank: int, conv_rank: int = 0, method: str
     rank: for Linear/1×1 modules (the cap for dynamic methods); conv_rank > 0 adds the 3×3 convs of the ResNet
     blocks at that rank; min_diff: modules whose largest change is at most this are left out (0: only unchanged ones);
     text_encoders False: UNet only."""
-    from ..verify import module_index
+    from .verify import module_index
 
     common.check_method(method, param)
     common.check_precision(precision)

@@ -21,7 +21,7 @@ def merge_loras(base, loras: list[tuple[str | Path, float]], out, *, precision: 
     the merged weights are new tensors). precision: of every weight in the file (the VAE included)."""
     from ..formats.ldm_checkpoint import pipeline_to_ldm, plain_state
     from ..formats.lycoris import module_delta
-    from ..verify import describe_family, module_index
+    from .verify import describe_family, module_index
 
     common.check_precision(precision)
     if not loras:
@@ -84,7 +84,7 @@ def merge_loras(base, loras: list[tuple[str | Path, float]], out, *, precision: 
                                    "base": {"model": Path(base_name).name, "model_hash": base.model_hash},
                                    "inputs": records}),
     }
-    from ..export import save_safetensors_atomic
+    from ..formats.export import save_safetensors_atomic
 
     out.parent.mkdir(parents=True, exist_ok=True)
     written = save_safetensors_atomic(tensors, out, md)

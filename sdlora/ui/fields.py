@@ -6,7 +6,7 @@ import math
 from typing import Any
 
 from ..adapters.targets import LAYER_GROUPS, SHORTHAND_GROUP_NAMES
-from ..config import ConfigError
+from ..config.train_config import ConfigError
 
 CONV_GROUP = "conv 3x3 (ResNet)"
 LAYER_CHOICES = list(LAYER_GROUPS) + [CONV_GROUP]

@@ -9,7 +9,7 @@ from typing import Any
 
 import gradio as gr
 
-from ..config import config_from_preset, make_config
+from ..config.train_config import config_from_preset, make_config
 from . import dataset_tab, export_tab, model_tab, run_tab, training_tab, try_tab
 from . import tools_tab
 from .common import guard, user_message

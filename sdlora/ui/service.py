@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..config import ConfigError, TrainConfig, make_config, save_preset
-from ..jobs import JobQueue, smooth
+from ..config.train_config import ConfigError, TrainConfig, make_config, save_preset
+from ..training.jobs import JobQueue, smooth
 from ..models import MODEL_LOCK
 from .wording import for_the_ui
 from ..paths import BUILTIN_DATA, DEMO_DATA, resolve_data_dir
@@ -97,7 +97,7 @@ class Service(ToolsService):  # the Tools tab's methods: tools_service.py
         import hashlib
 
         from ..data.images import open_image_rgb
-        from ..sampling import save_png_atomic
+        from ..inference.sampling import save_png_atomic
 
         try:
             image = Path(image).resolve()
@@ -121,7 +121,7 @@ class Service(ToolsService):  # the Tools tab's methods: tools_service.py
     def _placeholder(self) -> Path:
         from PIL import Image
 
-        from ..sampling import save_png_atomic
+        from ..inference.sampling import save_png_atomic
 
         path = self.output_root / THUMBS_DIR / "unreadable.png"
         if not path.is_file():
@@ -200,7 +200,7 @@ class Service(ToolsService):  # the Tools tab's methods: tools_service.py
         """(trainable parameters, UNet modules, text-encoder modules) for these choices, without injecting anything.
         `adapter`: an AdapterSpec (default: plain LoRA at this rank)."""
         from ..adapters.spec import AdapterSpec
-        from ..lora import resolve_text_encoder_targets, resolve_unet_targets
+        from ..adapters.inject import resolve_text_encoder_targets, resolve_unet_targets
 
         with self._model_lock:
             base = self.base_model(spec, allow_pickle=allow_pickle)
@@ -222,7 +222,7 @@ class Service(ToolsService):  # the Tools tab's methods: tools_service.py
         """build_config plus the access policy (every path in it, allow_pickle) and the cheap checks that need the disk:
         the base model resolves, the prompts parse, the dataset folder exists."""
         from ..models import resolve_model_spec
-        from ..sampling import parse_prompt_line
+        from ..inference.sampling import parse_prompt_line
 
         cfg = self.build_config(values)
         self._check_access(cfg)
@@ -268,7 +268,7 @@ class Service(ToolsService):  # the Tools tab's methods: tools_service.py
         return sorted(p.stem for p in self.presets_dir.glob("*.toml"))
 
     def load_preset(self, name: str) -> dict[str, Any]:
-        from ..config import load_preset
+        from ..config.train_config import load_preset
 
         path = self.presets_dir / f"{sanitize_name(name, default='demo')}.toml"
         values = load_preset(path)
@@ -293,9 +293,9 @@ class Service(ToolsService):  # the Tools tab's methods: tools_service.py
         import torch
 
         from ..adapters.spec import AdapterSpec
-        from ..lora import resolve_text_encoder_targets, resolve_unet_targets
-        from ..memory import estimate_training_memory
-        from ..training_data import build_training_data, make_step_plan
+        from ..adapters.inject import resolve_text_encoder_targets, resolve_unet_targets
+        from ..training.memory import estimate_training_memory
+        from ..data.plan import build_training_data, make_step_plan
 
         cfg = self.checked_config(values)
         data = build_training_data(cfg)
@@ -325,7 +325,7 @@ class Service(ToolsService):  # the Tools tab's methods: tools_service.py
 
     def resume(self, values: dict[str, Any]):
         """Queue the same settings with resume='latest': the run continues from the newest checkpoint of its output."""
-        from ..checkpoints import find_latest_checkpoint
+        from ..training.checkpoints import find_latest_checkpoint
 
         cfg = self.checked_config(dict(values, resume="latest"))
         pending = any(j.config.output_dir == cfg.output_dir and j.state in ("queued", "running") for j in self.queue.jobs())
@@ -385,7 +385,7 @@ class Service(ToolsService):  # the Tools tab's methods: tools_service.py
 
     def list_export_sources(self) -> list[str]:
         """Final LoRAs, exports and checkpoint folders (each holds a lora.safetensors), newest first."""
-        from ..checkpoints import CHECKPOINT_DIR
+        from ..training.checkpoints import CHECKPOINT_DIR
 
         files = [p for p in self._safetensors_files() if CHECKPOINT_DIR not in p.parts]
         ckpts = _newest_first({p.parent for p in self.output_root.glob(f"*/{CHECKPOINT_DIR}/*/lora.safetensors")})
@@ -405,8 +405,8 @@ class Service(ToolsService):  # the Tools tab's methods: tools_service.py
                  steps: int = 20, cfg: float = 7.0, width: int | None = None, height: int | None = None,
                  grid_strengths: list[float] | None = None, prompts: list[str] | None = None):
         """One image, or a strength grid (one row per prompt, one column per strength) when grid_strengths is given."""
-        from ..inference import load_loras, set_strengths, strength_grid, unload_loras
-        from ..sampling import SamplePrompt, generate
+        from ..inference.loras import load_loras, set_strengths, strength_grid, unload_loras
+        from ..inference.sampling import SamplePrompt, generate
 
         if int(steps) < 1 or int(steps) > 200:
             raise ConfigError("Steps: use 1 to 200 sampling steps.")
@@ -435,8 +435,8 @@ class Service(ToolsService):  # the Tools tab's methods: tools_service.py
     # export ------------------------------------------------------------------------------------------------
     def export(self, source: str, *, fmt: str, precision: str, name: str, base_spec: str) -> tuple[Path, str, bool]:
         """Re-export a LoRA (file or checkpoint folder) into OUTPUT/exports, then verify it against the base model."""
-        from ..convert import reexport
-        from ..verify import verify_lora
+        from ..tools.convert import reexport
+        from ..tools.verify import verify_lora
 
         if fmt not in ("kohya", "diffusers"):
             raise ConfigError(f"Format: choose kohya or diffusers (got '{fmt}').")
@@ -470,7 +470,7 @@ def _saved_from_web_ui(path: Path) -> bool:
 def _is_lora_file(path: Path) -> bool:
     from safetensors import safe_open
 
-    from ..verify import detect_format
+    from ..tools.verify import detect_format
 
     try:
         with safe_open(str(path), framework="pt") as fh:
@@ -492,7 +492,7 @@ def _newest_first(paths) -> list[Path]:
 
 def parse_lora_lines(text: str, default_strength: float = 1.0) -> list[tuple[str, float]]:
     """`path:strength` per line (strength optional); blank lines and # comments are ignored."""
-    from ..inference import parse_lora_arg
+    from ..inference.loras import parse_lora_arg
 
     out = []
     for line in (text or "").splitlines():

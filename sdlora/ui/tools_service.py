@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..config import ConfigError
+from ..config.train_config import ConfigError
 
 TOOLS_DIR = "tools"
 

@@ -13,7 +13,7 @@ import time
 import zipfile
 from pathlib import Path, PurePosixPath
 
-from ..config import ConfigError
+from ..config.train_config import ConfigError
 from ..data.scan import IMAGE_EXTENSIONS
 
 MAX_UPLOAD_BYTES = 2 * 1024 ** 3  # uncompressed total of one upload

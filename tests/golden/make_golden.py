@@ -32,8 +32,8 @@ VOLATILE = ("ss_training_started_at", "ss_training_finished_at", "modelspec.date
 
 
 def train_run(name: str, out: Path) -> Path:
-    from sdlora.config import make_config
-    from sdlora.train import train
+    from sdlora.config.train_config import make_config
+    from sdlora.training.trainer import train
 
     cfg = make_config(**{**BASE, "output_dir": str(out), **RUNS[name]})
     return train(cfg).lora_path

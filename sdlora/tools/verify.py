@@ -11,9 +11,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .errors import UserError
-from .export import read_lora
-from .families import FAMILIES, SampleGeometry, family_of_lora
+from ..errors import UserError
+from ..formats.export import read_lora
+from ..families import FAMILIES, SampleGeometry, family_of_lora
 
 class LoraMismatchError(UserError, ValueError):
     pass
@@ -66,8 +66,8 @@ class VerifyReport:
 def module_index(family, components: dict[str, nn.Module]) -> dict[str, tuple[str, str]]:
     """kohya prefix -> (component name, module path) for every Linear/Conv2d of the base model's components
     (unet, text_encoder[, text_encoder_2]), named by the family's rule."""
-    from .formats.kohya_names import KohyaNameError
-    from .lora import base_modules
+    from ..formats.kohya_names import KohyaNameError
+    from ..adapters.inject import base_modules
 
     index = {}
     for component, root in components.items():
@@ -89,7 +89,7 @@ def module_index(family, components: dict[str, nn.Module]) -> dict[str, tuple[st
 
 def group_kohya(tensors: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
     """{module prefix: {part: tensor}} for every LoRA/LoCon/LoHa/LoKr/DoRA part; other keys under 'unknown'."""
-    from .formats.lycoris import group_modules
+    from ..formats.lycoris import group_modules
 
     return group_modules(tensors)
 
@@ -118,7 +118,7 @@ def describe_family(tensors: dict, family=None) -> str | None:
 
 def check_keys(tensors: dict, family, components: dict[str, nn.Module], report: VerifyReport) -> dict[str, dict]:
     """Map each kohya/LyCORIS module onto the base model's components; fill report.mapped/unmapped/problems."""
-    from .formats.lycoris import shape_problem
+    from ..formats.lycoris import shape_problem
 
     index = module_index(family, components)
     groups = group_kohya(tensors)
@@ -144,7 +144,7 @@ def check_keys(tensors: dict, family, components: dict[str, nn.Module], report: 
 def apply_kohya_by_hand(components: dict[str, nn.Module], mapped: dict[str, dict], strength: float = 1.0) -> None:
     """W += strength · ΔW with ΔW as ComfyUI/A1111 compute it (sdlora.formats.lycoris), directly on the weights: the
     reference for the check."""
-    from .formats.lycoris import module_delta
+    from ..formats.lycoris import module_delta
 
     for parts in mapped.values():
         kind, path = parts["target"]
@@ -182,7 +182,7 @@ def _has_adapters(components) -> bool:
 @contextmanager
 def _adapters_off(pipe, components):
     """The bare base weights for the reference, even when a shared pipeline carries LoRAs."""
-    from .inference import formula_loras
+    from ..inference.loras import formula_loras
 
     loaded = _has_adapters(components)
     formula = formula_loras(pipe, create=False)
@@ -247,7 +247,7 @@ def verify_lora(path: str | Path, base, *, numeric: bool = True, tolerance: floa
     tensors, metadata = read_lora(Path(path))
     report = VerifyReport(path=str(path), format=detect_format(tensors), tolerance=tolerance)
     if report.format == "diffusers":
-        from .inference import LoraLoadError, diffusers_to_kohya
+        from ..inference.loras import LoraLoadError, diffusers_to_kohya
 
         try:
             tensors = diffusers_to_kohya(tensors, metadata, base.family, base.unet.config, source=path)
@@ -258,7 +258,7 @@ def verify_lora(path: str | Path, base, *, numeric: bool = True, tolerance: floa
         fam = describe_family(tensors)
         report.problems.append(f"not a recognised LoRA layout{f' (looks like {fam})' if fam else ''}")
         return report
-    from .lora_check import lora_file_problems
+    from ..formats.lora_check import lora_file_problems
 
     fam = describe_family(tensors, base.family)
     if fam:
@@ -271,7 +271,7 @@ def verify_lora(path: str | Path, base, *, numeric: bool = True, tolerance: floa
     if not numeric or not mapped or report.problems or report.unmapped:
         return report
 
-    from .formats.lycoris import describe_algos, diffusers_reads
+    from ..formats.lycoris import describe_algos, diffusers_reads
 
     report.algorithms = describe_algos(mapped)
     if not all(diffusers_reads(p) for p in mapped.values()):

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from .safetext import shown
+from ..safetext import shown
 
 _SHOW = 8
 
@@ -22,8 +22,8 @@ def _finite(t: torch.Tensor) -> bool:
 
 def lora_file_problems(tensors: dict[str, torch.Tensor]) -> list[str]:
     """Problems of a LoRA in kohya/LyCORIS naming (a diffusers file converted first); [] when it is well formed."""
-    from .formats.lycoris import algo_of
-    from .verify import group_kohya
+    from .lycoris import algo_of
+    from ..tools.verify import group_kohya
 
     problems: list[str] = []
     nonfloat = [k for k, v in tensors.items() if not v.is_floating_point()]

@@ -16,11 +16,11 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from .fileio import atomic_path
-from .data.buckets import assign_bucket, bucket_batches, make_buckets, own_size_bucket
-from .data.captions import build_caption
-from .data.images import ImageLoadError, crop_box, find_mask_file, load_training_image, load_training_mask
-from .families import SampleGeometry, TextEmbedding
+from ..fileio import atomic_path
+from .buckets import assign_bucket, bucket_batches, make_buckets, own_size_bucket
+from .captions import build_caption
+from .images import ImageLoadError, crop_box, find_mask_file, load_training_image, load_training_mask
+from ..families import SampleGeometry, TextEmbedding
 
 
 def _rng(*parts) -> random.Random:
@@ -214,7 +214,7 @@ class TrainingSet:
                 if j not in self.unreadable:
                     self._stand_in[item_index] = j
                     return j
-        from .data.scan import DatasetError
+        from .scan import DatasetError
 
         shown = "; ".join(f"{self.items[i].path.name}: {why}" for i, why in list(self.unreadable.items())[:3])
         raise DatasetError(f"No readable images left: every image of the dataset failed to load during training ({shown}). "

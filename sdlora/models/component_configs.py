@@ -131,7 +131,7 @@ def config_digest(name: str) -> str:
 
 def config_folder(name: str) -> Path:
     """The cached config folder for a variant ('sd15', 'sd2-base', 'sd2-v', 'sdxl'), written on first use."""
-    from .paths import cache_dir
+    from ..paths import cache_dir
 
     return write_config_folder(name, cache_dir() / "configs" / f"{name}-{config_digest(name)}")
 

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import torch
 
-from .errors import UserError
-from .safetext import shown
+from ..errors import UserError
+from ..safetext import shown
 
 _STEP_DIR = re.compile(r"^step(\d{6,})$")
 _EXACT_SHAPE = {"exp_avg", "exp_avg_sq", "max_exp_avg_sq"}
@@ -39,7 +39,7 @@ class LoadedCheckpoint:
 
 
 def _expected(model) -> dict[str, torch.Tensor]:
-    from .adapters.layers import adapter_state_dict
+    from ..adapters.layers import adapter_state_dict
 
     return adapter_state_dict(model)
 
@@ -160,7 +160,7 @@ def read_checkpoint(path, *, modules: dict, optimizer) -> LoadedCheckpoint:
 
 
 def apply_checkpoint(ckpt: LoadedCheckpoint, *, modules: dict, optimizer, scheduler) -> None:
-    from .adapters.layers import load_adapter_state_dict
+    from ..adapters.layers import load_adapter_state_dict
 
     for part, module in modules.items():
         load_adapter_state_dict(module, ckpt.weights[part])

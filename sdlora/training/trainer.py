@@ -20,16 +20,16 @@ import torch
 import torch.nn.functional as F
 
 from .checkpoints import save_checkpoint
-from .config import ConfigError, TrainConfig
-from .errors import UserError
+from ..config.train_config import ConfigError, TrainConfig
+from ..errors import UserError
 from .events import TrainEvent
-from .export import build_metadata, export_diffusers, export_kohya
-from .families import Conditioning
-from .adapters.layers import is_up_parameter, make_trainable_fp32, trainable_parameters
-from .adapters.spec import AdapterSpec
-from .lora import inject_text_encoder, inject_unet
-from .sampling import generate, parse_prompt_line, sample_filename, save_png_atomic
-from .training_set import LatentCache, TextEmbeddingCache
+from ..formats.export import build_metadata, export_diffusers, export_kohya
+from ..families import Conditioning
+from ..adapters.layers import is_up_parameter, make_trainable_fp32, trainable_parameters
+from ..adapters.spec import AdapterSpec
+from ..adapters.inject import inject_text_encoder, inject_unet
+from ..inference.sampling import generate, parse_prompt_line, sample_filename, save_png_atomic
+from ..data.training_set import LatentCache, TextEmbeddingCache
 
 MAX_CONSECUTIVE_NONFINITE = 3
 # Validation loss: each validation image is noised at this many fixed timesteps, spread over the schedule.
@@ -132,11 +132,11 @@ class Trainer:
         from accelerate.state import AcceleratorState
         from accelerate.utils import set_seed
 
-        from .models import MODEL_LOCK, load_base_model, resolve_model_spec
+        from ..models import MODEL_LOCK, load_base_model, resolve_model_spec
 
         cfg = self.config
         # Cheap checks first: a bad folder or model path fails before any model is loaded.
-        from .training_data import build_training_data
+        from ..data.plan import build_training_data
 
         self.data = build_training_data(cfg)  # every folder and the dataset TOML are checked here, before any model
         self.report = self.data.reports[0][1]
@@ -219,7 +219,7 @@ class Trainer:
         self.dataset.on_unreadable = self._on_unreadable  # an image failing mid-run is skipped with a warning
         if cfg.cache_latents and any(s.random_crop for s in self.dataset.subsets):
             self.emit("warning", message="Random crop is off while latents are cached (each image is encoded once, centre-cropped). Set cache_latents = false for random crops.")
-        from .training_data import make_step_plan
+        from ..data.plan import make_step_plan
 
         self.plan = make_step_plan(cfg, self.dataset, acc.num_processes)
         self.total_steps, self.steps_per_epoch = self.plan.total_steps, self.plan.steps_per_epoch
@@ -300,8 +300,8 @@ class Trainer:
         noise and timesteps seeded from (seed, "validation", index): the same numbers at every step, in every run and
         after a resume, so the values compare. Eval mode, no gradients, through the training's conditioning and
         family.unet_forward."""
-        from .families import TextEmbedding
-        from .training_set import _rng
+        from ..families import TextEmbedding
+        from ..data.training_set import _rng
 
         cfg, acc = self.config, self.accelerator
         unet = acc.unwrap_model(self.unet)
@@ -349,7 +349,7 @@ class Trainer:
         try:
             value = self.validation_loss()
         except Exception as exc:  # noqa: BLE001 - like previews, a failed validation must not end the run
-            from .errorlog import what_went_wrong
+            from ..errorlog import what_went_wrong
 
             self.emit("warning", step=step, message=f"Validation at step {step} failed ({what_went_wrong(exc)}); training "
                       "continues.")
@@ -379,7 +379,7 @@ class Trainer:
                       "gradient_checkpointing, use bf16/fp16 mixed precision or the adamw8bit optimizer.")
 
     def _resume(self, resume: str) -> None:
-        """Checked before use (see sdlora.resume): 'latest' falls back past damaged checkpoints, saying so."""
+        """Checked before use (see sdlora.training.resume): 'latest' falls back past damaged checkpoints, saying so."""
         from .resume import apply_checkpoint, choose_checkpoint
 
         modules = self.adapted_modules()
@@ -629,7 +629,7 @@ class Trainer:
         try:
             return self._sample(step)
         except Exception as exc:  # noqa: BLE001 - the run (and its LoRA) matter more than a preview
-            from .errorlog import what_went_wrong, write_traceback
+            from ..errorlog import what_went_wrong, write_traceback
 
             log = write_traceback(exc, context=f"preview at step {step}", out_dir=self.out_dir)
             self.emit("warning", step=step, message=f"Preview at step {step} failed ({what_went_wrong(exc)}); training is "
@@ -683,7 +683,7 @@ class Trainer:
         return modules
 
     def _metadata(self, step: int, finished: float | None) -> dict[str, str]:
-        from .safetext import (
+        from ..safetext import (
             clean_text,  # safetensors metadata must be valid UTF-8 (paths may not be)
         )
 
@@ -709,7 +709,7 @@ class Trainer:
             path = save_checkpoint(self.out_dir, step, modules=self.adapted_modules(), optimizer=self.optimizer, scheduler=self.scheduler,
                                    config=self.config, export=lambda p: self.export(p, step))
         except Exception as exc:  # noqa: BLE001 - a full disk raises OSError, RuntimeError (torch.save) or SafetensorError
-            from .errorlog import write_failure
+            from ..errorlog import write_failure
 
             self.emit("warning", step=step, message=f"Could not save checkpoint at step {step}: {write_failure(exc, self.out_dir)}. "
                       "The previous checkpoint is kept; training continues.")
@@ -722,9 +722,9 @@ class Trainer:
         """Write the finished LoRA. If its place cannot take it (full disk, read-only folder, a folder in the way), it goes
         to a fallback folder with a warning; only when every place fails does the run end, with a sentence naming the
         path, why, and the newest checkpoint to resume from."""
-        from .errorlog import write_failure
-        from .outputs import OutputError
-        from .paths import cache_dir
+        from ..errorlog import write_failure
+        from ..outputs import OutputError
+        from ..paths import cache_dir
 
         target = self.out_dir / f"{self.config.output_name}.safetensors"
         finished = time.time()
@@ -769,7 +769,7 @@ def train(config: TrainConfig, *, on_event: Callable[[TrainEvent], None] | None 
           stop_event: threading.Event | None = None) -> TrainResult:
     """Train a LoRA as configured. Raises ConfigError/DatasetError/ModelLoadError/TrainingError with user-facing messages.
     The output folder is locked for the run (by the main process), so two runs never write into one folder."""
-    from .outputs import output_lock
+    from ..outputs import output_lock
 
     trainer = Trainer(config, on_event=on_event, stop_event=stop_event)
     main_process = int(os.environ.get("RANK", "0") or 0) == 0

@@ -19,9 +19,9 @@ from pydantic import (
     model_validator,
 )
 
-from .adapters.targets import KNOWN_UNET_TARGETS, OTHER_UNET_LEAVES, UNET_SHORTHANDS
-from .errors import UserError
-from .fileio import atomic_write_text
+from ..adapters.targets import KNOWN_UNET_TARGETS, OTHER_UNET_LEAVES, UNET_SHORTHANDS
+from ..errors import UserError
+from ..fileio import atomic_write_text
 
 TARGET_SHORTHANDS = tuple(UNET_SHORTHANDS)
 OUTPUT_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._ -]{0,99}$")
@@ -151,7 +151,7 @@ class TrainConfig(BaseModel):
     def _valid_text(cls, v):
         # Text from a command line or a file name that is not UTF-8 carries surrogate escapes, which no tokenizer or
         # metadata writer accepts: keep what can be kept, mark the rest with U+FFFD.
-        from .safetext import clean_text
+        from ..safetext import clean_text
 
         return [clean_text(x) for x in v] if isinstance(v, list) else clean_text(v)
 
@@ -356,7 +356,7 @@ class TrainConfig(BaseModel):
         prompts = list(self.sample_prompts)
         if self.sample_prompts_file:
             path = Path(self.sample_prompts_file).expanduser()
-            from .fileio import read_text_limited
+            from ..fileio import read_text_limited
 
             try:  # a regular file of at most 1 MiB: a FIFO or device must never block or flood a run
                 text = read_text_limited(path)
@@ -365,7 +365,7 @@ class TrainConfig(BaseModel):
             except OSError as exc:
                 raise ConfigError(f"sample_prompts_file: cannot read '{path}' ({exc.strerror or exc}). Fix the path or clear the field.") from exc
             if "\x00" in text:  # a binary file picked by mistake would become a screenful of garbage previews
-                from .safetext import shown
+                from ..safetext import shown
 
                 raise ConfigError(f"sample_prompts_file: '{shown(path)}' is a binary file, not a text file of prompts. Give a "
                                   "prompt file (one prompt per line) or clear the field.")
@@ -404,7 +404,7 @@ PRESET_MAX_BYTES = 1 << 20
 def load_preset(path: str | os.PathLike) -> dict[str, Any]:
     import stat
 
-    from .safetext import shown
+    from ..safetext import shown
 
     path = Path(path).expanduser()
     shown_path = shown(path)

@@ -10,9 +10,9 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from .errors import UserError
-from .export import read_lora
-from .families import FAMILIES, family_of_pipeline
+from ..errors import UserError
+from ..formats.export import read_lora
+from ..families import FAMILIES, family_of_pipeline
 from .sampling import SamplePrompt, generate, label_image, make_grid
 
 
@@ -31,7 +31,7 @@ def parse_lora_arg(arg: str) -> tuple[Path, float]:
 def _adapter_configs(metadata: dict[str, str], source) -> dict[str, dict]:
     """The LoRA configs diffusers stores in the file ("unet.lora_alpha": 4, ...), grouped by component; a damaged one is
     refused with a sentence (diffusers would fail on it with a traceback, or load wrong ranks silently)."""
-    from .safetext import shown
+    from ..safetext import shown
 
     if "lora_adapter_metadata" not in metadata:
         return {}
@@ -83,7 +83,7 @@ def diffusers_to_kohya(tensors: dict[str, torch.Tensor], metadata: dict[str, str
                        unet_config=None, *, source="LoRA file") -> dict[str, torch.Tensor]:
     """A diffusers/PEFT-format file in kohya terms (used by verify), named by the family's rule; alpha comes from the
     stored LoRA config. Damaged metadata raises LoraLoadError naming `source`."""
-    from .safetext import shown
+    from ..safetext import shown
 
     family = family or FAMILIES["sd1"]
     configs = _adapter_configs(metadata, source)
@@ -118,7 +118,7 @@ def diffusers_to_kohya(tensors: dict[str, torch.Tensor], metadata: dict[str, str
 def check_lora_fits(path: Path, pipe) -> dict[str, dict]:
     """Refuse a LoRA made for another architecture before diffusers half-loads it; returns its modules mapped onto the
     pipeline ({prefix: parts with "target"})."""
-    from .verify import (
+    from ..tools.verify import (
         LoraMismatchError,
         VerifyReport,
         check_keys,
@@ -137,7 +137,7 @@ def check_lora_fits(path: Path, pipe) -> dict[str, dict]:
         raise LoraMismatchError(f"'{path.name}' does not look like a LoRA (no lora_unet_/lora_te_ or unet./text_encoder. keys).")
     if fmt == "diffusers":
         tensors = diffusers_to_kohya(tensors, metadata, family, pipe.unet.config, source=path)
-    from .lora_check import refuse_broken
+    from ..formats.lora_check import refuse_broken
 
     refuse_broken(tensors, path, LoraLoadError)  # NaN weights, integer tensors, odd ranks or alpha shapes
     report = VerifyReport(path=str(path))
@@ -179,7 +179,7 @@ class FormulaLoras:
 
     @torch.no_grad()
     def set_strengths(self, strengths: dict[str, float]) -> None:
-        from .formats.lycoris import module_delta
+        from ..formats.lycoris import module_delta
 
         self.strengths.update(strengths)
         for target, original in self.originals.items():
@@ -228,12 +228,12 @@ def load_loras(pipe, loras: list[tuple[Path, float]]) -> list[str]:
     for i, (path, _) in enumerate(loras):
         path = Path(path)
         if not path.is_file():
-            from .lora_check import not_a_file
+            from ..formats.lora_check import not_a_file
 
             raise LoraLoadError(not_a_file(path))
         mapped = check_lora_fits(path, pipe)
         name = adapter_name_for(i, path)
-        from .formats.lycoris import diffusers_reads
+        from ..formats.lycoris import diffusers_reads
 
         if not all(diffusers_reads(p) for p in mapped.values()):
             formula_loras(pipe).add(name, mapped)
@@ -242,8 +242,8 @@ def load_loras(pipe, loras: list[tuple[Path, float]]) -> list[str]:
         try:
             pipe.load_lora_weights(str(path), adapter_name=name)
         except Exception as exc:  # noqa: BLE001 - whatever diffusers trips over in a file that passed our checks
-            from .errorlog import what_went_wrong
-            from .safetext import shown
+            from ..errorlog import what_went_wrong
+            from ..safetext import shown
 
             try:
                 pipe.delete_adapters(name)  # no half-loaded adapter may stay behind in a shared pipeline

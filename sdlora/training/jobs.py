@@ -16,11 +16,11 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
-from .config import TrainConfig
+from ..config.train_config import TrainConfig
 from .events import TrainEvent
-from .safetext import shown
+from ..safetext import shown
 
-log = logging.getLogger("sdlora.jobs")
+log = logging.getLogger("sdlora.training.jobs")
 
 _ids = itertools.count(1)
 
@@ -122,7 +122,7 @@ def _job_error(job: Job, exc: BaseException) -> str:
     """The job's error boundary: one sentence naming the run's output folder; a traceback goes to a log file
     (OUTPUT/logs, else the sdlora cache's logs/) that the sentence names, never to the page."""
     try:
-        from .errorlog import describe
+        from ..errorlog import describe
 
         return describe(exc, context=f"Training into '{job.config.output_dir}'", out_dir=job.config.output_path())
     except Exception:  # noqa: BLE001 - even describing the error must not kill the worker
@@ -177,7 +177,7 @@ class JobQueue:
             job.state = "running"
             job.started = time.time()
             try:
-                from .train import train
+                from .trainer import train
 
                 result = train(job.config, on_event=job.handle, stop_event=job.stop_event)
                 job.state = "stopped" if getattr(result, "stopped_early", False) else "done"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .export import (PRECISIONS, ExportError, _with_hashes, export_diffusers, export_kohya, read_lora,
+from ..formats.export import (PRECISIONS, ExportError, _with_hashes, export_diffusers, export_kohya, read_lora,
                      save_safetensors_atomic)
 from .verify import detect_format
 
@@ -20,7 +20,7 @@ def _source_file(source: Path) -> Path:
 
 
 def reexport(source: Path, out: Path, *, fmt: str = "kohya", precision: str = "fp16", base_model: str | None = None) -> Path:
-    from .outputs import check_output_file
+    from ..outputs import check_output_file
 
     check_output_file(out, what="export destination")  # never a folder, a device or a pipe
     src = _source_file(Path(source))
@@ -36,14 +36,14 @@ def reexport(source: Path, out: Path, *, fmt: str = "kohya", precision: str = "f
             Path(out).parent.mkdir(parents=True, exist_ok=True)
             metadata = _with_hashes(Path(out), cast, metadata)
         return save_safetensors_atomic(cast, Path(out), metadata)
-    from .formats.lycoris import describe_algos, diffusers_reads, group_modules
+    from ..formats.lycoris import describe_algos, diffusers_reads, group_modules
 
     groups = group_modules(tensors)
     if not all(diffusers_reads(p) for p in groups.values() if "unknown" not in p):
         raise ExportError(f"'{src}' holds {describe_algos(groups)} modules; the diffusers/PEFT format holds plain LoRA only. "
                           "Keep the kohya/LyCORIS file: ComfyUI and A1111 load it.")
     # Format change: let diffusers load the file onto the base model, then write from the injected modules.
-    from .models import load_base_model
+    from ..models import load_base_model
 
     spec = base_model or _base_from_metadata(src, metadata)
     base = load_base_model(spec)
@@ -51,7 +51,7 @@ def reexport(source: Path, out: Path, *, fmt: str = "kohya", precision: str = "f
     try:
         pipe.load_lora_weights(str(src), adapter_name="default")
     except Exception as exc:  # noqa: BLE001 - whatever diffusers trips over in a file that passed the checks above
-        from .errorlog import what_went_wrong
+        from ..errorlog import what_went_wrong
 
         raise ExportError(f"diffusers could not load '{src}' onto {spec} ({what_went_wrong(exc)}). Check it with "
                           "python -m sdlora verify, or pass the right --base-model.") from None
@@ -66,8 +66,8 @@ def reexport(source: Path, out: Path, *, fmt: str = "kohya", precision: str = "f
 
 def _refuse_broken(src: Path, tensors: dict, metadata: dict, src_fmt: str) -> None:
     """A file with NaN weights, integer tensors, odd ranks/alpha shapes or damaged diffusers metadata is not exported."""
-    from .inference import LoraLoadError, diffusers_to_kohya
-    from .lora_check import refuse_broken
+    from ..inference.loras import LoraLoadError, diffusers_to_kohya
+    from ..formats.lora_check import refuse_broken
 
     try:
         kohya = diffusers_to_kohya(tensors, metadata, source=src) if src_fmt == "diffusers" else tensors

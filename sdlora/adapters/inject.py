@@ -8,10 +8,10 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from .adapters.layers import ADAPTER_PARTS
-from .adapters.spec import AdapterSpec
-from .adapters.targets import KNOWN_UNET_TARGETS, TEXT_ENCODER_TARGETS, UNET_SHORTHANDS
-from .config import ConfigError
+from .layers import ADAPTER_PARTS
+from .spec import AdapterSpec
+from .targets import KNOWN_UNET_TARGETS, TEXT_ENCODER_TARGETS, UNET_SHORTHANDS
+from ..config.train_config import ConfigError
 
 # kohya's LoCon set ("conv_dim"): every ResnetBlock2D, Downsample2D and Upsample2D -- the 3x3 convs at the conv rank, a
 # ResNet's time_emb_proj and 1x1 conv_shortcut at the network rank.

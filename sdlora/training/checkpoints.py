@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from .adapters.layers import adapter_state_dict, load_adapter_state_dict
+from ..adapters.layers import adapter_state_dict, load_adapter_state_dict
 
 CHECKPOINT_DIR = "checkpoints"
 _STEP_DIR = re.compile(r"^step(\d{6,})$")

@@ -8,8 +8,8 @@ from pathlib import Path
 import torch
 from PIL import Image, ImageDraw
 
-from .config import ConfigError
-from .fileio import atomic_path
+from ..config.train_config import ConfigError
+from ..fileio import atomic_path
 
 
 @dataclass(frozen=True)
@@ -25,7 +25,7 @@ class SamplePrompt:
     def __post_init__(self):
         import math
 
-        from .config import MAX_SEED
+        from ..config.train_config import MAX_SEED
 
         for name in ("width", "height"):
             value = getattr(self, name)

@@ -125,9 +125,9 @@ def trace_step_bytes(unet, *, family, config, compute_dtype: torch.dtype, height
     included); `trained_text_encoders` (name -> module) run inside the step when they train."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    from .adapters.layers import trainable_parameters
-    from .adapters.spec import AdapterSpec
-    from .lora import inject_text_encoder, inject_unet
+    from ..adapters.layers import trainable_parameters
+    from ..adapters.spec import AdapterSpec
+    from ..adapters.inject import inject_text_encoder, inject_unet
 
     spec = AdapterSpec.from_config(config)
     meta_unet = _meta_copy(unet)

@@ -20,14 +20,14 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .errors import UserError
-from .fileio import atomic_path
-from .formats.kohya_names import (  # noqa: F401 (re-exported)
+from ..errors import UserError
+from ..fileio import atomic_path
+from .kohya_names import (  # noqa: F401 (re-exported)
     KohyaNameError,
     text_encoder_kohya_prefix,
     unet_kohya_prefix,
 )
-from .adapters.layers import adapted_layers, file_parts
+from ..adapters.layers import adapted_layers, file_parts
 
 PRECISIONS = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
@@ -117,7 +117,7 @@ def build_metadata(*, config, base, num_images: int, tag_frequency: dict, steps_
     te_lrs = config.text_encoder_lrs(len(family.text_encoder_names)) if config.train_text_encoder else [0.0]
     # kohya writes one value, or the list when the encoders differ.
     te_lr = te_lrs[0] if len(set(te_lrs)) == 1 else te_lrs
-    from .adapters.spec import AdapterSpec
+    from ..adapters.spec import AdapterSpec
 
     adapter = AdapterSpec.from_config(config)
     network_args = adapter.network_args()

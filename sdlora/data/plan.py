@@ -13,11 +13,11 @@ import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from .config import ConfigError, TrainConfig
-from .data.dataset_config import DatasetConfigError, SubsetSpec, folder_subsets, load_dataset_config
-from .data.scan import DatasetError, DatasetReport, scan_dataset
-from .paths import resolve_data_dir
-from .safetext import shown
+from ..config.train_config import ConfigError, TrainConfig
+from .dataset_config import DatasetConfigError, SubsetSpec, folder_subsets, load_dataset_config
+from .scan import DatasetError, DatasetReport, scan_dataset
+from ..paths import resolve_data_dir
+from ..safetext import shown
 from .training_set import Group, Subset, TrainingSet, _rng
 
 DEFAULT_CAPTION_EXTENSIONS = (".txt", ".caption")
@@ -45,7 +45,7 @@ class TrainingData:
         """kohya's ss_tag_frequency: {subset folder: {tag: count}}, train and reg subsets."""
         from collections import Counter
 
-        from .data.captions import split_tags
+        from .captions import split_tags
 
         ds = self.dataset
         tags: dict[str, Counter] = {}
@@ -229,7 +229,7 @@ def build_training_data(cfg: TrainConfig) -> TrainingData:
 def _check_masks(cfg: TrainConfig, dataset: TrainingSet) -> str:
     """Refuse a mask_dir that is not a folder or holds a mask whose size differs from its image (headers only);
     returns the note saying where the masks come from."""
-    from .data.images import _has_alpha, mask_size_error, open_image
+    from .images import _has_alpha, mask_size_error, open_image
 
     if cfg.mask_dir and not dataset.mask_dir.is_dir():
         raise ConfigError(f"mask_dir: '{shown(cfg.mask_dir)}' is not a folder. Give the folder of masks named like their "

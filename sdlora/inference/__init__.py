@@ -1,0 +1,1 @@
+"""Using LoRAs: pipelines with LoRAs at chosen strengths, sampling, strength grids."""

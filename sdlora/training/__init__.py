@@ -1,0 +1,1 @@
+"""Training: the loop and what it writes (checkpoints, resume, memory estimate, events, the job queue)."""
