@@ -11,106 +11,49 @@ from pathlib import Path
 from .paths import BUILTIN_DATA
 
 
-def _lr_list(value: str):
-    """`5e-5` or, for SDXL's two text encoders, `5e-5,1e-5`."""
-    try:
-        parts = [float(v) for v in value.split(",") if v.strip()]
-    except ValueError:
-        parts = []
-    if not 1 <= len(parts) <= 2:
-        raise argparse.ArgumentTypeError(
-            f"{value!r} is not a learning rate: give one, or two for SDXL as TE1,TE2, e.g. 5e-5,1e-5")
-    return parts[0] if len(parts) == 1 else parts
-
-
-# Flag -> TrainConfig field, with how argparse should read it.
-_TRAIN_FLAGS: list[tuple[str, str, dict]] = [
-    ("--base-model", "base_model", {}),
-    ("--data", "data_dir", {}),
-    ("--dataset-config", "dataset_config", {"help": "kohya dataset TOML ([general], [[datasets]], [[datasets.subsets]])"}),
-    ("--reg-data", "reg_data_dir", {"help": "regularization images in kohya N_class folders"}),
-    ("--prior-loss-weight", "prior_loss_weight", {"type": float, "help": "loss weight of regularization samples (1.0)"}),
-    ("--validation-split", "validation_split", {"type": float, "help": "fraction of the images held out for validation loss"}),
-    ("--validation-dir", "validation_dir", {"help": "separate folder of validation images (replaces --validation-split)"}),
-    ("--validate-every", "validate_every", {"type": int, "help": "validation loss every N steps (0 = only at the end)"}),
-    ("--mask-dir", "mask_dir", {"help": "folder of grayscale loss masks named like their images (with --masked-loss)"}),
-    ("--log-with", "log_with", {"choices": ["none", "tensorboard"], "help": "also log to TensorBoard (OUTPUT/logs/tensorboard)"}),
-    ("--loraplus-lr-ratio", "loraplus_lr_ratio", {"type": float, "help": "LoRA+: up/B matrices learn at lr x ratio (16 is usual)"}),
-    ("--output", "output_dir", {}),
-    ("--output-name", "output_name", {}),
-    ("--rank", "rank", {"type": int}),
-    ("--alpha", "alpha", {"type": float}),
-    ("--targets", "targets", {"help": "comma-separated: attn, attn1, attn2, transformer or module names (to_q,proj_in,...)"}),
-    ("--conv-rank", "conv_rank", {"type": int}),
-    ("--conv-alpha", "conv_alpha", {"type": float}),
-    ("--network", "network", {"choices": ["lora", "locon", "loha", "lokr"],
-                              "help": "adapter type (locon = LoRA on the ResNet blocks too, needs --conv-rank)"}),
-    ("--lokr-factor", "lokr_factor", {"type": int, "help": "LoKr factor (-1 = balanced)"}),
-    ("--dropout", "dropout", {"type": float, "help": "dropout inside the adapter"}),
-    ("--rank-dropout", "rank_dropout", {"type": float}),
-    ("--module-dropout", "module_dropout", {"type": float}),
-    ("--text-encoder-lr", "text_encoder_lr", {"type": _lr_list, "metavar": "LR[,LR2]",
-                                              "help": "text-encoder LR; SDXL: one for both encoders or TE1,TE2 (0 = frozen)"}),
-    ("--lr", "lr", {"type": float}),
-    ("--steps", "steps", {"type": int}),
-    ("--epochs", "epochs", {"type": int}),
-    ("--batch-size", "batch_size", {"type": int}),
-    ("--grad-accum", "grad_accum", {"type": int}),
-    ("--resolution", "resolution", {"type": int}),
-    ("--seed", "seed", {"type": int}),
-    ("--mixed-precision", "mixed_precision", {"choices": ["no", "fp16", "bf16"]}),
-    ("--optimizer", "optimizer", {"choices": ["adamw", "adamw8bit", "prodigy"]}),
-    ("--lr-scheduler", "lr_scheduler", {}),
-    ("--warmup-steps", "warmup_steps", {"type": int}),
-    ("--min-snr-gamma", "min_snr_gamma", {"type": float}),
-    ("--noise-offset", "noise_offset", {"type": float}),
-    ("--caption-dropout", "caption_dropout", {"type": float}),
-    ("--keep-tokens", "keep_tokens", {"type": int}),
-    ("--trigger-word", "trigger_word", {}),
-    ("--default-caption", "default_caption", {}),
-    ("--sample-every", "sample_every", {"type": int}),
-    ("--sample-prompts", "sample_prompts_file", {"help": "file with one prompt per line (kohya options --n --w --h --d --l --s)"}),
-    ("--sample-prompt", "sample_prompts", {"action": "append", "help": "a prompt line; repeatable"}),
-    ("--sample-steps", "sample_steps", {"type": int}),
-    ("--save-every", "save_every", {"type": int}),
-    ("--resume", "resume", {"help": "checkpoint folder, or 'latest' for the newest under OUTPUT/checkpoints"}),
-    ("--save-precision", "save_precision", {"choices": ["fp16", "bf16", "fp32"]}),
-    ("--format", "format", {"choices": ["kohya", "diffusers"]}),
-    ("--prediction-type", "prediction_type", {"choices": ["auto", "epsilon", "v_prediction"]}),
-    ("--num-workers", "num_workers", {"type": int}),
-]
-_TRAIN_SWITCHES = [
-    ("--train-text-encoder", "train_text_encoder"),
-    ("--gradient-checkpointing", "gradient_checkpointing"),
-    ("--shuffle-tags", "shuffle_tags"),
-    ("--random-flip", "random_flip"),
-    ("--buckets", "enable_buckets"),
-    ("--bucket-no-upscale", "bucket_no_upscale"),
-    ("--allow-pickle", "allow_pickle"),
-    ("--compile", "compile"),
-    ("--masked-loss", "masked_loss"),
-    ("--dora", "dora"),
-    ("--lokr-full-matrix", "lokr_full_matrix"),
-    ("--tucker", "tucker"),
-]
-_TRAIN_NEGATIONS = [
-    ("--no-cache-latents", "cache_latents"),
-    ("--random-crop", "center_crop"),
-    ("--no-upscale-small", "upscale_small"),
-]
-
-
 def _add_train_parser(sub) -> None:
     p = sub.add_parser("train", help="train a LoRA", description="Train a LoRA. Flags override values from --config.")
     p.add_argument("--config", help="TOML preset (see presets/)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override any config key; repeatable")
-    for flag, dest, kw in _TRAIN_FLAGS:
-        p.add_argument(flag, dest=dest, default=None, **kw)
-    for flag, dest in _TRAIN_SWITCHES:
-        p.add_argument(flag, dest=dest, action="store_const", const=True, default=None)
-    for flag, dest in _TRAIN_NEGATIONS:
-        p.add_argument(flag, dest=dest, action="store_const", const=False, default=None)
+    for dest, flag, annotation in _train_flags():
+        p.add_argument(flag.name, dest=dest, default=None, **_argparse_options(flag, annotation))
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def _train_flags():
+    """(field name, Flag, field type) of every TrainConfig field that has a `train` flag, in field order."""
+    from .config.flags import Flag
+    from .config.train_config import TrainConfig
+
+    for name, info in TrainConfig.model_fields.items():
+        flag = next((m for m in info.metadata if isinstance(m, Flag)), None)
+        if flag is not None:
+            yield name, flag, info.annotation
+
+
+def _argparse_options(flag, annotation) -> dict:
+    """How argparse reads a flag, from the field's type: int/float values, a Literal's choices, switches."""
+    from types import UnionType
+    from typing import Literal, Union, get_args, get_origin
+
+    if flag.sets is not None:
+        return {"action": "store_const", "const": flag.sets}
+    kw: dict = {"help": flag.help} if flag.help else {}
+    if flag.metavar:
+        kw["metavar"] = flag.metavar
+    if flag.repeat:
+        kw["action"] = "append"
+    # `int | None` reads as int; a union of several types (`float | list[float]`) needs its own `parse`.
+    union = get_origin(annotation) in (Union, UnionType)
+    args = [a for a in get_args(annotation) if a is not type(None)] if union else [annotation]
+    if flag.parse is not None:
+        kw["type"] = flag.parse
+    elif get_origin(annotation) is Literal:
+        if flag.offer_choices:
+            kw["choices"] = list(get_args(annotation))
+    elif args[0] in (int, float):
+        kw["type"] = args[0]
+    return kw
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -173,10 +116,7 @@ def config_from_args(args: argparse.Namespace):
         if not sep:
             raise ConfigError(f"--set '{item}': use KEY=VALUE, e.g. --set rank=8")
         values[key.strip()] = parse_set_value(raw.strip())
-    for _, dest, _ in _TRAIN_FLAGS:
-        if getattr(args, dest) is not None:
-            values[dest] = getattr(args, dest)
-    for _, dest in _TRAIN_SWITCHES + _TRAIN_NEGATIONS:
+    for dest, _, _ in _train_flags():
         if getattr(args, dest) is not None:
             values[dest] = getattr(args, dest)
     if isinstance(values.get("targets"), str):
@@ -194,33 +134,31 @@ class _Progress:
     """Progress bar on stderr; stdout is kept for results (its last line is the LoRA path)."""
 
     def __init__(self, quiet: bool):
+        from .training.progress import JobSnapshot
+
         self.quiet = quiet
         self.bar = None
+        self.snapshot = JobSnapshot()
 
     def __call__(self, event) -> None:
         from tqdm import tqdm
 
-        if event.kind == "start":
+        from .training.events import DoneEvent, StartEvent, StepEvent
+
+        snap = self.snapshot
+        snap.apply(event)
+        if isinstance(event, StartEvent):
             if not self.quiet:
-                self.bar = tqdm(total=event.total_steps, initial=event.step, unit="step", file=sys.stderr, dynamic_ncols=True)
-        elif event.kind == "step":
+                self.bar = tqdm(total=snap.total_steps, initial=snap.step, unit="step", file=sys.stderr, dynamic_ncols=True)
+        elif isinstance(event, StepEvent):
             if self.bar is not None:
-                self.bar.update(event.step - self.bar.n)
-                self.bar.set_postfix(loss=f"{event.data['loss']:.4f}", lr=f"{event.data['lr']:.2e}")
-        elif event.kind in ("status", "warning"):
-            msg = ("warning: " if event.kind == "warning" else "") + event.data["message"]
-            (self.bar.write(msg, file=sys.stderr) if self.bar else print(msg, file=sys.stderr))
-        elif event.kind == "sample":
-            text = f"step {event.step}: samples " + ", ".join(event.data["paths"])
-            (self.bar.write(text, file=sys.stderr) if self.bar else print(text, file=sys.stderr))
-        elif event.kind == "validation":
-            text = f"step {event.step}: validation loss {event.data['val_loss']:.4f}"
-            (self.bar.write(text, file=sys.stderr) if self.bar else print(text, file=sys.stderr))
-        elif event.kind == "checkpoint":
-            text = f"step {event.step}: checkpoint {event.data['path']}"
-            (self.bar.write(text, file=sys.stderr) if self.bar else print(text, file=sys.stderr))
-        elif event.kind == "done" and self.bar is not None:
+                self.bar.update(snap.step - self.bar.n)
+                self.bar.set_postfix(loss=f"{snap.loss:.4f}", lr=f"{snap.lr:.2e}")
+        elif isinstance(event, DoneEvent) and self.bar is not None:
             self.bar.close()
+        line = event.console_line()
+        if line is not None:
+            (self.bar.write(line, file=sys.stderr) if self.bar else print(line, file=sys.stderr))
 
 
 def cmd_train(args) -> int:

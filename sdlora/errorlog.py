@@ -80,11 +80,29 @@ def write_failure(exc: BaseException, path=None) -> str:
     return f"{type(exc).__name__}: {_first_line(exc)}"
 
 
+# errno -> what to do, for the errors only a write raises: these name the file as one that could not be written.
+_WRITE_ERRORS = {
+    errno.ENOSPC: "Free some disk space (or choose an output folder on another disk) and try again.",
+    getattr(errno, "EDQUOT", -1): "Your disk quota is used up: free some space or choose another output folder, and try again.",
+    errno.EROFS: "That file system is read-only: choose an output folder you can write to.",
+    errno.EFBIG: "The file is too large for that file system: choose an output folder on another disk.",
+}
+
+
+def write_failure_advice(exc: BaseException) -> str | None:
+    """What to do about a failed write of a named file (an OSError only writes raise), else None."""
+    if isinstance(exc, OSError) and exc.filename is not None:
+        return _WRITE_ERRORS.get(exc.errno)
+    return None
+
+
 def what_went_wrong(exc: BaseException) -> str:
     """One clause for an exception the library did not phrase itself."""
     if isinstance(exc, OSError):
         name = exc.filename
         reason = "the disk is full (No space left on device)" if exc.errno == errno.ENOSPC else (exc.strerror or _first_line(exc))
+        if write_failure_advice(exc):
+            return f"could not write '{shown(name)}': {reason}"
         if name is not None:
             other = f" -> '{shown(exc.filename2)}'" if exc.filename2 is not None else ""
             return f"'{shown(name)}'{other}: {reason}"
@@ -105,4 +123,8 @@ def describe(exc: BaseException, *, context: str, out_dir=None) -> str:
         return shown(str(exc))
     log = write_traceback(exc, context=context, out_dir=out_dir)
     where = f" The full error is in {shown(log)}." if log else ""
+    advice = write_failure_advice(exc)
+    if advice:
+        clause = what_went_wrong(exc)
+        return f"{shown(context)} failed. {clause[0].upper()}{clause[1:]}. {advice}{where}"
     return f"{shown(context)} failed: {what_went_wrong(exc)}.{where}"

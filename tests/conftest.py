@@ -1,4 +1,6 @@
-"""Shared fixtures: an isolated sdlora cache (tiny model built once per session), small datasets, no network."""
+"""Shared fixtures and helpers: an isolated sdlora cache (tiny model built once per session, per xdist worker), small
+datasets, a config helper, the tiny model, the CLI in a subprocess, no network. Tests that use a module-scoped fixture
+(a trained model, a running site) are kept on one xdist worker (`--dist loadgroup`), so it is built once."""
 
 from __future__ import annotations
 
@@ -26,11 +28,39 @@ def sdlora_cache(tmp_path_factory):
     return cache
 
 
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config, items):
+    """Put every test that uses a module-scoped fixture in its module's xdist group, so the fixture is built once."""
+    for item in items:
+        defs = getattr(item, "_fixtureinfo", None)
+        if defs is None:
+            continue
+        if any(fd.scope == "module" for name in defs.names_closure for fd in defs.name2fixturedefs.get(name, ())):
+            item.add_marker(pytest.mark.xdist_group(item.module.__name__))
+
+
 @pytest.fixture(scope="session")
 def demo_dataset(tmp_path_factory) -> Path:
     from sdlora.data.demo import make_demo_dataset
 
     return Path(make_demo_dataset(tmp_path_factory.mktemp("demo_data"), count=6, size=64))
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    """builtin:tiny, loaded once per test module (tests of one module may share it, never two modules)."""
+    from sdlora.models import load_base_model
+
+    return load_base_model("builtin:tiny")
+
+
+def tiny_config(out, data, base: str = "builtin:tiny", **over):
+    """A training config on a built-in tiny model at 64 px, batch 2; each test module passes its own settings."""
+    from sdlora.config.train_config import make_config
+
+    values = dict(base_model=base, data_dir=str(data), output_dir=str(out), resolution=64, batch_size=2)
+    values.update(over)
+    return make_config(**values)
 
 
 def subprocess_env() -> dict:

@@ -12,12 +12,13 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import tiny_config
 from sdlora.config.train_config import ConfigError, make_config
-from sdlora.formats.export import read_lora
+from sdlora.formats.lora_file import module_index, read_lora
 from sdlora.families import SampleGeometry
 from sdlora.models import load_base_model
 from sdlora.training.trainer import Trainer, train
-from sdlora.tools.verify import module_index, verify_lora
+from sdlora.tools.verify import verify_lora
 
 TYPES = {
     "locon": dict(network="locon", conv_rank=2, conv_alpha=1.0),
@@ -35,11 +36,10 @@ MODELS = {"sd1": "builtin:tiny", "sdxl": "builtin:tiny-xl"}
 
 def _config(tmp: Path, data: Path, base: str, **over):
     te_lr = [1e-3, 1e-3] if base.endswith("xl") else 1e-3
-    values = dict(base_model=base, data_dir=str(data), output_dir=str(tmp), output_name="t", rank=4, alpha=2.0,
-                  targets=["attn"], steps=6, batch_size=2, lr=1e-2, resolution=64, seed=7, save_precision="fp32",
+    values = dict(output_name="t", rank=4, alpha=2.0, targets=["attn"], steps=6, lr=1e-2, seed=7, save_precision="fp32",
                   train_text_encoder=True, text_encoder_lr=te_lr)
     values.update(over)
-    return make_config(**values)
+    return tiny_config(tmp, data, base, **values)
 
 
 # -- the loaders' formula, from ComfyUI's weight_adapter (lora, loha, lokr, weight_decompose) and A1111's networks ----
@@ -294,7 +294,7 @@ def test_ui_service_offers_every_type(runs, tmp_path):
 
     from sdlora.adapters.spec import AdapterSpec
     from sdlora.ui.fields import config_to_form, form_to_config
-    from sdlora.ui.service import Service
+    from sdlora.ui.services import Services
 
     cfg = make_config(network="lokr", lokr_factor=4, dora=True, tucker=True, conv_rank=2, rank_dropout=0.1,
                       module_dropout=0.05, dropout=0.0, lokr_full_matrix=True)
@@ -306,8 +306,8 @@ def test_ui_service_offers_every_type(runs, tmp_path):
     with pytest.raises(ConfigError, match="tick 'conv 3x3"):
         form_to_config(dict(config_to_form(make_config().model_dump()), network="locon"))
 
-    service = Service(output_root=tmp_path / "out", presets_dir=tmp_path)
-    counts = {net: service.count_parameters("builtin:tiny", ["attn"], 4, 0, False,
+    service = Services(output_root=tmp_path / "out", presets_dir=tmp_path)
+    counts = {net: service.models.count_parameters("builtin:tiny", ["attn"], 4, 0, False,
                                             adapter=AdapterSpec(network=net, rank=4))[0] for net in ("lora", "loha")}
     assert counts["loha"] == 2 * counts["lora"]
 
@@ -315,13 +315,34 @@ def test_ui_service_offers_every_type(runs, tmp_path):
     lora = service.output_root / "loha_run" / "loha.safetensors"
     lora.parent.mkdir(parents=True)
     shutil.copy(result.lora_path, lora)
-    assert str(lora) in service.list_loras()
+    assert str(lora) in service.loras.list_loras()
     common = dict(prompt="sdlora_mascot, a red circle", seed=3, steps=2)
-    base_img = np.asarray(service.generate("builtin:tiny", [], **common)).astype(int)
-    zero = np.asarray(service.generate("builtin:tiny", [(str(lora), 0.0)], **common)).astype(int)
-    full = np.asarray(service.generate("builtin:tiny", [(str(lora), 1.0)], **common)).astype(int)
+    base_img = np.asarray(service.tryout.generate("builtin:tiny", [], **common)).astype(int)
+    zero = np.asarray(service.tryout.generate("builtin:tiny", [(str(lora), 0.0)], **common)).astype(int)
+    full = np.asarray(service.tryout.generate("builtin:tiny", [(str(lora), 1.0)], **common)).astype(int)
     assert np.abs(base_img - zero).max() <= 1 and np.abs(base_img - full).max() > 8
     with pytest.raises(Exception, match="plain LoRA only"):
-        service.export(str(lora), fmt="diffusers", precision="fp16", name="loha_d", base_spec="builtin:tiny")
-    out, summary, ok = service.export(str(lora), fmt="kohya", precision="fp16", name="loha_k", base_spec="builtin:tiny")
+        service.exporter.export(str(lora), fmt="diffusers", precision="fp16", name="loha_d", base_spec="builtin:tiny")
+    out, summary, ok = service.exporter.export(str(lora), fmt="kohya", precision="fp16", name="loha_k", base_spec="builtin:tiny")
     assert ok and "LoHa" in summary, summary
+
+
+def test_ui_parameter_count_builds_the_adapter_training_uses():
+    """The Model tab counts with the AdapterSpec a run of the same settings trains, LoKr's full matrix and Tucker
+    cores included."""
+    from sdlora.adapters.spec import AdapterSpec
+    from sdlora.ui.fields import CONV_GROUP
+    from sdlora.ui.model_tab import parameter_summary
+
+    class Models:
+        def count_parameters(self, spec, targets, rank, conv_rank, train_te, allow_pickle=False, adapter=None):
+            self.adapter = adapter
+            return 1234, 3, 0
+
+    models = Models()
+    text = parameter_summary(models, "builtin:tiny", ["cross-attention q/k/v/out", CONV_GROUP], 4, 2, False, False,
+                             "lokr", False, 8, True, True)
+    assert "**1,234**" in text
+    cfg = make_config(network="lokr", rank=4, alpha=4.0, conv_rank=2, lokr_factor=8, lokr_full_matrix=True, tucker=True,
+                      targets=["attn2"])
+    assert models.adapter == AdapterSpec.from_config(cfg)

@@ -9,6 +9,7 @@ the CLI and the job queue.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import stat
@@ -22,10 +23,10 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
-from conftest import ROOT, model_and_pipeline, subprocess_env
+from conftest import ROOT, run_cli, subprocess_env
 from sdlora.cli import main
 from sdlora.config.train_config import make_config
-from sdlora.formats.export import read_lora
+from sdlora.formats.lora_file import read_lora
 
 
 def cli(capsys, *argv) -> tuple[int, str, str]:
@@ -144,15 +145,15 @@ def test_run_tab_and_dataset_report_carry_non_utf8_names_as_json(tmp_path):
     import orjson
 
     from sdlora.data.scan import scan_dataset
-    from sdlora.training.events import TrainEvent
+    from sdlora.training.events import StatusEvent, StepEvent, WarningEvent
     from sdlora.training.jobs import Job
 
     report = scan_dataset(_unicode_dataset(tmp_path / "data"))
     orjson.dumps(report.summary())
     job = Job(config=make_config(data_dir=str(tmp_path)))
-    job.handle(TrainEvent(kind="status", step=0, total_steps=3, data={"message": report.summary()}))
-    job.handle(TrainEvent(kind="warning", step=1, total_steps=3, data={"message": f"Image {report.items[1].path} failed"}))
-    job.handle(TrainEvent(kind="step", step=1, total_steps=3, data={}))  # malformed: recorded nothing, raised nothing
+    job.handle(StatusEvent(step=0, total_steps=3, message=report.summary()))
+    job.handle(WarningEvent(step=1, total_steps=3, message=f"Image {report.items[1].path} failed"))
+    job.handle(StepEvent(step=1, total_steps=3, loss=None, lr=None, seconds=None))  # malformed: recorded nothing, raised nothing
     orjson.dumps(job.snapshot())
 
 
@@ -182,6 +183,37 @@ def test_binary_or_special_file_as_preset(capsys, special, name):
 def test_binary_or_special_file_as_sample_prompts(capsys, special, demo_dataset, tmp_path, name):
     rc, _, err = cli(capsys, *TRAIN, "--data", demo_dataset, "--output", tmp_path / "o", "--sample-prompts", special[name])
     one_sentence(rc, err, "sample_prompts_file", str(special[name]))
+
+
+def test_special_files_are_refused_by_the_one_reader_without_blocking(special):
+    from sdlora.fileio import UserFileError, read_user_bytes
+
+    for path, kind in ((special["fifo"], "special"), (Path("/dev/zero"), "special"), (special["folder.toml"], "folder"),
+                       (special["huge.toml"], "too_large")):
+        started = time.time()
+        with pytest.raises(UserFileError, match=str(path)) as info:
+            read_user_bytes(path)
+        assert info.value.kind == kind and time.time() - started < 5
+
+
+def test_import_kohya_answers_at_once_for_a_fifo(special, tmp_path):
+    fifo = special["fifo"]
+    proc = run_cli("import-kohya", fifo, "--out", tmp_path / "x.toml", check=False, timeout=120)
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert proc.returncode != 0 and len(errors) == 1 and str(fifo) in errors[0] and "not a regular file" in errors[0], proc.stderr
+    assert "Traceback" not in proc.stderr and not (tmp_path / "x.toml").exists()
+
+
+@pytest.mark.parametrize("name", ["folder.toml", "huge.toml", "binary.toml"])
+def test_special_or_binary_file_as_kohya_config(capsys, special, tmp_path, name):
+    rc, _, err = cli(capsys, "import-kohya", special[name], "--out", tmp_path / "x.toml")
+    one_sentence(rc, err, f"kohya_ss config '{special[name]}'")
+
+
+@pytest.mark.parametrize("name", ["fifo", "folder.toml", "huge.toml"])
+def test_special_file_as_dataset_config(capsys, special, tmp_path, name):
+    rc, _, err = cli(capsys, *TRAIN, "--dataset-config", special[name], "--output", tmp_path / "o")
+    one_sentence(rc, err, f"Dataset config '{special[name]}'")
 
 
 @pytest.mark.parametrize("flag", ["--data", "--resume", "--base-model"])
@@ -290,8 +322,10 @@ def malformed(lora, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def tiny():
-    return model_and_pipeline("builtin:tiny")
+def tiny_and_pipe(tiny):
+    pipe = tiny.make_pipeline()
+    pipe.set_progress_bar_config(disable=True)
+    return tiny, pipe
 
 
 MALFORMED = ["nan", "inf_alpha", "int8", "bool", "alpha_vector", "odd_rank", "rank0", "down_1d", "up_3d", "no_up",
@@ -300,13 +334,13 @@ MALFORMED = ["nan", "inf_alpha", "int8", "bool", "alpha_vector", "odd_rank", "ra
 
 
 @pytest.mark.parametrize("name", MALFORMED)
-def test_malformed_lora_verify_generate_export(malformed, tiny, tmp_path, name):
+def test_malformed_lora_verify_generate_export(malformed, tiny_and_pipe, tmp_path, name):
     from sdlora.tools.convert import reexport
     from sdlora.errors import USER_ERRORS
     from sdlora.inference.loras import load_loras
     from sdlora.tools.verify import verify_lora
 
-    base, pipe = tiny
+    base, pipe = tiny_and_pipe
     path = malformed[name]
     try:  # verify: a FAILED report naming the problem, or a sentence for an unreadable file
         report = verify_lora(path, base)
@@ -331,6 +365,25 @@ def test_malformed_lora_through_the_cli(malformed, capsys, tmp_path):
     one_sentence(rc, err, str(malformed["nan"]), "NaN or infinite")
     rc, _, err = cli(capsys, "export", malformed["meta_not_json"], "--out", tmp_path / "y.safetensors")
     one_sentence(rc, err, str(malformed["meta_not_json"]), "not valid JSON")
+
+
+# uploads ------------------------------------------------------------------------------------------------------------
+
+def test_zip_entry_with_a_name_too_long_for_the_file_system(tmp_path):
+    import zipfile
+
+    from sdlora.config.train_config import ConfigError
+    from sdlora.ui.uploads import import_uploads
+
+    long_name = "a" * 296 + ".png"
+    archive = tmp_path / "set.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        zf.writestr("ok.png", b"png")
+        zf.writestr(long_name, b"png")
+    with pytest.raises(ConfigError, match=f"'set.zip' contains the entry '{long_name}', whose name is longer than") as info:
+        import_uploads([str(archive)], tmp_path / "uploads")
+    assert "upload again" in str(info.value)
+    assert list((tmp_path / "uploads").iterdir()) == []  # nothing half-imported is left behind
 
 
 # caption writes that fail -------------------------------------------------------------------------------------------
@@ -421,6 +474,31 @@ def test_unexpected_errors_become_one_sentence_with_a_log(capsys, monkeypatch, t
     log = Path(line.rsplit("The full error is in ", 1)[1].rstrip("."))
     assert log.is_file() and log.is_relative_to(sdlora_cache / "logs")
     assert "Traceback" in log.read_text() and "boom" in log.read_text()
+
+
+@pytest.mark.parametrize("code, advice", [(errno.ENOSPC, "Free some disk space"), (errno.EROFS, "read-only")])
+def test_write_failures_name_the_file_and_say_what_to_do(tmp_path, code, advice):
+    from sdlora.errorlog import describe
+
+    target = tmp_path / "out" / "lora.safetensors"
+    message = describe(OSError(code, os.strerror(code), str(target)), context="Training into 'out'", out_dir=tmp_path)
+    assert message.startswith(f"Training into 'out' failed. Could not write '{target}': ") and advice in message
+    assert "The full error is in" in message
+
+
+def test_a_failed_atomic_write_names_the_file(tmp_path, monkeypatch):
+    from sdlora.errorlog import describe
+    from sdlora.fileio import atomic_write_text
+
+    def full(self, *args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))  # as write() raises it: without a file name
+
+    monkeypatch.setattr(Path, "write_text", full)
+    target = tmp_path / "notes.txt"
+    with pytest.raises(OSError) as info:
+        atomic_write_text(target, "x")
+    message = describe(info.value, context="Saving", out_dir=tmp_path)
+    assert f"Could not write '{target}': the disk is full" in message and not target.exists()
 
 
 def test_job_errors_become_one_sentence_with_a_log(monkeypatch, tmp_path):

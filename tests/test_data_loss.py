@@ -15,6 +15,7 @@ import sys
 import tempfile
 import threading
 import time
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -23,19 +24,15 @@ from PIL import Image
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from conftest import ROOT, subprocess_env
-from sdlora.config.train_config import ConfigError, make_config
-from sdlora.formats.export import read_lora
+from conftest import ROOT, subprocess_env, tiny_config
+from sdlora.config.train_config import ConfigError
+from sdlora.formats.lora_file import read_lora
 from sdlora.outputs import LOCK_NAME, OutputError, output_lock
 from sdlora.training.resume import CheckpointError
 from sdlora.training.trainer import TrainingError, train
 
 
-def _config(out, data, **over):
-    values = dict(base_model="builtin:tiny", data_dir=str(data), output_dir=str(out), steps=6, rank=2, resolution=64,
-                  batch_size=2, seed=5, save_precision="fp32")
-    values.update(over)
-    return make_config(**values)
+_config = partial(tiny_config, steps=6, rank=2, seed=5, save_precision="fp32")
 
 
 def _warnings(events, text=""):
@@ -53,12 +50,12 @@ def _same_weights(a: Path, b: Path):
 # previews ----------------------------------------------------------------------------------------------------------
 
 def test_failing_final_preview_is_a_warning_and_the_lora_is_written(tmp_path, demo_dataset, monkeypatch):
-    import sdlora.training.trainer as train_mod
+    import sdlora.training.previews as previews
 
     def overflow(*a, **k):
         raise ValueError("Overflow when unpacking long long")  # what torch said for a huge --d seed
 
-    monkeypatch.setattr(train_mod, "generate", overflow)
+    monkeypatch.setattr(previews, "generate", overflow)
     events = []
     result = train(_config(tmp_path, demo_dataset, sample_prompts=["a cat"], sample_every=3), on_event=events.append)
     assert result.lora_path.is_file() and read_lora(result.lora_path)[1]["ss_steps"] == "6"

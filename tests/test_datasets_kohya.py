@@ -17,7 +17,7 @@ from conftest import ROOT, subprocess_env
 from sdlora.config.train_config import ConfigError, config_from_preset, make_config
 from sdlora.data.scan import DatasetError
 from sdlora.data.plan import build_training_data, make_step_plan
-from sdlora.data.training_set import balance_reg_repeats
+from sdlora.data.entries import balance_reg_repeats
 
 
 def _images(folder: Path, n: int, *, size=(64, 64), caption: str | None = "a thing", ext=".txt", color=(200, 30, 30)) -> Path:
@@ -184,7 +184,7 @@ def _simulate(cfg, ds, num_processes):
         t = Trainer(cfg)
         t.dataset, t.steps_per_epoch, t.total_steps = ds, plan.steps_per_epoch, plan.total_steps
         t.accelerator = type("Acc", (), {"process_index": p, "num_processes": num_processes})()
-        t._epoch_batches = {}
+        t.epoch_batches = {}
         batches = [t._indices(step, m)[1] for step in range(plan.steps_per_epoch) for m in range(cfg.grad_accum)]
         seen.append(batches)
     return plan, seen
@@ -213,7 +213,7 @@ def test_step_plan_matches_the_batches_the_loop_reads(kohya_layout, batch_size, 
 # a real run: reg samples in the loss, LoRA+, metadata, the plan on stderr ------------------------------------------
 
 def test_run_with_reg_images_loraplus_and_kohya_metadata(tmp_path, kohya_layout):
-    from sdlora.formats.export import read_lora
+    from sdlora.formats.lora_file import read_lora
     from sdlora.training.trainer import Trainer
 
     _, toml = kohya_layout

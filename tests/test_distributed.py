@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from conftest import ROOT, subprocess_env
 from sdlora.data.scan import scan_dataset
 from sdlora.models import load_base_model
@@ -23,6 +25,7 @@ def test_batches_are_sharded_across_processes(demo_dataset):
     assert len(a) == len(b) and seen_a and seen_b and not (seen_a & seen_b)
 
 
+@pytest.mark.slow  # two training processes through accelerate launch
 def test_accelerate_launch_two_cpu_processes(tmp_path, demo_dataset):
     env = subprocess_env()
     env["ACCELERATE_USE_CPU"] = "true"

@@ -13,7 +13,8 @@ from PIL import Image
 
 from sdlora.config.train_config import make_config
 from sdlora.data.images import ImageLoadError
-from sdlora.training.trainer import Trainer, masked_mean
+from sdlora.training.objective import masked_mean
+from sdlora.training.trainer import Trainer
 from sdlora.data.plan import build_training_data
 
 
@@ -132,7 +133,7 @@ def test_alpha_mask_in_dataset_toml_trains_with_cached_latents(tmp_path):
     trainer = Trainer(cfg)
     trainer.prepare()
     result = trainer.run()
-    from sdlora.formats.export import read_lora
+    from sdlora.formats.lora_file import read_lora
 
     _, md = read_lora(result.lora_path)
     assert md["ss_masked_loss"] == "True"

@@ -172,3 +172,19 @@ def test_training_warns_before_the_first_step_when_memory_is_short(monkeypatch, 
     warnings = [e.data["message"] for e in events if e.kind == "warning"]
     assert any("may not fit" in w and "gradient_checkpointing" in w for w in warnings), warnings
     assert trainer.memory_estimate.activations > 0
+
+
+@pytest.mark.parametrize("network", ["lora", "loha", "lokr"])
+def test_adapter_weights_are_not_counted_as_frozen_weights(network):
+    """Injected adapter weights (LoRA's lora_A/B, LoHa's hada_*, LoKr's lokr_*) are trainable state, counted once in
+    `trainable`: the frozen weights are the same before and after injection."""
+    base = load_base_model("builtin:tiny")
+    cfg = _cfg(network=network)
+    kwargs = dict(family=base.family, unet=base.unet, text_encoders=base.text_encoders, vae=base.vae, lora_params=1000,
+                  config=cfg, device=torch.device("cpu"), trained_text_encoders=[], vae_on_device=False,
+                  text_encoders_on_device=False)
+    before = estimate_training_memory(**kwargs)
+    base.unet.requires_grad_(False)
+    inject_unet(base.unet, cfg.targets, AdapterSpec.from_config(cfg))
+    after = estimate_training_memory(**kwargs)
+    assert (after.weights, after.resident) == (before.weights, before.resident)

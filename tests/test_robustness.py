@@ -8,14 +8,15 @@ import signal
 import subprocess
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import ROOT, subprocess_env
+from conftest import ROOT, subprocess_env, tiny_config
 from sdlora.config.train_config import make_config
-from sdlora.formats.export import read_lora
+from sdlora.formats.lora_file import read_lora
 from sdlora.training.trainer import Trainer, TrainingError, train
 
 STEPS, SAVE_EVERY = 12, 3
@@ -41,6 +42,7 @@ def uninterrupted(tmp_path_factory, demo_dataset):
     return read_lora(out / "lora.safetensors")[0]
 
 
+@pytest.mark.slow  # CLI trainings in subprocesses, killed and resumed
 @pytest.mark.parametrize("kill_after_steps", [1, 5, 10])
 def test_kill_9_then_resume_gives_same_weights(tmp_path, demo_dataset, uninterrupted, kill_after_steps):
     out = tmp_path / "run"
@@ -67,11 +69,7 @@ def test_kill_9_then_resume_gives_same_weights(tmp_path, demo_dataset, uninterru
         torch.testing.assert_close(tensors[k], uninterrupted[k], atol=1e-6, rtol=1e-5, msg=k)
 
 
-def _config(tmp_path, data, **over):
-    values = dict(base_model="builtin:tiny", data_dir=str(data), output_dir=str(tmp_path), steps=8, rank=4, resolution=64,
-                  batch_size=2, save_every=2, seed=3)
-    values.update(over)
-    return make_config(**values)
+_config = partial(tiny_config, steps=8, rank=4, save_every=2, seed=3)
 
 
 def test_single_nan_step_is_skipped_and_reported(tmp_path, demo_dataset, monkeypatch):

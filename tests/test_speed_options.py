@@ -3,19 +3,18 @@
 from __future__ import annotations
 
 import threading
+from functools import partial
 
+import pytest
 import torch
 
-from sdlora.config.train_config import make_config
-from sdlora.formats.export import read_lora
+from conftest import tiny_config
+from sdlora.formats.lora_file import read_lora
 from sdlora.training.trainer import Trainer, train
 
 
-def _config(out, data, **over):
-    values = dict(base_model="builtin:tiny", data_dir=str(data), output_dir=str(out), output_name="t", rank=64, alpha=32.0,
-                  targets=["attn"], steps=6, batch_size=2, lr=1e-3, resolution=64, seed=11, save_precision="fp32")
-    values.update(over)
-    return make_config(**values)
+_config = partial(tiny_config, output_name="t", rank=64, alpha=32.0, targets=["attn"], steps=6, lr=1e-3, seed=11,
+                  save_precision="fp32")
 
 
 def test_adamw8bit_trains_keeps_8bit_state_and_resumes_exactly(tmp_path, demo_dataset):
@@ -43,6 +42,7 @@ def test_adamw8bit_trains_keeps_8bit_state_and_resumes_exactly(tmp_path, demo_da
         torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=1e-5, msg=k)
 
 
+@pytest.mark.slow  # torch.compile: about two minutes the first time
 def test_compiled_unet_trains_like_eager_and_exports_the_same_keys(tmp_path, demo_dataset):
     """torch.compile on the CPU (inductor, C++): the slowest test here, about two minutes of compiling."""
     common = dict(rank=4, alpha=4.0, steps=3)

@@ -14,16 +14,9 @@ from safetensors.torch import save_file
 
 from sdlora.formats import lycoris
 from sdlora.tools import ToolError, combine_loras, extract_lora, merge_loras, resize_lora
-from sdlora.tools.verify import module_index
+from sdlora.formats.lora_file import module_index
 
 ATTN = ("to_q", "to_k", "to_v", "to_out.0")
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    from sdlora.models import load_base_model
-
-    return load_base_model("builtin:tiny")
 
 
 @pytest.fixture(scope="module")
@@ -501,33 +494,33 @@ def test_ui_service_tools_stay_inside_the_access_policy(tiny, tmp_path):
     import shutil
 
     from sdlora.config.train_config import ConfigError
-    from sdlora.ui.service import Service
+    from sdlora.ui.services import Services
 
     models, out_root = tmp_path / "models", tmp_path / "out"
     models.mkdir()
-    service = Service(output_root=out_root, presets_dir=tmp_path, model_roots=[models])
+    service = Services(output_root=out_root, presets_dir=tmp_path, model_roots=[models])
     lora = make_lora(tiny, models / "style.safetensors", rank=4)
     seen = []
-    result = service.tool_resize(str(lora), rank=2, name="../../escape", progress=lambda d, t, w: seen.append((d, t)))
+    result = service.tools.resize(str(lora), rank=2, name="../../escape", progress=lambda d, t, w: seen.append((d, t)))
     assert result.path == out_root / "tools" / "escape.safetensors" and result.path.is_file()
     assert seen[0][0] == 0 and seen[-1][0] == seen[-1][1] > 0  # progress from the first module to the end
     outside = make_lora(tiny, tmp_path / "elsewhere.safetensors")
     with pytest.raises(ConfigError, match="outside the output folder and the model folders"):
-        service.tool_resize(str(outside), rank=2)
+        service.tools.resize(str(outside), rank=2)
     with pytest.raises(ConfigError, match="outside the output folder"):
-        service.tool_combine([(str(lora), 1.0), (str(outside), 1.0)])
-    combined = service.tool_combine([(str(lora), 0.5), (str(result.path), 0.5)], name="both")  # outputs are usable inputs
+        service.tools.combine([(str(lora), 1.0), (str(outside), 1.0)])
+    combined = service.tools.combine([(str(lora), 0.5), (str(result.path), 0.5)], name="both")  # outputs are usable inputs
     assert combined.path == out_root / "tools" / "both.safetensors"
-    merged = service.tool_merge("builtin:tiny", [(str(lora), 1.0)], precision="fp32", name="merged")
+    merged = service.tools.merge("builtin:tiny", [(str(lora), 1.0)], precision="fp32", name="merged")
     assert merged.path == out_root / "tools" / "merged.safetensors"
-    assert str(merged.path) not in service.list_loras()  # a checkpoint, not offered as a LoRA
+    assert str(merged.path) not in service.loras.list_loras()  # a checkpoint, not offered as a LoRA
     with pytest.raises(ConfigError, match="base_model: .* outside the folders this server may load models from"):
-        service.tool_merge(str(tmp_path / "model.safetensors"), [(str(lora), 1.0)])
+        service.tools.merge(str(tmp_path / "model.safetensors"), [(str(lora), 1.0)])
     # A fine-tuned model is loaded only from a model root: the merged checkpoint is one once it is put there.
     with pytest.raises(ConfigError, match="outside the folders this server may load models from"):
-        service.tool_extract(str(merged.path), "builtin:tiny", rank=4)
+        service.tools.extract(str(merged.path), "builtin:tiny", rank=4)
     shutil.copy(merged.path, models / "tuned.safetensors")
-    extracted = service.tool_extract(str(models / "tuned.safetensors"), "builtin:tiny", rank=64, conv_rank=64,
+    extracted = service.tools.extract(str(models / "tuned.safetensors"), "builtin:tiny", rank=64, conv_rank=64,
                                      precision="fp32")
     weights = _weights(tiny)
     want, got = deltas(lora, weights), deltas(extracted.path, weights)

@@ -60,6 +60,7 @@ def demo_lora(tmp_path_factory):
     return Path(proc.stdout.strip().splitlines()[-1]), out
 
 
+@pytest.mark.slow  # trains the demo LoRA(s) from the CLI
 def test_demo_previews_move_toward_the_concept(demo_lora, toy):
     from sdlora.inference.sampling import SamplePrompt, generate
 
@@ -71,6 +72,7 @@ def test_demo_previews_move_toward_the_concept(demo_lora, toy):
     assert before < 0.01 and during[-1] > 0.04, (before, during, previews)  # training is noisy between previews
 
 
+@pytest.mark.slow  # trains the demo LoRA(s) from the CLI
 def test_strengths_through_sdlora_generate(demo_lora, tmp_path):
     lora, _ = demo_lora
     rows = []
@@ -97,6 +99,7 @@ def _plain_diffusers_pipeline():
     return pipe
 
 
+@pytest.mark.slow  # trains the demo LoRA(s) from the CLI
 def test_strengths_in_a_plain_diffusers_pipeline(demo_lora):
     lora, _ = demo_lora
     pipe = _plain_diffusers_pipeline()
@@ -144,6 +147,7 @@ def _images(pipe, prompt: str, seeds=SEEDS) -> list:
     return [generate(pipe, SamplePrompt(prompt=prompt, seed=seed, steps=20), default_size=64) for seed in seeds]
 
 
+@pytest.mark.slow  # trains the demo LoRA(s) from the CLI
 def test_navy_lora_teaches_the_base_a_word(navy_lora):
     from sdlora.inference.loras import load_loras, set_strengths
 
@@ -159,6 +163,7 @@ def test_navy_lora_teaches_the_base_a_word(navy_lora):
     assert [scene_reading(i)["colour"] for i in after].count("red") >= 2  # ... and the circle is still red
 
 
+@pytest.mark.slow  # trains the demo LoRA(s) from the CLI
 def test_two_loras_combine_through_sdlora_generate(demo_lora, navy_lora, tmp_path):
     """Both files on the command line: the grid's 0 column is the base model, its 1 column both LoRAs at full
     strength. The library gives the same picture, and the other seeds; each LoRA alone draws only its half."""
@@ -182,6 +187,7 @@ def test_two_loras_combine_through_sdlora_generate(demo_lora, navy_lora, tmp_pat
     assert_both_concepts(runs["both"], runs["mascot"], runs["navy"])
 
 
+@pytest.mark.slow  # trains the demo LoRA(s) from the CLI
 def test_two_loras_combine_in_a_plain_diffusers_pipeline(demo_lora, navy_lora):
     mascot, _ = demo_lora
     pipe = _plain_diffusers_pipeline()

@@ -24,7 +24,8 @@ from sdlora.data.scan import DatasetError
 from sdlora.paths import cache_dir
 from sdlora.ui.fields import CONV_GROUP, config_to_form, form_to_config
 from sdlora.ui.launch import launch_kwargs, parse_launch_args
-from sdlora.ui.service import Service, parse_lora_lines, parse_strengths, sanitize_name
+from sdlora.ui.services import Services
+from sdlora.ui.services.inputs import parse_lora_lines, parse_strengths, sanitize_name
 from sdlora.ui.uploads import extract_zip, import_uploads
 
 
@@ -46,6 +47,7 @@ def _http_status(url: str) -> int:
         return exc.code
 
 
+@pytest.mark.slow  # the app in a subprocess, a training run through gradio_client
 def test_gradio_client_train_status_generate_export(tmp_path):
     from gradio_client import Client
 
@@ -100,13 +102,13 @@ def test_gradio_client_train_status_generate_export(tmp_path):
         assert _http_status(base_url + lora) == 200
         assert _http_status(base_url + status["samples"][0][1]) == 200
         assert _http_status(base_url + "/etc/passwd") == 403
-        service.scan(str(data))
+        service.datasets.scan(str(data))
         assert _http_status(base_url + str(data / "img0.png")) == 403
         assert _http_status(base_url + str(data / "img0.txt")) == 403
-        assert _http_status(base_url + str(service.thumbnail(data / "img0.png"))) == 200
+        assert _http_status(base_url + str(service.datasets.thumbnail(data / "img0.png"))) == 200
         outside = make_dataset(tmp_path / "elsewhere", n=1)
         with pytest.raises(ConfigError, match="--data-root"):
-            service.scan(str(outside))
+            service.datasets.scan(str(outside))
 
 
 def test_open_binding_without_auth_warns(tmp_path):
@@ -118,7 +120,7 @@ def test_open_binding_without_auth_warns(tmp_path):
     assert parse_launch_args(["--host", "192.168.1.5"]).warnings
     settings = parse_launch_args(["--host", "0.0.0.0", "--auth", "me:secret"])
     assert settings.warnings == [] and settings.auth == ("me", "secret")
-    assert launch_kwargs(settings, Service(output_root=tmp_path, presets_dir=tmp_path))["auth"] == ("me", "secret")
+    assert launch_kwargs(settings, Services(output_root=tmp_path, presets_dir=tmp_path))["auth"] == ("me", "secret")
     assert any("public" in w for w in parse_launch_args(["--share"]).warnings)
     with pytest.raises(SystemExit):
         parse_launch_args(["--auth", "no-colon"])
@@ -127,15 +129,15 @@ def test_open_binding_without_auth_warns(tmp_path):
 def test_allowed_paths_are_only_sdlora_folders(tmp_path):
     data = make_dataset(tmp_path / "data")
     settings = parse_launch_args(["--output-root", str(tmp_path / "out"), "--data-root", str(data)])
-    service = Service(output_root=Path(settings.output_root), presets_dir=tmp_path, data_roots=settings.data_roots)
+    service = Services(output_root=Path(settings.output_root), presets_dir=tmp_path, data_roots=settings.data_roots)
     kwargs = launch_kwargs(settings, service)
     assert kwargs["server_name"] == "127.0.0.1" and kwargs["share"] is False and kwargs["auth"] is None
     assert kwargs["allowed_paths"] == [str((tmp_path / "out").resolve())]
     assert str(cache_dir().resolve()) in kwargs["blocked_paths"]
-    service.scan(str(data))
+    service.datasets.scan(str(data))
     assert kwargs["allowed_paths"] == [str((tmp_path / "out").resolve())]  # scanning never adds a folder
     with pytest.raises(DatasetError):
-        service.scan(str(data / "missing"))
+        service.datasets.scan(str(data / "missing"))
 
 
 def test_output_names_cannot_escape(tmp_path):
@@ -148,46 +150,46 @@ def test_output_names_cannot_escape(tmp_path):
     for evil in ("a/../../b", "a..b", ".hidden", "x/..", "~/x"):
         name = sanitize_name(evil)
         assert "/" not in name and ".." not in name and not name.startswith(".")
-    service = Service(output_root=tmp_path / "out", presets_dir=tmp_path)
-    cfg = service.build_config({"data_dir": "d", "output_name": "../../evil", "output_dir": "/tmp/elsewhere"})
+    service = Services(output_root=tmp_path / "out", presets_dir=tmp_path)
+    cfg = service.configs.build({"data_dir": "d", "output_name": "../../evil", "output_dir": "/tmp/elsewhere"})
     assert cfg.output_dir == str((tmp_path / "out" / "evil").resolve())
-    assert service.save_preset("../../p", form_to_config(config_to_form(make_config().model_dump()))) == tmp_path.resolve() / "p.toml"
+    assert service.presets.save("../../p", form_to_config(config_to_form(make_config().model_dump()))) == tmp_path.resolve() / "p.toml"
 
 
 def test_start_checks_base_model_and_dataset_first(tmp_path):
     from sdlora.models import ModelLoadError
 
-    service = Service(output_root=tmp_path / "out", presets_dir=tmp_path, data_roots=[tmp_path], model_roots=[tmp_path])
+    service = Services(output_root=tmp_path / "out", presets_dir=tmp_path, data_roots=[tmp_path], model_roots=[tmp_path])
     data = make_dataset(tmp_path / "data")
     with pytest.raises(ModelLoadError, match="not found"):
-        service.start({"data_dir": str(data), "base_model": str(tmp_path / "missing.safetensors")})
+        service.jobs.start({"data_dir": str(data), "base_model": str(tmp_path / "missing.safetensors")})
     with pytest.raises(ConfigError, match="not a folder"):
-        service.start({"data_dir": str(tmp_path / "nowhere")})
+        service.jobs.start({"data_dir": str(tmp_path / "nowhere")})
     with pytest.raises(ConfigError, match="unknown option '--zz'"):
-        service.start({"data_dir": str(data), "sample_prompts": ["a cat --zz 3"]})
+        service.jobs.start({"data_dir": str(data), "sample_prompts": ["a cat --zz 3"]})
     with pytest.raises(ConfigError, match="choose a dataset folder"):
-        service.start({"data_dir": " "})
-    assert service.queue.jobs() == []
+        service.jobs.start({"data_dir": " "})
+    assert service.jobs.queue.jobs() == []
 
 
 def test_caption_save_refuses_paths_outside_the_dataset(tmp_path):
-    service = Service(output_root=tmp_path / "out", presets_dir=tmp_path, data_roots=[tmp_path])
+    service = Services(output_root=tmp_path / "out", presets_dir=tmp_path, data_roots=[tmp_path])
     data = make_dataset(tmp_path / "data")
     Image.new("RGB", (8, 8)).save(tmp_path / "victim.png")
     (tmp_path / "victim.txt").write_text("original")
     with pytest.raises(ConfigError, match="outside the dataset folder"):
-        service.save_caption(str(data), str(data / ".." / "victim.png"), "pwned")
+        service.captions.save(str(data), str(data / ".." / "victim.png"), "pwned")
     with pytest.raises(ConfigError, match="outside the dataset folder"):
-        service.save_caption(str(data), str(data / "img0.png"), "pwned", caption_path=str(tmp_path / "victim.txt"))
+        service.captions.save(str(data), str(data / "img0.png"), "pwned", caption_path=str(tmp_path / "victim.txt"))
     (data / "link.png").symlink_to(tmp_path / "victim.png")
     with pytest.raises(ConfigError, match="outside the dataset folder"):
-        service.save_caption(str(data), str(data / "link.png"), "pwned")
+        service.captions.save(str(data), str(data / "link.png"), "pwned")
     assert (tmp_path / "victim.txt").read_text() == "original"
-    thumb = service.thumbnail(data / "img0.png")
+    thumb = service.datasets.thumbnail(data / "img0.png")
     assert thumb.parent == service.output_root / ".thumbs" and Image.open(thumb).size == (64, 64)
-    service.save_caption(str(data), str(data / "img0.png"), "  fine  ")
+    service.captions.save(str(data), str(data / "img0.png"), "  fine  ")
     assert (data / "img0.txt").read_text().strip() == "fine"
-    assert service.bulk_edit(str(data), find="white", replace="black", prepend="sks", append="") == 4
+    assert service.captions.bulk_edit(str(data), find="white", replace="black", prepend="sks", append="") == 4
     assert (data / "img1.txt").read_text().strip() == "sks, a black square, color 1"
 
 
@@ -278,18 +280,18 @@ def test_stop_queue_and_resume_through_the_service(tmp_path, monkeypatch):
     import sdlora.training.trainer as train_module
 
     monkeypatch.setattr(train_module, "_STEP_DELAY", 0.1)
-    service = Service(output_root=tmp_path / "out", presets_dir=tmp_path, data_roots=[tmp_path])
+    service = Services(output_root=tmp_path / "out", presets_dir=tmp_path, data_roots=[tmp_path])
     data = make_dataset(tmp_path / "data")
     values = {"data_dir": str(data), "steps": 16, "save_every": 4, "rank": 2, "resolution": 64, "output_name": "resumable"}
     with pytest.raises(ConfigError, match="Nothing to resume"):
-        service.resume(values)
-    job = service.start(values)
+        service.jobs.resume(values)
+    job = service.jobs.start(values)
     deadline = time.time() + 240
     while job.step < 5 and time.time() < deadline:
         time.sleep(0.05)
-    queued = service.start(dict(values, output_name="second", steps=2))
-    assert queued.state == "queued" and service.status()["queue"][-1]["state"] == "queued"
-    assert service.stop()
+    queued = service.jobs.start(dict(values, output_name="second", steps=2))
+    assert queued.state == "queued" and service.jobs.status()["queue"][-1]["state"] == "queued"
+    assert service.jobs.stop()
     while job.state == "running" and time.time() < deadline:
         assert queued.state == "queued"  # never two at once
         time.sleep(0.05)
@@ -297,15 +299,15 @@ def test_stop_queue_and_resume_through_the_service(tmp_path, monkeypatch):
     stopped_at = job.step
     # Try/Export offer LoRA files only: not the run's latent cache (one .safetensors per image) or training state.
     assert list((service.output_root / "resumable" / "cache" / "latents").glob("*.safetensors"))
-    offered = service.list_loras()
+    offered = service.loras.list_loras()
     assert job.lora_path in offered and any(Path(p).name == "lora.safetensors" for p in offered)
     assert not any("cache" in Path(p).parts or Path(p).name == "lora_state.safetensors" for p in offered)
-    assert not any("cache" in Path(p).parts for p in service.list_export_sources())
-    checkpoint = next(p for p in service.list_export_sources() if Path(p).parent.name == "checkpoints")  # newest first
+    assert not any("cache" in Path(p).parts for p in service.loras.list_export_sources())
+    checkpoint = next(p for p in service.loras.list_export_sources() if Path(p).parent.name == "checkpoints")  # newest first
     assert Path(checkpoint).name == f"step{stopped_at:06d}"
-    path, report, ok = service.export(checkpoint, fmt="kohya", precision="fp16", name="from_checkpoint", base_spec="builtin:tiny")
+    path, report, ok = service.exporter.export(checkpoint, fmt="kohya", precision="fp16", name="from_checkpoint", base_spec="builtin:tiny")
     assert ok and path == service.output_root / "exports" / "from_checkpoint.safetensors", report
-    resumed = service.resume(values)
+    resumed = service.jobs.resume(values)
     while resumed.state in ("queued", "running") and time.time() < deadline:
         assert not (queued.state == "running" and resumed.state == "running")
         time.sleep(0.05)
@@ -349,7 +351,9 @@ def test_validation_masked_loss_and_tensorboard_fields():
 
     defaults = config_to_form(make_config().model_dump())
     ctx = {"fields": {}}
-    service = type("S", (), {"list_presets": lambda self: []})()
+    from types import SimpleNamespace
+
+    service = SimpleNamespace(presets=SimpleNamespace(names=lambda: []))
     with gr.Blocks():
         training_tab.build(service, ctx, defaults)
     for key in ("validation_split", "validation_dir", "validate_every", "masked_loss", "mask_dir", "log_with"):
@@ -369,25 +373,25 @@ def test_validation_masked_loss_and_tensorboard_fields():
 def test_run_preview_shows_step_plan_and_memory_before_start(tmp_path):
     """What the Run tab's 'Check steps and memory' shows: the step plan the run will follow and the traced memory
     estimate, for SD1 and SDXL, without starting anything; a bad setting is one sentence."""
-    service = Service(output_root=tmp_path / "out", presets_dir=tmp_path, data_roots=[tmp_path])
+    service = Services(output_root=tmp_path / "out", presets_dir=tmp_path, data_roots=[tmp_path])
     data = make_dataset(tmp_path / "data")
     values = {"data_dir": str(data), "steps": 12, "batch_size": 2, "grad_accum": 2, "resolution": 64, "rank": 4,
               "output_name": "preview"}
-    text = service.preview_run(values)
+    text = service.configs.preview_run(values)
     assert "Step plan:" in text and "= 12 steps" in text and "/ accumulation 2" in text
     assert "SD 1.x model" in text and "estimated peak memory" in text
-    xl = service.preview_run(dict(values, base_model="builtin:tiny-xl", train_text_encoder=True))
+    xl = service.configs.preview_run(dict(values, base_model="builtin:tiny-xl", train_text_encoder=True))
     assert "SDXL model" in xl and "estimated peak memory" in xl
-    assert service.status()["state"] == "idle"
+    assert service.jobs.status()["state"] == "idle"
     with pytest.raises(ConfigError, match="data_dir"):
-        service.preview_run(dict(values, data_dir=str(tmp_path / "missing")))
+        service.configs.preview_run(dict(values, data_dir=str(tmp_path / "missing")))
 
 
 def test_messages_written_for_the_cli_name_the_ui_field_on_the_page(tmp_path):
     """'Point --data at ...' is right in a terminal; on the page the same sentence names the field and its tab."""
     from sdlora.data.scan import scan_dataset
     from sdlora.ui.common import user_message
-    from sdlora.ui.service import progress_text
+    from sdlora.ui.services.progress import progress_text
 
     with pytest.raises(DatasetError) as caught:
         scan_dataset(tmp_path / "missing")

@@ -25,7 +25,8 @@ from sdlora.ui.layout import make_service
 # Third-party noise: gradio's event statistics use pandas options pandas 3 deprecates; PEFT notes reloaded adapters.
 pytestmark = [pytest.mark.filterwarnings("ignore:.*no_silent_downcasting:Warning"),
               pytest.mark.filterwarnings("ignore:The copy keyword is deprecated:Warning"),
-              pytest.mark.filterwarnings("ignore:Already found a `peft_config` attribute:UserWarning")]
+              pytest.mark.filterwarnings("ignore:Already found a `peft_config` attribute:UserWarning"),
+              pytest.mark.slow]  # a browser, a web server and real trainings: minutes
 
 TIMEOUT = 120_000  # ms; generous: CI machines are slow and the first model load builds the tiny model
 TRAIN_TIMEOUT = 300_000
@@ -143,7 +144,7 @@ def test_full_flow_in_browser(tmp_path):
         expect(page.locator("#lora-scale")).to_contain_text("alpha/rank = 0.5")
         # the count the library gives for builtin:tiny at rank 4 with the demo preset's layers (every transformer layer,
         # the text encoder too): waiting for that number, not for the events to settle, rules out a stale count
-        half = make_service(tmp_path / "count").count_parameters("builtin:tiny", ["transformer"], 4, 0, True)[0]
+        half = make_service(tmp_path / "count").models.count_parameters("builtin:tiny", ["transformer"], 4, 0, True)[0]
         expect(page.locator("#param-count")).to_contain_text(f"parameters: {half:,} (")
         fill(page, "rank", 8)  # twice the rank, twice the parameters
         expect(page.locator("#param-count")).to_contain_text(f"parameters: {2 * half:,} (")

@@ -106,7 +106,7 @@ def client(site):
 
 def assert_idle(site) -> None:
     """Nothing was queued or started by a refused request."""
-    snap = site["service"].status()
+    snap = site["service"].jobs.status()
     assert all(j["state"] in ("done", "failed", "stopped") for j in snap["queue"]), snap["queue"]
 
 
@@ -259,7 +259,7 @@ def test_scanning_never_adds_a_folder_to_what_is_served(site):
         assert str(data) not in entry["image"]["path"]
     for name in ("img0.png", "img0.txt", "secret.txt"):
         assert http_status(file_url(site, data / name)) == 403
-    thumb = site["service"].thumbnail(data / "img0.png")
+    thumb = site["service"].datasets.thumbnail(data / "img0.png")
     assert thumb.parent == site["out"] / ".thumbs" and http_status(file_url(site, thumb)) == 200
     # selecting an image shows a preview made under the output root, not the original
     select = fn_index(site["config"], "data-gallery", "select")
@@ -381,11 +381,11 @@ def test_flags_and_safe_defaults(tmp_path):
     service = make_service_for(settings, presets_dir=tmp_path)
     assert service.access.data_roots == [] and service.access.model_roots == [] and not service.access.pickle_from_clients
     with pytest.raises(ConfigError, match="--data-root"):
-        service.scan(str(make_dataset(tmp_path / "data", n=1)))
-    assert service.scan("builtin:demo").items  # the demo datasets and uploads need no flag
-    assert service.checked_config({"data_dir": "builtin:demo-navy", "base_model": "builtin:toy"}).data_dir == "builtin:demo-navy"
+        service.datasets.scan(str(make_dataset(tmp_path / "data", n=1)))
+    assert service.datasets.scan("builtin:demo").items  # the demo datasets and uploads need no flag
+    assert service.configs.checked({"data_dir": "builtin:demo-navy", "base_model": "builtin:toy"}).data_dir == "builtin:demo-navy"
     with pytest.raises(ConfigError, match="--model-root"):
-        service.checked_config({"data_dir": "builtin:demo", "base_model": str(tmp_path / "m.safetensors")})
+        service.configs.checked({"data_dir": "builtin:demo", "base_model": str(tmp_path / "m.safetensors")})
     service.access.base_model("stable-diffusion-v1-5/stable-diffusion-v1-5")  # hub ids are fine
     kwargs = launch_kwargs(settings, service)
     assert kwargs["allowed_paths"] == [str((tmp_path / "out").resolve())]
@@ -419,31 +419,31 @@ def test_may_serve_only_images_and_loras_under_the_output_root(tmp_path):
 
 def test_presets_from_clients_get_the_same_checks(tmp_path):
     from sdlora.ui.fields import config_to_form, form_to_config
-    from sdlora.ui.service import Service
+    from sdlora.ui.services import Services
 
     presets = tmp_path / "presets"
     presets.mkdir()
     (presets / "demo.toml").write_text("# Offline demo\nsteps = 300\n")
-    service = Service(output_root=tmp_path / "out", presets_dir=presets)
+    service = Services(output_root=tmp_path / "out", presets_dir=presets)
     form = form_to_config(config_to_form(make_config().model_dump()))
     # the command line trusts a preset file: a client must not plant pickle loading or foreign paths in one
     with pytest.raises(ConfigError, match="allow_pickle"):
-        service.save_preset("evil", dict(form, allow_pickle=True))
+        service.presets.save("evil", dict(form, allow_pickle=True))
     with pytest.raises(ConfigError, match="--model-root"):
-        service.save_preset("evil", dict(form, base_model=str(tmp_path / "x.ckpt")))
+        service.presets.save("evil", dict(form, base_model=str(tmp_path / "x.ckpt")))
     with pytest.raises(ConfigError, match="sample_prompts_file"):
-        service.save_preset("evil", dict(form, sample_prompts_file="/etc/shadow"))
+        service.presets.save("evil", dict(form, sample_prompts_file="/etc/shadow"))
     with pytest.raises(ConfigError, match="data_dir"):
-        service.save_preset("evil", dict(form, data_dir="/etc"))
+        service.presets.save("evil", dict(form, data_dir="/etc"))
     with pytest.raises(ConfigError, match="ships with sdlora"):
-        service.save_preset("demo", form)
+        service.presets.save("demo", form)
     assert not (presets / "evil.toml").exists()
     assert (presets / "demo.toml").read_text() == "# Offline demo\nsteps = 300\n"
-    service.save_preset("mine", form)
-    service.save_preset("mine", dict(form, rank=4))  # presets saved from the web UI may be replaced
+    service.presets.save("mine", form)
+    service.presets.save("mine", dict(form, rank=4))  # presets saved from the web UI may be replaced
     assert "rank = 4" in (presets / "mine.toml").read_text()
     with pytest.raises(ConfigError, match="NUL"):
-        service.scan("/tmp/\x00evil")
+        service.datasets.scan("/tmp/\x00evil")
 
 
 # --- legitimate use -------------------------------------------------------------------------------------------

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import json
 import threading
+from functools import partial
 from pathlib import Path
 
 import pytest
 from PIL import Image
 
+from conftest import tiny_config
 from sdlora.config.train_config import ConfigError, make_config
-from sdlora.training.events import TrainEvent
+from sdlora.training.events import StepEvent, TrainEvent, ValidationEvent
 from sdlora.training.trainer import train
 from sdlora.data.plan import build_training_data
 
@@ -23,11 +25,7 @@ def _images(folder: Path, n: int, prefix: str = "img") -> Path:
     return folder
 
 
-def _config(tmp: Path, data: Path, **over):
-    values = dict(base_model="builtin:tiny", data_dir=str(data), output_dir=str(tmp), output_name="t", rank=4, alpha=4.0,
-                  steps=6, batch_size=2, lr=5e-3, resolution=64, seed=7, save_precision="fp32")
-    values.update(over)
-    return make_config(**values)
+_config = partial(tiny_config, output_name="t", rank=4, alpha=4.0, steps=6, lr=5e-3, seed=7, save_precision="fp32")
 
 
 def test_validation_split_holds_out_images(tmp_path):
@@ -91,15 +89,15 @@ def test_validation_loss_repeats_across_runs_and_resume(tmp_path):
 
 def test_validation_events_reach_job_and_plot():
     from sdlora.training.jobs import Job
-    from sdlora.ui.service import Service
+    from sdlora.ui.services.progress import loss_table
 
     job = Job(config=make_config(base_model="builtin:tiny", data_dir="x"))
     for step, loss in ((1, 0.5), (2, 0.4)):
-        job.handle(TrainEvent(kind="step", step=step, total_steps=2, data={"loss": loss, "lr": 1e-4, "seconds": 0.1}))
-    job.handle(TrainEvent(kind="validation", step=2, total_steps=2, data={"val_loss": 0.3}))
+        job.handle(StepEvent(step=step, total_steps=2, loss=loss, lr=1e-4, seconds=0.1))
+    job.handle(ValidationEvent(step=2, total_steps=2, val_loss=0.3))
     snap = job.snapshot()
     assert snap["val_losses"] == [(2, 0.3)]
-    table = Service.loss_table(snap)
+    table = loss_table(snap)
     rows = table[table.series == "validation"]
     assert list(rows.step) == [2] and list(rows.loss) == [0.3]
 

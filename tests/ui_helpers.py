@@ -83,7 +83,7 @@ def app_in_process(output_root: Path, extra_args=()):
         wait_for_http(settings.url)
         yield settings.url, service
     finally:
-        service.queue.stop()
+        service.jobs.queue.stop()
         demo.close()
 
 

@@ -34,6 +34,11 @@ def has_adapter(model: nn.Module | None) -> bool:
     return model is not None and next(adapted_layers(model), None) is not None
 
 
+def has_peft_adapters(model: nn.Module | None) -> bool:
+    """Whether PEFT adapters of any name (diffusers' loader adds its own) are injected into `model`."""
+    return model is not None and bool(getattr(model, "peft_config", None))
+
+
 @torch.no_grad()
 def file_parts(layer: nn.Module) -> dict[str, torch.Tensor]:
     """The layer's tensors under the kohya/LyCORIS part names."""

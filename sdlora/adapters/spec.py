@@ -12,11 +12,14 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 
 from torch import nn
 
-NETWORKS = ("lora", "locon", "loha", "lokr")
+from .rules import NETWORKS, is_product, needs_lycoris
+
+__all__ = ["ADAPTER_NAME", "NETWORKS", "AdapterSpec"]
 
 
 @dataclass(frozen=True)
@@ -36,8 +39,12 @@ class AdapterSpec:
 
     @classmethod
     def from_config(cls, cfg) -> AdapterSpec:
-        fields = cls.__dataclass_fields__
-        return cls(**{k: getattr(cfg, k) for k in fields if hasattr(cfg, k)})
+        """The one way to build a spec: from a TrainConfig, or from a mapping of the same names (the UI's form
+        values); a name it lacks keeps its default."""
+        names = cls.__dataclass_fields__
+        if isinstance(cfg, Mapping):
+            return cls(**{k: cfg[k] for k in names if k in cfg})
+        return cls(**{k: getattr(cfg, k) for k in names if hasattr(cfg, k)})
 
     # -- what it is ---------------------------------------------------------------------------------------------
     @property
@@ -54,8 +61,7 @@ class AdapterSpec:
 
     @property
     def uses_lycoris(self) -> bool:
-        return (self.network in ("loha", "lokr") or self.dora or self.tucker
-                or self.rank_dropout > 0 or self.module_dropout > 0)
+        return needs_lycoris(self)
 
     def rank_alpha(self, kind: str) -> tuple[int, float]:
         return (self.conv_rank, self.conv_alpha) if kind == "conv3x3" else (self.rank, self.alpha)
@@ -136,7 +142,7 @@ class AdapterSpec:
 
     # -- what the file says about it ----------------------------------------------------------------------------
     def network_module(self) -> str:
-        return "lycoris.kohya" if self.network in ("loha", "lokr") or self.dora or self.network == "locon" else "networks.lora"
+        return "lycoris.kohya" if is_product(self.network) or self.dora or self.network == "locon" else "networks.lora"
 
     def network_args(self) -> dict[str, str]:
         """`ss_network_args` as kohya's LoRA and LyCORIS's kohya wrapper write it."""
@@ -159,6 +165,12 @@ class AdapterSpec:
             if getattr(self, key):
                 args[key] = str(getattr(self, key))
         return args
+
+    def network_metadata(self) -> dict[str, str]:
+        """The `ss_network_*` keys kohya's loaders and UIs read: module, dim, alpha and args."""
+        args = self.network_args()
+        return {"ss_network_module": self.network_module(), "ss_network_dim": str(self.rank),
+                "ss_network_alpha": str(self.alpha), "ss_network_args": json.dumps(args) if args else "null"}
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from ..errors import UserError
 from ..fileio import atomic_path
+from .images import IMAGE_EXTENSIONS
 
 CAPTION_EXTENSIONS = (".txt", ".caption")
 
@@ -67,8 +68,6 @@ def _inside(path: Path, root: Path) -> bool:
 
 def caption_path_for(path) -> Path:
     """The caption file an image path refers to (same stem + .txt); caption paths are returned unchanged."""
-    from .scan import IMAGE_EXTENSIONS  # scan imports this module
-
     path = Path(path)
     return path.with_suffix(".txt") if path.suffix.lower() in IMAGE_EXTENSIONS else path
 

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..fileio import UserFileError, read_user_bytes
 from ..safetext import shown
 from .scan import DatasetError
 
@@ -140,11 +141,13 @@ def load_dataset_config(path) -> DatasetConfig:
     toml_path = Path(path).expanduser()
     file = f"Dataset config '{shown(toml_path)}'"
     try:
-        if not toml_path.is_file():
-            raise DatasetConfigError(f"{file} not found (or not a file). Check dataset_config / --dataset-config.")
-        if toml_path.stat().st_size > 1 << 20:
-            raise DatasetConfigError(f"{file} is larger than 1 MiB: far too large for a dataset config.")
-        data = tomllib.loads(toml_path.read_bytes().decode("utf-8"))
+        data = tomllib.loads(read_user_bytes(toml_path).decode("utf-8"))
+    except UserFileError as exc:
+        if exc.kind == "too_large":
+            raise DatasetConfigError(f"{file} is larger than 1 MiB: far too large for a dataset config.") from None
+        raise DatasetConfigError(f"{file} not found (or not a file). Check dataset_config / --dataset-config.") from None
+    except (FileNotFoundError, NotADirectoryError):
+        raise DatasetConfigError(f"{file} not found (or not a file). Check dataset_config / --dataset-config.") from None
     except UnicodeDecodeError:
         raise DatasetConfigError(f"{file} is not UTF-8 text; save it as UTF-8 TOML.") from None
     except tomllib.TOMLDecodeError as exc:

@@ -17,6 +17,7 @@ from ..errors import UserError
 if TYPE_CHECKING:
     import torch
 
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif")  # what counts as a training image
 # Pillow refuses images above ~179 MP; photo sets hold panoramas and scans beyond that. We allow up to
 # 250 MP and refuse larger files with a message that says what to do.
 MAX_PIXELS = 250_000_000
@@ -238,7 +239,7 @@ def mask_size_error(mask_path, mask_size, image_path, image_size) -> ImageLoadEr
                           "its image, or remove it from mask_dir.", path=mask_path, reason=reason)
 
 
-def _has_alpha(img: Image.Image) -> bool:
+def has_alpha(img: Image.Image) -> bool:
     return img.mode in ("RGBA", "LA", "La", "RGBa", "PA") or (img.mode == "P" and "transparency" in img.info)
 
 
@@ -251,7 +252,7 @@ def open_mask(path, mask_path=None, *, max_side: int | None = WORK_SIZE) -> Imag
     try:
         size = img.size
         orientation = exif_orientation(img)
-        if _has_alpha(img):
+        if has_alpha(img):
             img.load()
             mask = img.convert("RGBA").getchannel("A")
         elif mask_path is not None:

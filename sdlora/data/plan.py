@@ -18,7 +18,9 @@ from .dataset_config import DatasetConfigError, SubsetSpec, folder_subsets, load
 from .scan import DatasetError, DatasetReport, scan_dataset
 from ..paths import resolve_data_dir
 from ..safetext import shown
-from .training_set import Group, Subset, TrainingSet, _rng
+from .draws import seeded_rng
+from .entries import Group, Subset
+from .training_set import TrainingSet
 
 DEFAULT_CAPTION_EXTENSIONS = (".txt", ".caption")
 
@@ -51,7 +53,7 @@ class TrainingData:
         tags: dict[str, Counter] = {}
         for i, item in enumerate(ds.items):
             sub = ds.subsets[ds.item_subsets[i]]
-            tags.setdefault(sub.name, Counter()).update(split_tags(ds._raw_caption(i, sub)))
+            tags.setdefault(sub.name, Counter()).update(split_tags(ds.raw_caption(i, sub)))
         return {k: dict(v) for k, v in tags.items()}
 
     def summary(self) -> str:
@@ -185,7 +187,7 @@ def build_training_data(cfg: TrainConfig) -> TrainingData:
         if n_val >= len(train_idx):
             raise ConfigError(f"validation_split: {cfg.validation_split:g} of {len(train_idx)} training image(s) holds out "
                               "every image, leaving none to train on. Lower validation_split or add images.")
-        held = set(_rng(cfg.seed, "validation-split").sample(train_idx, n_val))
+        held = set(seeded_rng(cfg.seed, "validation-split").sample(train_idx, n_val))
         keep = [i for i in range(len(items)) if i not in held]
         for i in sorted(held):
             val_items.append(items[i])
@@ -229,7 +231,7 @@ def build_training_data(cfg: TrainConfig) -> TrainingData:
 def _check_masks(cfg: TrainConfig, dataset: TrainingSet) -> str:
     """Refuse a mask_dir that is not a folder or holds a mask whose size differs from its image (headers only);
     returns the note saying where the masks come from."""
-    from .images import _has_alpha, mask_size_error, open_image
+    from .images import has_alpha, mask_size_error, open_image
 
     if cfg.mask_dir and not dataset.mask_dir.is_dir():
         raise ConfigError(f"mask_dir: '{shown(cfg.mask_dir)}' is not a folder. Give the folder of masks named like their "
@@ -240,7 +242,7 @@ def _check_masks(cfg: TrainConfig, dataset: TrainingSet) -> str:
             continue
         try:
             with open_image(item.path) as img:
-                if _has_alpha(img):
+                if has_alpha(img):
                     alpha += 1
                     continue
                 size = img.size

@@ -15,11 +15,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from ..errors import UserError
+from ..fileio import USER_FILE_LIMIT, UserFileError, read_user_bytes
 from ..safetext import clean_text, shown
 from .captions import split_tags
-from .images import ImageLoadError, exif_orientation, open_image
+from .images import IMAGE_EXTENSIONS, ImageLoadError, exif_orientation, open_image
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif")
 # kohya's "N_name" folder convention. Above MAX_REPEATS the number is more likely a date ("20240101_trip").
 _REPEATS_FOLDER = re.compile(r"^(\d+)_(.+)$")
 MAX_REPEATS = 1000
@@ -28,6 +28,7 @@ CLIP_TOKEN_LIMIT = 75
 # headers and chunk CRCs, because decoding them would take GBs of memory during a mere scan.
 _DECODE_CHECK_PIXELS = 50_000_000
 _CHECK_DRAFT_SIZE = (256, 256)
+METADATA_LIMIT = 64 * USER_FILE_LIMIT  # metadata.jsonl: one line per image, room for hundreds of thousands
 
 
 class DatasetError(UserError, ValueError):
@@ -108,7 +109,9 @@ class _Skip(Exception):
 def _read_caption_file(path: Path) -> tuple[str | None, list[str]]:
     """(caption with whitespace collapsed, or None when the file is unusable; notes)."""
     try:
-        raw = path.read_bytes()
+        raw = read_user_bytes(path)
+    except UserFileError as exc:
+        return None, [f"caption file {path.name} is unreadable ({exc.reason}); the default caption is used"]
     except OSError as exc:
         return None, [f"caption file {path.name} is unreadable ({exc.strerror or exc}); the default caption is used"]
     if b"\x00" in raw:
@@ -135,7 +138,10 @@ def _load_metadata(folder: Path, root: Path, warns: list[str]) -> dict[str, str]
         return out
     name = meta.relative_to(root).as_posix()
     try:
-        raw = meta.read_bytes()
+        raw = read_user_bytes(meta, METADATA_LIMIT)
+    except UserFileError as exc:
+        warns.append(f"{name} is unreadable ({exc.reason}); its captions were not used")
+        return out
     except OSError as exc:
         warns.append(f"{name} is unreadable ({exc.strerror or exc}); its captions were not used")
         return out

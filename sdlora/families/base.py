@@ -2,8 +2,8 @@
 
 The training loop, the memory trace, verify, export and the UI talk to a family object and never ask
 "is this SDXL?". A family knows how to recognise its files, which components it has, how captions become
-conditioning, how its UNet is called, which pipeline renders previews, what kohya calls its modules and
-what metadata other tools filter on.
+conditioning, how its UNet is called, which pipeline renders previews, how its single-file checkpoints are laid out
+and which configs they load with, what kohya calls its modules and what metadata other tools filter on.
 """
 
 from __future__ import annotations
@@ -12,6 +12,12 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
+
+
+def cross_attention_width(unet_config) -> int:
+    """The text-embedding width a UNet cross-attends to (its config as a dict or a diffusers config)."""
+    dim = unet_config.get("cross_attention_dim", 768) if isinstance(unet_config, dict) else unet_config.cross_attention_dim
+    return int(dim[0] if isinstance(dim, (list, tuple)) else dim)
 
 
 @dataclass
@@ -64,6 +70,8 @@ class ModelFamily:
     text_encoder_names: tuple[str, ...] = ("text_encoder",)
     tokenizer_names: tuple[str, ...] = ("tokenizer",)
     kohya_te_prefixes: tuple[str, ...] = ("lora_te",)
+    # Whether kohya names this family's UNet modules by their diffusers paths (then diffusers' own converter must agree).
+    kohya_unet_names_are_diffusers_paths: bool = False
 
     def __repr__(self) -> str:
         return f"<ModelFamily {self.name}>"
@@ -77,9 +85,34 @@ class ModelFamily:
         """Whether an original-layout single-file checkpoint (key -> shape) is of this family."""
         raise NotImplementedError
 
+    # Families are asked in descending order: one whose files also pass a broader family's test sits above it
+    # (SDXL LoRAs carry lora_unet_ keys like SD1's).
+    claim_priority: int = 0
+
     def claims_lora(self, keys: list[str]) -> bool:
         """Whether a LoRA file's keys were written for this family."""
         raise NotImplementedError
+
+    # --- single-file checkpoints (the original LDM/SGM layout) -----------------------------------------
+    single_file_layout = None             # formats.ldm_checkpoint.SingleFileLayout: where its text encoders sit
+    text_encoder_classes: tuple[str, ...] = ("CLIPTextModel",)  # the transformers class of each text encoder
+    context_dim: int = 768                # the text-embedding width its full-size UNet cross-attends to
+    checkpoint_context_key: str = ""      # an original-layout UNet key whose last dimension is that width
+    checkpoint_architecture: str = ""     # what detect_architecture calls a full-size file of this family
+    single_file_configs: str = ""         # the shipped component configs (models/component_configs.py) it loads with
+    # When one file layout serves several models: the shipped configs per prediction type, settled by a test pass
+    # (models.loading.predicts_v) unless the user names the prediction type.
+    configs_by_prediction: dict[str, str] = {}
+    pipeline_options: dict[str, Any] = {}  # model_index.json entries of its pipeline besides the components
+
+    def checkpoint_problem(self, keys) -> str | None:
+        """What keeps a file this family claims from being a whole base model, as the rest of a sentence that starts
+        with the file's name; None when nothing does."""
+        return None
+
+    def prepare_checkpoint(self, state: dict) -> dict:
+        """The state dict with the names diffusers' converters expect, where files in circulation differ."""
+        return state
 
     # --- conditioning ---------------------------------------------------------------------------------
     def tokenize(self, tokenizers: list, captions: list[str]) -> list[torch.Tensor]:
@@ -134,6 +167,15 @@ class ModelFamily:
         if component == "unet":
             return self.kohya_unet_prefix(module_path, unet_config)
         return self.kohya_text_prefix(self.text_encoder_names.index(component), module_path)
+
+    def lora_compatible_with(self, other: ModelFamily) -> bool:
+        """Whether LoRA files of this family and of `other` name the same modules (they load on each other's bases)."""
+        return other.name == self.name
+
+    @property
+    def lora_label(self) -> str:
+        """How a LoRA file's family is named to the user (files do not tell compatible families apart)."""
+        return self.label
 
     # --- metadata -------------------------------------------------------------------------------------
     def base_model_version(self, prediction_type: str) -> str:

@@ -6,6 +6,8 @@ from __future__ import annotations
 import torch
 
 from ..formats.ldm_names import diffusers_to_ldm
+from ..formats.kohya_names import unet_kohya_prefix
+from ..formats.ldm_checkpoint import SDXL_LAYOUT
 from .base import Conditioning, ModelFamily, SampleGeometry, TextEmbedding
 
 
@@ -15,13 +17,27 @@ class SDXL(ModelFamily):
     tokenizer_names = ("tokenizer", "tokenizer_2")
     kohya_te_prefixes = ("lora_te1", "lora_te2")
     pipeline_class = "StableDiffusionXLPipeline"
+    pipeline_options = {"force_zeros_for_empty_prompt": True}
     modelspec_implementation = "https://github.com/Stability-AI/generative-models"
+    claim_priority = 2  # its LoRAs carry lora_unet_ keys too
+    single_file_layout = SDXL_LAYOUT
+    text_encoder_classes = ("CLIPTextModel", "CLIPTextModelWithProjection")
+    context_dim = 2048  # CLIP-L (768) and OpenCLIP bigG (1280) side by side
+    checkpoint_context_key = "model.diffusion_model.input_blocks.4.1.transformer_blocks.0.attn2.to_k.weight"
+    checkpoint_architecture = single_file_configs = "sdxl"
 
     def claims_folder(self, index: dict, unet_config: dict) -> bool:
         return "text_encoder_2" in index or unet_config.get("addition_embed_type") == "text_time"
 
     def claims_checkpoint(self, keys) -> bool:
+        # Any embedder, so that the refiner (one OpenCLIP embedder) is claimed and refused by checkpoint_problem.
         return any(k.startswith("conditioner.embedders.") for k in keys)
+
+    def checkpoint_problem(self, keys) -> str | None:
+        if all(any(k.startswith(p) for k in keys) for p in self.single_file_layout.text_prefixes):
+            return None
+        return ("is the SDXL refiner (or an SDXL file without both text encoders): train LoRAs on the SDXL base model "
+                "or a derivative.")
 
     def claims_lora(self, keys) -> bool:
         return any(k.startswith(("lora_te1_", "lora_te2_", "text_encoder_2.")) or k.startswith("lora_unet_") and (
@@ -64,7 +80,7 @@ class SDXL(ModelFamily):
 
     def kohya_unet_prefix(self, module_path, unet_config) -> str | None:
         ldm = diffusers_to_ldm(module_path, unet_config)
-        return None if ldm is None else "lora_unet_" + ldm.replace(".", "_")
+        return None if ldm is None else unet_kohya_prefix(ldm)
 
     def base_model_version(self, prediction_type: str) -> str:
         return "sdxl_base_v1-0"

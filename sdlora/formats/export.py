@@ -17,17 +17,13 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 
+from ..adapters.layers import adapted_layers, file_parts
 from ..errors import UserError
 from ..fileio import atomic_path
-from .kohya_names import (  # noqa: F401 (re-exported)
-    KohyaNameError,
-    text_encoder_kohya_prefix,
-    unet_kohya_prefix,
-)
-from ..adapters.layers import adapted_layers, file_parts
+from .kohya_names import KohyaNameError
+from .lora_file import read_lora
 
 PRECISIONS = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
@@ -47,14 +43,15 @@ def kohya_names(family, component: str, module: torch.nn.Module, paths: list[str
         if prefix is None:
             raise ExportError(f"{component} module '{path}' has no kohya name for {family.label}.")
         names[path] = prefix
-    if component == "unet" and family.name in ("sd1", "sd2"):
+    if component == "unet" and family.kohya_unet_names_are_diffusers_paths:
         _check_against_diffusers(names)
     return names
 
 
 def _check_against_diffusers(names: dict[str, str]) -> None:
-    """SD1/SD2 UNet names: our rule, confirmed against diffusers' PEFT->kohya converter, which is right for them;
-    fail loudly if a future release changes that. (It is not right for SDXL, whose kohya names are LDM names.)"""
+    """UNet names that are diffusers paths (SD1/SD2): our rule, confirmed against diffusers' PEFT->kohya converter, which
+    is right for them; fail loudly if a future release changes that. (It is not right for SDXL, whose kohya names are
+    LDM names.)"""
     from diffusers.utils.state_dict_utils import convert_state_dict_to_kohya
 
     converted = convert_state_dict_to_kohya({f"unet.{p}.lora_A.weight": torch.zeros(1) for p in names})
@@ -119,13 +116,8 @@ def build_metadata(*, config, base, num_images: int, tag_frequency: dict, steps_
     te_lr = te_lrs[0] if len(set(te_lrs)) == 1 else te_lrs
     from ..adapters.spec import AdapterSpec
 
-    adapter = AdapterSpec.from_config(config)
-    network_args = adapter.network_args()
     md = {
-        "ss_network_module": adapter.network_module(),
-        "ss_network_dim": str(config.rank),
-        "ss_network_alpha": str(config.alpha),
-        "ss_network_args": json.dumps(network_args) if network_args else "null",
+        **AdapterSpec.from_config(config).network_metadata(),
         **{k: v for k, v in family.metadata(pred).items() if k.startswith("ss_")},
         "ss_sd_model_name": getattr(base, "name", config.base_model),
         "ss_sd_model_hash": getattr(base, "model_hash", ""),
@@ -185,7 +177,7 @@ def build_metadata(*, config, base, num_images: int, tag_frequency: dict, steps_
     return md
 
 
-def _with_hashes(path: Path, tensors: dict, metadata: dict[str, str]) -> dict[str, str]:
+def with_hashes(path: Path, tensors: dict, metadata: dict[str, str]) -> dict[str, str]:
     """Hash the tensor data the way kohya does; the data section does not depend on the metadata."""
     with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
         probe = Path(tmp) / "probe.safetensors"
@@ -205,7 +197,7 @@ def export_kohya(path: Path, family, modules: dict, *, metadata: dict[str, str] 
     metadata = dict(metadata or {})
     metadata["ss_save_precision"] = precision
     path.parent.mkdir(parents=True, exist_ok=True)
-    metadata = _with_hashes(path, tensors, metadata)
+    metadata = with_hashes(path, tensors, metadata)
     return save_safetensors_atomic(tensors, path, metadata)
 
 
@@ -241,19 +233,3 @@ def export_diffusers(path: Path, family, modules: dict, *, metadata: dict[str, s
         shutil.rmtree(tmp, ignore_errors=True)
     return path
 
-
-def read_lora(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    path = Path(path)
-    if not path.is_file():
-        from .lora_check import not_a_file
-
-        raise ExportError(not_a_file(path))
-    try:
-        tensors = {}
-        with safe_open(str(path), framework="pt") as fh:
-            metadata = dict(fh.metadata() or {})
-            for key in fh.keys():
-                tensors[key] = fh.get_tensor(key)
-    except Exception as exc:  # safetensors raises several unrelated types for a bad header
-        raise ExportError(f"'{path}' is not a readable .safetensors file ({exc}). Export it again or pick another file.") from None
-    return tensors, metadata

@@ -8,6 +8,13 @@ from __future__ import annotations
 
 import re
 
+# The first part of every key of a kohya/LyCORIS LoRA file: the UNet's, then the text encoders' (SD1/SD2: one, SDXL: two).
+UNET_PREFIX = "lora_unet_"
+TEXT_ENCODER_PREFIXES = ("lora_te_", "lora_te1_", "lora_te2_")
+KOHYA_PREFIXES = (UNET_PREFIX, *TEXT_ENCODER_PREFIXES)
+# The components a diffusers/PEFT LoRA file names its keys by.
+DIFFUSERS_COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
+
 _TE_MODULE = re.compile(r"^(?:text_model\.)?encoder\.layers\.(\d+)\.(self_attn\.(?:q|k|v|out)_proj|mlp\.fc[12])$")
 
 
@@ -26,4 +33,9 @@ def text_encoder_kohya_prefix(module_path: str, prefix: str = "lora_te") -> str:
 
 def unet_kohya_prefix(module_path: str) -> str:
     """kohya's name for a module path of the UNet it trains (diffusers paths for SD1/SD2, LDM paths for SDXL)."""
-    return "lora_unet_" + module_path.replace(".", "_")
+    return UNET_PREFIX + module_path.replace(".", "_")
+
+
+def is_text_encoder_prefix(prefix: str) -> bool:
+    """Whether a kohya module prefix (or key) belongs to a text encoder."""
+    return prefix.startswith(TEXT_ENCODER_PREFIXES)

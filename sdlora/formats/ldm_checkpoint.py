@@ -1,6 +1,7 @@
 """Write a loaded model as one checkpoint in the original layout: SD1/SD2 the LDM/CompVis way (`model.diffusion_model.`,
 `first_stage_model.`, `cond_stage_model.`), SDXL the way `sd_xl_base_1.0.safetensors` ships
-(`conditioner.embedders.0.transformer.` CLIP-L, `conditioner.embedders.1.model.` OpenCLIP bigG).
+(`conditioner.embedders.0.transformer.` CLIP-L, `conditioner.embedders.1.model.` OpenCLIP bigG). The layouts are
+`SingleFileLayout` values; each family names its own (`ModelFamily.single_file_layout`), which recognition reads too.
 
 It is the reverse of diffusers' single-file converters, generalised to any number of levels and layers per block, so
 `merge` writes files AUTOMATIC1111/ComfyUI load as checkpoints and the tests write the tiny models the way real files
@@ -9,6 +10,8 @@ merged model is written without touching the loaded one.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 
@@ -133,9 +136,24 @@ def _text_encoders(base) -> list:
     return [base.text_encoder] + ([base.text_encoder_2] if getattr(base, "text_encoder_2", None) is not None else [])
 
 
-def _is_xl(base) -> bool:
-    cfg = base.unet.config
-    return (cfg.get("addition_embed_type") if isinstance(cfg, dict) else getattr(cfg, "addition_embed_type", None)) == "text_time"
+@dataclass(frozen=True)
+class SingleFileLayout:
+    """How one original-layout checkpoint of a family stores its text encoders, and what else it carries. The UNet
+    (`model.diffusion_model.`) and VAE (`first_stage_model.`) sit in the same place in every layout."""
+
+    text_encoders: tuple[tuple[str, str, str], ...]  # (component, key prefix, "clip" | "openclip"), in the family's order
+    schedule: bool = False                            # SD1/SD2 files carry the DDPM schedule and EMA counters
+
+    @property
+    def text_prefixes(self) -> tuple[str, ...]:
+        return tuple(prefix for _, prefix, _ in self.text_encoders)
+
+
+SD1_LAYOUT = SingleFileLayout((("text_encoder", "cond_stage_model.transformer.", "clip"),), schedule=True)
+SD2_LAYOUT = SingleFileLayout((("text_encoder", "cond_stage_model.model.", "openclip"),), schedule=True)
+# As `sd_xl_base_1.0.safetensors` ships: CLIP-L, then OpenCLIP bigG.
+SDXL_LAYOUT = SingleFileLayout((("text_encoder", "conditioner.embedders.0.transformer.", "clip"),
+                                ("text_encoder_2", "conditioner.embedders.1.model.", "openclip")))
 
 
 def _finish(sd: dict) -> dict[str, torch.Tensor]:
@@ -143,35 +161,33 @@ def _finish(sd: dict) -> dict[str, torch.Tensor]:
     return {k: v.detach().contiguous().clone() for k, v in sd.items()}
 
 
-def sdxl_pipeline_to_ldm(base, states: dict | None = None) -> dict[str, torch.Tensor]:
-    """An SDXL pipeline (or BaseModel) as one state dict in the `sd_xl_base_1.0.safetensors` layout: UNet under
-    `model.diffusion_model.` (add_embedding as `label_emb.0.0/0.2`), VAE under `first_stage_model.`, CLIP-L under
-    `conditioner.embedders.0.transformer.text_model.`, OpenCLIP bigG under `conditioner.embedders.1.model.`.
+def layout_to_ldm(base, layout: SingleFileLayout, states: dict | None = None) -> dict[str, torch.Tensor]:
+    """A pipeline (or BaseModel) as one state dict in `layout`: UNet under `model.diffusion_model.` (SDXL's
+    add_embedding as `label_emb.0.0/0.2`), VAE under `first_stage_model.`, each text encoder under its prefix.
     `states`: component name -> state dict to write instead of the module's own (a merged model's)."""
     states = states or {}
-    te1, te2 = _text_encoders(base)
     sd = {}
     sd.update(unet_to_ldm(base.unet, states.get("unet")))
     sd.update(vae_to_ldm(base.vae, states.get("vae")))
-    sd.update(text_encoder_to_ldm(te1, prefix="conditioner.embedders.0.transformer.", state=states.get("text_encoder")))
-    sd.update(text_encoder_to_openclip_ldm(te2, prefix="conditioner.embedders.1.model.", state=states.get("text_encoder_2")))
+    for (component, prefix, kind), encoder in zip(layout.text_encoders, _text_encoders(base), strict=True):
+        write = text_encoder_to_openclip_ldm if kind == "openclip" else text_encoder_to_ldm
+        sd.update(write(encoder, prefix=prefix, state=states.get(component)))
+    if layout.schedule:
+        betas = torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000) ** 2
+        sd.update({"betas": betas, "alphas_cumprod": torch.cumprod(1 - betas, 0), "model_ema.decay": torch.tensor(0.9999),
+                   "model_ema.num_updates": torch.tensor(0, dtype=torch.int32)})
     return _finish(sd)
+
+
+def sdxl_pipeline_to_ldm(base, states: dict | None = None) -> dict[str, torch.Tensor]:
+    """An SDXL pipeline (or BaseModel) in the `sd_xl_base_1.0.safetensors` layout."""
+    return layout_to_ldm(base, SDXL_LAYOUT, states)
 
 
 def pipeline_to_ldm(base, *, openclip: bool = False, states: dict | None = None) -> dict[str, torch.Tensor]:
-    """The whole model as one original-layout state dict, with the extra entries real SD files carry (SDXL models,
-    told apart by their text_time UNet, go to sdxl_pipeline_to_ldm). `openclip`: an SD2 text encoder."""
-    if _is_xl(base):
-        return sdxl_pipeline_to_ldm(base, states)
-    states = states or {}
-    text_encoder = _text_encoders(base)[0]
-    sd = {}
-    sd.update(unet_to_ldm(base.unet, states.get("unet")))
-    sd.update(vae_to_ldm(base.vae, states.get("vae")))
-    te_state = states.get("text_encoder")
-    sd.update(text_encoder_to_openclip_ldm(text_encoder, state=te_state) if openclip
-              else text_encoder_to_ldm(text_encoder, state=te_state))
-    betas = torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000) ** 2
-    sd.update({"betas": betas, "alphas_cumprod": torch.cumprod(1 - betas, 0), "model_ema.decay": torch.tensor(0.9999),
-               "model_ema.num_updates": torch.tensor(0, dtype=torch.int32)})
-    return _finish(sd)
+    """A model whose family is not at hand (a bare diffusers pipeline) in the layout its text encoders call for:
+    SDXL's for two, else SD1's, or SD2's with `openclip`. A loaded model's family names its own layout
+    (`layout_to_ldm(model, model.family.single_file_layout)`)."""
+    if len(_text_encoders(base)) == 2:
+        return layout_to_ldm(base, SDXL_LAYOUT, states)
+    return layout_to_ldm(base, SD2_LAYOUT if openclip else SD1_LAYOUT, states)

@@ -128,32 +128,54 @@ def module_delta(parts: dict, weight: torch.Tensor) -> torch.Tensor:
     return merged * (parts["dora_scale"].float() / norm) - w
 
 
+def merged_weight(parts: dict, weight: torch.Tensor, strength: float = 1.0) -> torch.Tensor:
+    """W + s·ΔW in W's dtype: the weight a loader bakes the module into at strength s (W itself is not changed)."""
+    return weight + (strength * module_delta(parts, weight)).to(weight.dtype)
+
+
+def alpha_problem(parts: dict) -> str | None:
+    alpha = parts.get("alpha")
+    if alpha is not None and alpha.numel() != 1:
+        return f"alpha has shape {tuple(alpha.shape)}; it must be a single number"
+    return None
+
+
+def pair_problem(parts: dict) -> str | None:
+    """Why a LoRA/LoCon module's lora_down/lora_up are no LoRA pair on their own (no base weight needed), or None."""
+    down, up = parts.get("lora_down"), parts.get("lora_up")
+    if down is None or up is None:
+        return "needs both lora_down and lora_up"
+    if down.dim() not in (2, 4) or up.dim() != down.dim():
+        return f"lora_down {tuple(down.shape)} / lora_up {tuple(up.shape)} are not a linear (2-d) or conv (4-d) LoRA pair"
+    if down.shape[0] == 0 or down.numel() == 0 or up.numel() == 0:
+        return f"rank 0 (empty lora_down {tuple(down.shape)} / lora_up {tuple(up.shape)})"
+    if up.shape[1] != down.shape[0]:
+        return f"lora_up {tuple(up.shape)} does not fit lora_down {tuple(down.shape)}: lora_down has rank {down.shape[0]}"
+    if down.dim() == 4 and tuple(up.shape[2:]) != (1, 1):
+        return f"a conv lora_up must be out x rank x 1 x 1, not {tuple(up.shape)}"
+    return None
+
+
 def shape_problem(parts: dict, weight_shape: tuple) -> str | None:
     """Why this module's tensors cannot apply to a weight of `weight_shape`, or None."""
     try:
         algo = algo_of(parts)
         if algo is None:
             return "no lora_down/lora_up, hada_* or lokr_* tensors"
-        if algo == "lora" and ("lora_down" not in parts or "lora_up" not in parts):
-            return "needs both lora_down and lora_up"
         if algo == "lora":
+            problem = pair_problem(parts)
+            if problem:
+                return problem
             down, up = parts["lora_down"], parts["lora_up"]
-            if down.dim() not in (2, 4) or up.dim() != down.dim():
-                return (f"lora_down {tuple(down.shape)} / lora_up {tuple(up.shape)} are not a linear (2-d) or conv (4-d) "
-                        "LoRA pair")
-            if up.shape[1] != down.shape[0]:
-                return f"lora_up {tuple(up.shape)} does not match rank {down.shape[0]} of lora_down {tuple(down.shape)}"
             if "lora_mid" not in parts and (down.shape[1] != weight_shape[1] or up.shape[0] != weight_shape[0]):
                 return (f"shapes down {tuple(down.shape)} / up {tuple(up.shape)} do not fit the module weight "
                         f"{tuple(weight_shape)}")
-        alpha = parts.get("alpha")
-        if alpha is not None and alpha.numel() != 1:
-            return f"alpha has shape {tuple(alpha.shape)}; it must be a single number"
+        problem = alpha_problem(parts)
+        if problem:
+            return problem
         delta = _DIFF[algo](parts, (-1,))[0]
         if delta.numel() != torch.Size(weight_shape).numel():
             return f"its weights make {delta.numel()} values, the module weight {tuple(weight_shape)} has {torch.Size(weight_shape).numel()}"
-        if algo == "lora" and parts["lora_down"].dim() == 4 and tuple(parts["lora_up"].shape[2:]) != (1, 1):
-            return f"a conv lora_up must be out x rank x 1 x 1, not {tuple(parts['lora_up'].shape)}"
         scale = parts.get("dora_scale")
         if scale is not None and scale.numel() != weight_shape[1]:
             return (f"dora_scale {tuple(scale.shape)} does not fit {weight_shape[1]} input features "
@@ -168,6 +190,11 @@ def shape_problem(parts: dict, weight_shape: tuple) -> str | None:
 def diffusers_reads(parts: dict) -> bool:
     """Plain LoRA/LoCon: what diffusers' kohya loader computes exactly (it has no LoHa, LoKr, DoRA or Tucker cores)."""
     return algo_of(parts) == "lora" and "dora_scale" not in parts and "lora_mid" not in parts
+
+
+def diffusers_reads_all(groups: dict[str, dict]) -> bool:
+    """Whether diffusers' loader (and so the diffusers/PEFT file format) holds every module of a file."""
+    return all(diffusers_reads(p) for p in groups.values() if "unknown" not in p)
 
 
 def describe_algos(groups: dict[str, dict]) -> str:

@@ -2,22 +2,32 @@
 
 from __future__ import annotations
 
-import json
-import math
 import re
+from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
-from ..errors import UserError
-from ..formats.export import read_lora
-from ..families import FAMILIES, family_of_pipeline
+from ..adapters.layers import has_peft_adapters
+from ..families import family_of_pipeline
+from ..formats import lycoris
+from ..formats.diffusers_lora import diffusers_to_kohya
+from ..formats.lora_file import (
+    KeyMatch,
+    LoraLoadError,
+    LoraMismatchError,
+    base_layer,
+    check_keys,
+    describe_family,
+    detect_format,
+    not_a_file,
+    read_lora,
+    refuse_broken,
+)
 from .sampling import SamplePrompt, generate, label_image, make_grid
-
-
-class LoraLoadError(UserError, ValueError):
-    pass
 
 
 def parse_lora_arg(arg: str) -> tuple[Path, float]:
@@ -28,104 +38,9 @@ def parse_lora_arg(arg: str) -> tuple[Path, float]:
     return Path(arg).expanduser(), 1.0
 
 
-def _adapter_configs(metadata: dict[str, str], source) -> dict[str, dict]:
-    """The LoRA configs diffusers stores in the file ("unet.lora_alpha": 4, ...), grouped by component; a damaged one is
-    refused with a sentence (diffusers would fail on it with a traceback, or load wrong ranks silently)."""
-    from ..safetext import shown
-
-    if "lora_adapter_metadata" not in metadata:
-        return {}
-
-    def bad(why: str) -> LoraLoadError:
-        return LoraLoadError(f"'{shown(source)}' has damaged diffusers metadata: {why}. Re-export the LoRA "
-                             "(python -m sdlora export FILE --format diffusers) or use the kohya file.")
-
-    try:
-        raw = json.loads(metadata["lora_adapter_metadata"])
-    except (ValueError, RecursionError):
-        raise bad("lora_adapter_metadata is not valid JSON") from None
-    if not isinstance(raw, dict):
-        raise bad("lora_adapter_metadata is not a JSON object")
-    configs: dict[str, dict] = {}
-    for key, value in raw.items():
-        prefix, _, field = str(key).partition(".")
-        configs.setdefault(prefix, {})[field] = value
-    for part, cfg in configs.items():
-        for name in ("lora_alpha", "r"):
-            v = cfg.get(name)
-            if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0):
-                raise bad(f"{part}.{name} is {v!r}, not a positive number")
-        for name in ("alpha_pattern", "rank_pattern"):
-            patterns = cfg.get(name)
-            if patterns is None:
-                continue
-            if not isinstance(patterns, dict):
-                raise bad(f"{part}.{name} is not a mapping")
-            for pattern, v in patterns.items():
-                try:
-                    re.compile(pattern)
-                except re.error:
-                    raise bad(f"{part}.{name} has an invalid pattern {pattern!r}") from None
-                if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
-                    raise bad(f"{part}.{name}[{pattern!r}] is {v!r}, not a positive number")
-    return configs
-
-
-def _configured(cfg: dict, field: str, pattern_field: str, path: str, default):
-    value = cfg.get(field, default)
-    for pattern, v in (cfg.get(pattern_field) or {}).items():
-        if re.search(pattern, path):
-            value = v
-    return value
-
-
-def diffusers_to_kohya(tensors: dict[str, torch.Tensor], metadata: dict[str, str], family=None,
-                       unet_config=None, *, source="LoRA file") -> dict[str, torch.Tensor]:
-    """A diffusers/PEFT-format file in kohya terms (used by verify), named by the family's rule; alpha comes from the
-    stored LoRA config. Damaged metadata raises LoraLoadError naming `source`."""
-    from ..safetext import shown
-
-    family = family or FAMILIES["sd1"]
-    configs = _adapter_configs(metadata, source)
-    out = {}
-    for key, value in tensors.items():
-        m = re.fullmatch(r"(unet|text_encoder|text_encoder_2)\.(.+)\.lora_([AB])\.weight", key)
-        if not m or m.group(1) not in ("unet", *family.text_encoder_names):
-            out[key] = value
-            continue
-        part, path, ab = m.groups()
-        try:
-            prefix = family.kohya_prefix(part, path, unet_config)
-        except ValueError:
-            prefix = None
-        if prefix is None:
-            out[key] = value
-            continue
-        out[f"{prefix}.{'lora_down' if ab == 'A' else 'lora_up'}.weight"] = value
-        if ab == "A" and value.dim() >= 1:  # a malformed A (0-d) is named by the shape checks later
-            cfg = configs.get(part, {})
-            # Only the plain case is judged here (per-module patterns are PEFT's to match); diffusers builds the layers
-            # from this number, so a wrong one would fail inside its loader.
-            rank = None if cfg.get("rank_pattern") else cfg.get("r")
-            if rank is not None and int(rank) != value.shape[0]:
-                raise LoraLoadError(f"'{shown(source)}' has damaged diffusers metadata: it says rank {rank} for {part}.{path}, "
-                                    f"but the weights have rank {value.shape[0]}. Re-export the LoRA or use the kohya file.")
-            alpha = _configured(cfg, "lora_alpha", "alpha_pattern", path, value.shape[0])
-            out[f"{prefix}.alpha"] = torch.tensor(float(alpha))
-    return out
-
-
 def check_lora_fits(path: Path, pipe) -> dict[str, dict]:
     """Refuse a LoRA made for another architecture before diffusers half-loads it; returns its modules mapped onto the
     pipeline ({prefix: parts with "target"})."""
-    from ..tools.verify import (
-        LoraMismatchError,
-        VerifyReport,
-        check_keys,
-        describe_family,
-        detect_format,
-    )
-
     tensors, metadata = read_lora(path)
     fmt = detect_format(tensors)
     family = family_of_pipeline(pipe)
@@ -137,10 +52,8 @@ def check_lora_fits(path: Path, pipe) -> dict[str, dict]:
         raise LoraMismatchError(f"'{path.name}' does not look like a LoRA (no lora_unet_/lora_te_ or unet./text_encoder. keys).")
     if fmt == "diffusers":
         tensors = diffusers_to_kohya(tensors, metadata, family, pipe.unet.config, source=path)
-    from ..formats.lora_check import refuse_broken
-
     refuse_broken(tensors, path, LoraLoadError)  # NaN weights, integer tensors, odd ranks or alpha shapes
-    report = VerifyReport(path=str(path))
+    report = KeyMatch()
     components = {"unet": pipe.unet, **{n: getattr(pipe, n, None) for n in family.text_encoder_names}}
     mapped = check_keys(tensors, family, components, report)
     if report.unmapped or report.problems:
@@ -155,50 +68,68 @@ def adapter_name_for(index: int, path: Path) -> str:
 
 
 class FormulaLoras:
-    """LoRA files diffusers cannot load (LoHa, LoKr, DoRA, Tucker cores) applied the way ComfyUI and A1111 apply every
-    file: the weights become W + Σ strength_i · ΔW_i (sdlora.formats.lycoris). The original weights of the touched
-    modules are kept and put back exactly by `restore`."""
+    """LoRA files diffusers cannot load (LoHa, LoKr, DoRA, Tucker cores) applied as ComfyUI and A1111 apply every file:
+    each touched layer computes with W + Σ strength_i · ΔW_i (sdlora.formats.lycoris). The sum is added to the layer's
+    output by a forward hook, never written into W: the base model is shared (merge, extract and verify read it while
+    files are loaded), so its weights stay bit-exact."""
 
     def __init__(self, pipe):
         self.pipe = pipe
         self.files: dict[str, dict[str, dict]] = {}      # adapter name -> {prefix: parts with "target"}
         self.strengths: dict[str, float] = {}
-        self.originals: dict[tuple[str, str], torch.Tensor] = {}
-
-    def _weight(self, target) -> torch.Tensor:
-        component, path = target
-        module = getattr(self.pipe, component).get_submodule(path)
-        return getattr(module, "base_layer", module).weight
+        self.layers: dict[tuple[str, str], torch.nn.Module] = {}
+        self.deltas: dict[tuple[str, str], torch.Tensor] = {}   # target -> Σ strength · ΔW, in the weight's dtype
+        self.hooks: dict[tuple[str, str], object] = {}
 
     def add(self, name: str, mapped: dict[str, dict]) -> None:
         self.files[name] = mapped
         self.strengths[name] = 1.0
+        components = {c: getattr(self.pipe, c) for c in {p["target"][0] for p in mapped.values()}}
         for parts in mapped.values():
-            if parts["target"] not in self.originals:
-                self.originals[parts["target"]] = self._weight(parts["target"]).detach().clone()
+            self.layers.setdefault(parts["target"], base_layer(components, parts["target"]))
+        self._apply()
+
+    def set_strengths(self, strengths: dict[str, float]) -> None:
+        self.strengths.update(strengths)
+        self._apply()
 
     @torch.no_grad()
-    def set_strengths(self, strengths: dict[str, float]) -> None:
-        from ..formats.lycoris import module_delta
-
-        self.strengths.update(strengths)
-        for target, original in self.originals.items():
-            self._weight(target).copy_(original)
+    def _apply(self) -> None:
+        totals: dict[tuple[str, str], torch.Tensor] = {}
         for name, mapped in self.files.items():
             s = self.strengths[name]
             if s == 0:
                 continue
             for parts in mapped.values():
-                weight = self._weight(parts["target"])
-                weight += (s * module_delta(parts, self.originals[parts["target"]])).to(weight.dtype)
+                target = parts["target"]
+                delta = s * lycoris.module_delta(parts, self.layers[target].weight)
+                totals[target] = totals[target] + delta if target in totals else delta
+        for target in [t for t in self.hooks if t not in totals]:  # strength 0 everywhere: the plain layer again
+            self.hooks.pop(target).remove()
+            self.deltas.pop(target, None)
+        for target, total in totals.items():
+            layer = self.layers[target]
+            self.deltas[target] = total.to(layer.weight.dtype)
+            if target not in self.hooks:
+                self.hooks[target] = layer.register_forward_hook(partial(self._add_delta, target))
 
-    @torch.no_grad()
+    def _add_delta(self, target, layer, args, output):
+        delta = self.deltas[target]
+        if delta.device != layer.weight.device or delta.dtype != layer.weight.dtype:  # the pipeline moved since
+            delta = self.deltas[target] = delta.to(layer.weight)
+        if isinstance(layer, torch.nn.Conv2d):
+            # The layer's own stride, padding, dilation and padding mode, with ΔW for W and no bias.
+            return output + layer._conv_forward(args[0], delta, None)
+        return output + F.linear(args[0], delta)
+
     def restore(self) -> None:
-        for target, original in self.originals.items():
-            self._weight(target).copy_(original)
+        for handle in self.hooks.values():
+            handle.remove()
         self.files.clear()
         self.strengths.clear()
-        self.originals.clear()
+        self.layers.clear()
+        self.deltas.clear()
+        self.hooks.clear()
 
 
 def formula_loras(pipe, create: bool = True) -> FormulaLoras | None:
@@ -210,14 +141,41 @@ def formula_loras(pipe, create: bool = True) -> FormulaLoras | None:
     return current
 
 
+def _components(pipe) -> list:
+    return [pipe.unet, *(getattr(pipe, n, None) for n in family_of_pipeline(pipe).text_encoder_names)]
+
+
+def carries_peft_loras(pipe) -> bool:
+    """Whether diffusers' loader has put LoRA adapters into any of the pipeline's components."""
+    return any(has_peft_adapters(m) for m in _components(pipe))
+
+
+@contextmanager
+def loras_off(pipe):
+    """The bare base model for the duration of the block, even when a shared pipeline carries LoRAs; they are on
+    again, at their strengths, afterwards."""
+    loaded = carries_peft_loras(pipe)
+    formula = formula_loras(pipe, create=False)
+    strengths = dict(formula.strengths) if formula is not None else {}
+    if loaded:
+        pipe.disable_lora()
+    if strengths:
+        formula.set_strengths({name: 0.0 for name in strengths})
+    try:
+        yield
+    finally:
+        if loaded:
+            pipe.enable_lora()
+        if strengths:
+            formula.set_strengths(strengths)
+
+
 def unload_loras(pipe) -> None:
     """Take every LoRA off a pipeline (diffusers adapters and formula-applied files), leaving the base weights exact."""
     formula = formula_loras(pipe, create=False)
     if formula is not None:
         formula.restore()
-    family = family_of_pipeline(pipe)
-    components = [pipe.unet, *(getattr(pipe, n, None) for n in family.text_encoder_names)]
-    if any(getattr(m, "peft_config", None) for m in components if m is not None):
+    if carries_peft_loras(pipe):
         pipe.unload_lora_weights()
 
 
@@ -228,14 +186,10 @@ def load_loras(pipe, loras: list[tuple[Path, float]]) -> list[str]:
     for i, (path, _) in enumerate(loras):
         path = Path(path)
         if not path.is_file():
-            from ..formats.lora_check import not_a_file
-
             raise LoraLoadError(not_a_file(path))
         mapped = check_lora_fits(path, pipe)
         name = adapter_name_for(i, path)
-        from ..formats.lycoris import diffusers_reads
-
-        if not all(diffusers_reads(p) for p in mapped.values()):
+        if not lycoris.diffusers_reads_all(mapped):
             formula_loras(pipe).add(name, mapped)
             names.append(name)
             continue

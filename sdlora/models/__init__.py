@@ -1,11 +1,14 @@
 """Load a base model — built-in tiny model, diffusers folder, single-file checkpoint or hub id — offline by default.
 
 Single-file checkpoints in the original (LDM/CompVis/SGM) layout carry weights only. sdlora supplies what they lack:
-the component configs of SD1.5, SD2 and SDXL (`model_configs.py`) and CLIP's tokenizer, built from the vendored BPE
-vocabulary (`assets/`). They are written once into the cache and passed to diffusers' single-file converters with
-`local_files_only=True`, so a downloaded `.safetensors` loads with no hub access.
+the component configs of SD1.5, SD2 and SDXL (`component_configs.py`) and CLIP's tokenizer, built from the vendored
+BPE vocabulary (`assets/`). They are written once into the cache and passed to diffusers' single-file converters with
+`local_files_only=True`, so a downloaded `.safetensors` loads with no hub access. What differs between model
+families (which keys a file needs, which configs it loads with) is asked of the family (sdlora.families).
 
-  common.py            the user-facing error, the model-load lock
+  common.py            the user-facing error, the model-load lock, what a hub id looks like
+  component_configs.py the shipped component configs and the config folders written from them
+  tokenizers.py        CLIP tokenizers written as files (the real vocabulary, small learned ones)
   tiny.py              the built-in tiny models (builders, cache)
   toy.py               builtin:toy, trained on simple scenes: shipped weights, hash check, unpacking
   checkpoint_files.py  safe reading of .safetensors/.ckpt files

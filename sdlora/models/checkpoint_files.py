@@ -107,7 +107,7 @@ def load_torch_checkpoint(path: Path, *, allow_pickle: bool) -> dict[str, torch.
     return {k: v for k, v in obj.items() if isinstance(k, str) and isinstance(v, torch.Tensor)}
 
 
-def _read_state_dict(path: Path, *, allow_pickle: bool) -> dict[str, torch.Tensor]:
+def read_state_dict(path: Path, *, allow_pickle: bool) -> dict[str, torch.Tensor]:
     if path.suffix.lower() == ".safetensors":
         from safetensors.torch import load_file
 

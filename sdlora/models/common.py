@@ -1,12 +1,15 @@
-"""What every loading module shares: the user-facing error, the supported list, the model-load lock."""
+"""What every loading module shares: the user-facing error, the supported list, the model-load lock, what a hub id
+and a checkpoint file look like."""
 
 from __future__ import annotations
 
 import json
+import re
 import threading
 from pathlib import Path
 
 from ..errors import UserError
+from ..fileio import read_user_bytes
 
 
 def quiet_libraries() -> None:
@@ -21,6 +24,7 @@ def quiet_libraries() -> None:
 
 
 CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 SAMPLERS = ("euler_a", "euler", "ddim", "dpm++")
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 SUPPORTED = ("Supported base models: SD1.x, SD2.x (512 and 768-v) and SDXL (1.0 base and its derivatives), as a "
@@ -38,20 +42,22 @@ class ModelLoadError(UserError, ValueError):
 MODEL_LOCK = threading.RLock()
 
 
-def _read_json(path: Path) -> dict:
+def hub_id_shaped(spec: str) -> bool:
+    """owner/name without path markers or a checkpoint suffix: what the loader takes for a hub id once no file or
+    folder of that name exists."""
+    spec = spec.strip()
+    return bool(HUB_ID.match(spec)) and Path(spec).suffix.lower() not in CHECKPOINT_SUFFIXES
+
+
+def read_json(path: Path) -> dict:
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        return json.loads(read_user_bytes(path).decode("utf-8"))
     except (OSError, ValueError) as exc:
         raise ModelLoadError(f"Could not read '{path}': {exc}. The model folder looks damaged; download it again.") from None
 
 
 
-def _context_dim(unet_cfg) -> int:
-    dim = unet_cfg.get("cross_attention_dim", 768) if isinstance(unet_cfg, dict) else unet_cfg.cross_attention_dim
-    return int(dim[0] if isinstance(dim, (list, tuple)) else dim)
-
-
-def _in_channels_message(what: str, channels: int) -> str:
+def in_channels_message(what: str, channels: int) -> str:
     kind = {9: "an inpainting model", 8: "an instruct-pix2pix model", 5: "a depth-conditioned model"}.get(channels, "not a text-to-image model")
     return (f"{what} has a UNet with {channels} input channels: it is {kind}. sdlora trains LoRAs on text-to-image "
             "base models (4 input channels); use the matching non-inpainting base model.")

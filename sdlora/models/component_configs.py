@@ -2,22 +2,21 @@
 
 A downloaded SD1.5/SD2/SDXL `.safetensors` carries weights only; diffusers needs the component configs and a
 tokenizer next to it. These are the published values of the reference diffusers folders, written out
-into a cache folder on first use (`write_config_folder`).
+into a cache folder on first use (`write_config_folder`). Each set names its family; a family names the set its
+single files load with (`ModelFamily.single_file_configs`, `configs_by_prediction`).
 """
 
 from __future__ import annotations
 
-import gzip
 import hashlib
 import json
 import os
 import shutil
 import tempfile
-from functools import lru_cache
 from pathlib import Path
 
-ASSETS = Path(__file__).with_name("assets")
-CLIP_BPE = ASSETS / "bpe_simple_vocab_16e6.txt.gz"
+from ..families import FAMILIES
+from .tokenizers import clip_vocab_and_merges, write_tokenizer
 
 _SCHEDULER = {
     "_class_name": "PNDMScheduler", "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
@@ -89,40 +88,6 @@ MODEL_CONFIGS = {
 }
 
 
-def bytes_to_unicode() -> dict[int, str]:
-    """CLIP's reversible byte -> printable-character table (the base of its BPE vocabulary)."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return dict(zip(bs, (chr(c) for c in cs)))
-
-
-@lru_cache(maxsize=1)
-def clip_vocab_and_merges() -> tuple[dict[str, int], list[str]]:
-    """CLIP's 49408-token vocabulary, built from the BPE merges file the same way the original tokenizer does."""
-    with gzip.open(CLIP_BPE, "rt", encoding="utf-8") as fh:
-        lines = fh.read().split("\n")
-    merges = lines[1: 49152 - 256 - 2 + 1]
-    base = list(bytes_to_unicode().values())
-    vocab = base + [v + "</w>" for v in base] + ["".join(m.split()) for m in merges] + ["<|startoftext|>", "<|endoftext|>"]
-    return {tok: i for i, tok in enumerate(vocab)}, merges
-
-
-def write_tokenizer(folder: Path, vocab: dict[str, int], merges: list[str], *, pad_token: str) -> None:
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
-    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
-    special = {"bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>", "pad_token": pad_token}
-    (folder / "special_tokens_map.json").write_text(json.dumps(special), encoding="utf-8")
-    (folder / "tokenizer_config.json").write_text(json.dumps(
-        {"tokenizer_class": "CLIPTokenizer", "model_max_length": 77, "do_lower_case": True, **special}), encoding="utf-8")
-
-
 def config_digest(name: str) -> str:
     """Short hash of a variant's configs: a cached config folder is rewritten when sdlora's values change."""
     spec = MODEL_CONFIGS[name]
@@ -144,26 +109,23 @@ def write_config_folder(name: str, folder: Path) -> Path:
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=folder.parent))
     try:
-        xl = "text_encoder_2" in spec
-        index = {"_class_name": "StableDiffusionXLPipeline" if xl else "StableDiffusionPipeline", "_diffusers_version": "0.42.1",
-                 "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
-                 "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"],
-                 "scheduler": ["diffusers", spec["scheduler"]["_class_name"]]}
-        if xl:
-            index.update({"text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
-                          "tokenizer_2": ["transformers", "CLIPTokenizer"], "force_zeros_for_empty_prompt": True})
-        else:
-            index.update({"safety_checker": [None, None], "feature_extractor": [None, None], "requires_safety_checker": False})
+        # The pipeline, its text encoders and their tokenizers are the family's; spec[...] holds their configs.
+        family = FAMILIES[spec["family"]]
+        index = {"_class_name": family.pipeline_class, "_diffusers_version": "0.42.1",
+                 "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"]}
+        for encoder, tokenizer, cls in zip(family.text_encoder_names, family.tokenizer_names, family.text_encoder_classes,
+                                           strict=True):
+            index.update({encoder: ["transformers", cls], tokenizer: ["transformers", "CLIPTokenizer"]})
+        index.update({"scheduler": ["diffusers", spec["scheduler"]["_class_name"]], **family.pipeline_options})
         (tmp / "model_index.json").write_text(json.dumps(index, indent=1))
-        parts = ["unet", "vae", "text_encoder", "scheduler"] + (["text_encoder_2"] if xl else [])
-        for part in parts:
+        for part in ("unet", "vae", *family.text_encoder_names, "scheduler"):
             (tmp / part).mkdir()
             fname = "scheduler_config.json" if part == "scheduler" else "config.json"
             (tmp / part / fname).write_text(json.dumps(spec[part], indent=1))
         vocab, merges = clip_vocab_and_merges()
-        write_tokenizer(tmp / "tokenizer", vocab, merges, pad_token=spec["pad_token"])
-        if xl:
-            write_tokenizer(tmp / "tokenizer_2", vocab, merges, pad_token=spec["pad_token_2"])
+        pads = [spec["pad_token"], spec.get("pad_token_2")]
+        for tokenizer, pad in zip(family.tokenizer_names, pads):
+            write_tokenizer(tmp / tokenizer, vocab, merges, pad_token=pad)
         if folder.exists():
             shutil.rmtree(tmp)
             return folder

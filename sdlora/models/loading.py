@@ -12,13 +12,12 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from ..families import FAMILIES, ModelFamily, cross_attention_width, family_of_folder
+from .checkpoint_files import file_quick_hash, read_checkpoint_keys, read_state_dict
+from .common import MODEL_LOCK, PREDICTION_TYPES, SUPPORTED, ModelLoadError, in_channels_message, read_json
 from .component_configs import MODEL_CONFIGS, config_folder
-from .checkpoint_files import _read_state_dict, file_quick_hash, read_checkpoint_keys
-from .common import (MODEL_LOCK, PREDICTION_TYPES, SUPPORTED, ModelLoadError, _context_dim, _in_channels_message,
-                     _read_json)
-from ..families import FAMILIES, ModelFamily, family_of_folder
-from .recognise import _CONV_IN, check_diffusers_folder, checkpoint_family, detect_architecture, resolve_model_spec
-from .tiny import BUILTIN_MODELS, TINY_SPEC, TINY_XL_SPEC, tiny_model_dir
+from .recognise import CONV_IN, check_diffusers_folder, checkpoint_family, detect_architecture, resolve_model_spec
+from .tiny import BUILTIN_MODELS, tiny_model_dir
 
 if TYPE_CHECKING:
     from diffusers import (
@@ -104,22 +103,9 @@ def predicts_v(unet) -> bool:
     uses for SD2 checkpoints that come without a config)."""
     p = next(unet.parameters())
     x = torch.full((1, 4, 8, 8), 0.5, dtype=p.dtype, device=p.device)
-    cond = torch.full((1, 2, _context_dim(unet.config)), 0.5, dtype=p.dtype, device=p.device)
+    cond = torch.full((1, 2, cross_attention_width(unet.config)), 0.5, dtype=p.dtype, device=p.device)
     out = unet(x, torch.tensor([999], device=p.device), encoder_hidden_states=cond).sample
     return (out - x).float().mean().item() < -1
-
-
-def _with_text_model_prefix(state: dict) -> dict:
-    """Some SD1 merges were saved with an older transformers layout, `cond_stage_model.transformer.embeddings.*`
-    without `text_model.`; diffusers' converter only recognises the newer names."""
-    old, new = "cond_stage_model.transformer.", "cond_stage_model.transformer.text_model."
-    if any(k.startswith(new) for k in state) or not any(k.startswith(old) for k in state):
-        return state
-    return {(new + k[len(old):] if k.startswith(old) else k): v for k, v in state.items()}
-
-
-# Which transformers class each text encoder of a family is.
-_TEXT_ENCODER_CLASSES = {"text_encoder": "CLIPTextModel", "text_encoder_2": "CLIPTextModelWithProjection"}
 
 
 def _load_single_file(path: Path, *, dtype, allow_pickle: bool, prediction_type: str | None, config_dir) -> dict:
@@ -131,33 +117,32 @@ def _load_single_file(path: Path, *, dtype, allow_pickle: bool, prediction_type:
     if path.suffix.lower() == ".safetensors":
         keys = read_checkpoint_keys(path, allow_pickle=False)  # the header first: refuse before reading gigabytes
         arch = detect_architecture(keys, path)
-        state = _read_state_dict(path, allow_pickle=False)
+        state = read_state_dict(path, allow_pickle=False)
     else:
-        state = _read_state_dict(path, allow_pickle=allow_pickle)
+        state = read_state_dict(path, allow_pickle=allow_pickle)
         keys = {k: tuple(v.shape) for k, v in state.items()}
         arch = detect_architecture(keys, path)
-    family = FAMILIES[checkpoint_family(keys, path)]
-    if family.name == "sd1":
-        state = _with_text_model_prefix(state)
+    family = checkpoint_family(keys, path)
+    state = family.prepare_checkpoint(state)
     variant = None
     if config_dir:
         config = Path(config_dir).expanduser()
         if not (config / "unet" / "config.json").is_file():
             raise ModelLoadError(f"config_dir '{config}' is not a diffusers model folder (no unet/config.json).")
-        index = _read_json(config / "model_index.json") if (config / "model_index.json").is_file() else {}
-        config_family = family_of_folder(index, _read_json(config / "unet" / "config.json")) or FAMILIES["sd1"]
-        if (config_family.name == "sdxl") != (family.name == "sdxl"):  # one text encoder or two: never loadable
+        index = read_json(config / "model_index.json") if (config / "model_index.json").is_file() else {}
+        config_family = family_of_folder(index, read_json(config / "unet" / "config.json")) or FAMILIES["sd1"]
+        # A different number of text encoders is never loadable; other mismatches fail on the weights' shapes.
+        if len(config_family.text_encoder_names) != len(family.text_encoder_names):
             raise ModelLoadError(f"config_dir '{config}' holds an {config_family.label} model, but '{path.name}' is an "
                                  f"{family.label} checkpoint: pass a diffusers folder of the same family and sizes.")
-    elif arch in ("tiny", "tiny-xl"):
-        config = tiny_model_dir(TINY_XL_SPEC if arch == "tiny-xl" else TINY_SPEC)
+    elif f"builtin:{arch}" in BUILTIN_MODELS:  # the sizes of a built-in tiny model: its folder has the configs
+        config = tiny_model_dir(f"builtin:{arch}")
     elif arch == "custom":
         raise ModelLoadError(f"'{path.name}' is an {family.label}-style checkpoint with non-standard sizes (first UNet "
-                             f"layer has {state[_CONV_IN].shape[0]} channels, not 320): pass config_dir=<a diffusers "
+                             f"layer has {state[CONV_IN].shape[0]} channels, not 320): pass config_dir=<a diffusers "
                              "folder with matching configs>.")
     else:
-        # SD2 512-base and 768-v share one layout; loaded with the 768-v configs, then settled by predicts_v below.
-        variant = {"sd15": "sd15", "sd2": "sd2-v", "sdxl": "sdxl"}[arch]
+        variant = family.single_file_configs
         config = config_folder(variant)
     stage = "UNet"  # the part being loaded, for the error sentence
     try:
@@ -173,7 +158,7 @@ def _load_single_file(path: Path, *, dtype, allow_pickle: bool, prediction_type:
             text_encoders = []
             for i, part in enumerate(family.text_encoder_names):
                 stage = f"text encoder {i + 1}" if len(family.text_encoder_names) > 1 else "text encoder"
-                cls = getattr(transformers, _TEXT_ENCODER_CLASSES[part])
+                cls = getattr(transformers, family.text_encoder_classes[i])
                 te = create_diffusers_clip_model_from_ldm(cls, state, subfolder=part, config=str(config), torch_dtype=dtype,
                                                           local_files_only=True)
                 _check_complete(te, path, stage)
@@ -192,19 +177,20 @@ def _load_single_file(path: Path, *, dtype, allow_pickle: bool, prediction_type:
         raise ModelLoadError(f"Could not load '{path.name}' as an {family.label} checkpoint ({stage}): "
                              f"{_first_line(exc)}. " + SUPPORTED) from None
     del state
-    scheduler_config = _read_json(config / "scheduler" / "scheduler_config.json")
+    scheduler_config = read_json(config / "scheduler" / "scheduler_config.json")
     resolution = None
-    if variant == "sd2-v":
+    if variant and family.configs_by_prediction:
         pred = prediction_type
         if pred is None:
+            what = family.name.upper()
             try:
                 pred = "v_prediction" if predicts_v(unet) else "epsilon"
-                log.info("'%s': SD2 checkpoint detected as %s; pass prediction_type to override.", path.name, pred)
-            except Exception as exc:  # e.g. a dtype the CPU cannot run: fall back to the common SD2 768-v release
-                pred = "v_prediction"
-                log.warning("'%s': could not test the SD2 prediction type (%s); assuming v_prediction. Pass "
-                            "prediction_type='epsilon' for a 512 'base' model.", path.name, exc)
-        variant = "sd2-v" if pred == "v_prediction" else "sd2-base"
+                log.info("'%s': %s checkpoint detected as %s; pass prediction_type to override.", path.name, what, pred)
+            except Exception as exc:  # e.g. a dtype the CPU cannot run: fall back to the configs' own (SD2: 768-v)
+                pred = MODEL_CONFIGS[variant]["scheduler"]["prediction_type"]
+                log.warning("'%s': could not test the %s prediction type (%s); assuming %s. Pass "
+                            "prediction_type='epsilon' for a 512 'base' model.", path.name, what, exc, pred)
+        variant = family.configs_by_prediction[pred]
         unet.register_to_config(sample_size=MODEL_CONFIGS[variant]["unet"]["sample_size"])
         vae.register_to_config(sample_size=MODEL_CONFIGS[variant]["vae"]["sample_size"])
         scheduler_config = MODEL_CONFIGS[variant]["scheduler"]
@@ -236,9 +222,9 @@ def _load_folder(folder: Path) -> dict:
                                                              variant=_weights_variant(folder / "unet")),
                 "vae": AutoencoderKL.from_pretrained(folder, subfolder="vae", local_files_only=True,
                                                      variant=_weights_variant(folder / "vae")),
-                "text_encoders": [getattr(transformers, _TEXT_ENCODER_CLASSES[part]).from_pretrained(
+                "text_encoders": [getattr(transformers, cls).from_pretrained(
                     folder, subfolder=part, local_files_only=True, variant=_weights_variant(folder / part))
-                    for part in family.text_encoder_names],
+                    for part, cls in zip(family.text_encoder_names, family.text_encoder_classes)],
                 "tokenizers": [CLIPTokenizer.from_pretrained(folder, subfolder=part, local_files_only=True)
                                for part in family.tokenizer_names],
             }
@@ -246,7 +232,7 @@ def _load_folder(folder: Path) -> dict:
         parts = ", ".join(f"{p}/" for p in ("unet", "vae", *family.text_encoder_names, *family.tokenizer_names))
         raise ModelLoadError(f"Could not load the diffusers model in '{folder}': {_first_line(exc)}. "
                              f"Check that {parts} and scheduler/ are complete.") from None
-    comps["scheduler_config"] = _read_json(folder / "scheduler" / "scheduler_config.json")
+    comps["scheduler_config"] = read_json(folder / "scheduler" / "scheduler_config.json")
     return comps
 
 
@@ -296,7 +282,6 @@ def _load_hub(repo_id: str) -> tuple[dict, str]:
                              "1.x/2.x/XL. " + SUPPORTED)
     if "Refiner" in str(index.get("_class_name", "")):
         raise ModelLoadError(f"'{repo_id}' is the SDXL refiner: train LoRAs on the SDXL base model. " + SUPPORTED)
-    family = FAMILIES["sdxl"] if "text_encoder_2" in index else None
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -304,8 +289,8 @@ def _load_hub(repo_id: str) -> tuple[dict, str]:
     except Exception as exc:
         raise _hub_error(repo_id, exc) from None
     if pipe.unet.config.in_channels != 4:
-        raise ModelLoadError(_in_channels_message(f"'{repo_id}'", pipe.unet.config.in_channels))
-    family = family or family_of_folder(index, dict(pipe.unet.config)) or FAMILIES["sd1"]
+        raise ModelLoadError(in_channels_message(f"'{repo_id}'", pipe.unet.config.in_channels))
+    family = family_of_folder(index, dict(pipe.unet.config)) or FAMILIES["sd1"]
     comps = {"family": family, "unet": pipe.unet, "vae": pipe.vae,
              "text_encoders": [getattr(pipe, n) for n in family.text_encoder_names],
              "tokenizers": [getattr(pipe, n) for n in family.tokenizer_names], "scheduler_config": dict(pipe.scheduler.config)}

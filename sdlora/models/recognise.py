@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
+from ..families import FAMILIES, ModelFamily, family_of_checkpoint, family_of_folder
 from ..paths import cache_dir
 from .checkpoint_files import read_checkpoint_keys
-from .common import CHECKPOINT_SUFFIXES, SUPPORTED, ModelLoadError, _in_channels_message, _read_json
-from ..families import FAMILIES, ModelFamily, family_of_folder
-from .tiny import BUILTIN_MODELS, TINY_SPEC
-
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+from .common import CHECKPOINT_SUFFIXES, SUPPORTED, ModelLoadError, hub_id_shaped, in_channels_message, read_json
+from .tiny import BUILTIN_MODELS, TINY_CHANNELS, TINY_MODELS, TINY_SPEC
 
 
 def resolve_model_spec(spec: str) -> tuple[str, str]:
@@ -36,9 +33,7 @@ def resolve_model_spec(spec: str) -> tuple[str, str]:
         if path.suffix.lower() == ".safetensors":
             checkpoint_family(read_checkpoint_keys(path, allow_pickle=False), path)
         return "single_file", str(path)
-    looks_like_path = spec.startswith((".", "~", "/")) or spec.count("/") > 1 or "\\" in spec \
-        or path.suffix.lower() in CHECKPOINT_SUFFIXES
-    if not looks_like_path and _HUB_ID.match(spec):
+    if hub_id_shaped(spec):
         return "hub", spec
     raise ModelLoadError(f"Base model '{spec}' not found: no such file or folder. Check the path, or use {TINY_SPEC} "
                          "(built in) or a hub id like owner/name.")
@@ -48,7 +43,7 @@ def resolve_model_spec(spec: str) -> tuple[str, str]:
 def check_diffusers_folder(folder: Path) -> ModelFamily:
     """The family of a diffusers SD1.x/SD2.x/SDXL model folder, or a clear ModelLoadError (reads JSON configs only)."""
     index_path, unet_cfg_path = folder / "model_index.json", folder / "unet" / "config.json"
-    index = _read_json(index_path) if index_path.is_file() else {}
+    index = read_json(index_path) if index_path.is_file() else {}
     if not index and not (folder / "unet").is_dir():
         raise ModelLoadError(f"Base model folder '{folder}' has no model_index.json or unet/ folder: it is not a diffusers "
                              "model. Point at a diffusers folder or a single .safetensors checkpoint.")
@@ -58,7 +53,7 @@ def check_diffusers_folder(folder: Path) -> ModelFamily:
     if "Refiner" in cls or ("text_encoder_2" in index and index.get("text_encoder", []) in (None, [None, None])):
         raise ModelLoadError(f"'{folder}' is the SDXL refiner (one OpenCLIP encoder, image-to-image only): train LoRAs on "
                              "the SDXL base model or a derivative. " + SUPPORTED)
-    unet_cfg = _read_json(unet_cfg_path) if unet_cfg_path.is_file() else {}
+    unet_cfg = read_json(unet_cfg_path) if unet_cfg_path.is_file() else {}
     fam = family_of_folder(index, unet_cfg) or FAMILIES["sd1"]
     parts = ("unet", "vae", *fam.text_encoder_names, *fam.tokenizer_names, "scheduler")
     missing = [part for part in parts if not (folder / part).is_dir()]
@@ -68,21 +63,20 @@ def check_diffusers_folder(folder: Path) -> ModelFamily:
     if not unet_cfg_path.is_file():
         raise ModelLoadError(f"'{folder}' has no unet/config.json: the diffusers model is incomplete. Download it again.")
     if unet_cfg.get("in_channels", 4) != 4:
-        raise ModelLoadError(_in_channels_message(f"'{folder}'", unet_cfg["in_channels"]))
+        raise ModelLoadError(in_channels_message(f"'{folder}'", unet_cfg["in_channels"]))
     return fam
 
 
 
-_UNET = "model.diffusion_model."
-_CONV_IN = _UNET + "input_blocks.0.0.weight"
-_ATTN2_K = _UNET + "input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight"
-_SDXL_ATTN2_K = _UNET + "input_blocks.4.1.transformer_blocks.0.attn2.to_k.weight"
-_SDXL_TEXT = ("conditioner.embedders.0.transformer.", "conditioner.embedders.1.model.")
+UNET = "model.diffusion_model."
+CONV_IN = UNET + "input_blocks.0.0.weight"
+FULL_SIZE_CHANNELS = 320  # the first UNet level of every released SD1/SD2/SDXL model
 
 
-def checkpoint_family(keys: dict[str, tuple], path: Path) -> str:
-    """'sd1' | 'sd2' | 'sdxl' from an original-layout checkpoint's key names and shapes; a clear ModelLoadError for
-    anything sdlora cannot use as a base model (LoRA, SDXL refiner, Flux/SD3, VAE-only, inpainting, incomplete files)."""
+def checkpoint_family(keys: dict[str, tuple], path: Path) -> ModelFamily:
+    """The family of an original-layout checkpoint, from its key names and shapes (the families recognise their own
+    files); a clear ModelLoadError for anything sdlora cannot use as a base model (LoRA, SDXL refiner, Flux/SD3,
+    VAE-only, inpainting, incomplete files)."""
     name = path.name
     names = list(keys)
     if not names:
@@ -91,14 +85,14 @@ def checkpoint_family(keys: dict[str, tuple], path: Path) -> str:
            or ".lora.down." in k for k in names):
         raise ModelLoadError(f"'{name}' is a LoRA, not a base model. Use it with --lora (generate), and pick a full "
                              "SD1.x/SD2.x/SDXL checkpoint as the base model.")
-    is_xl = any(k.startswith("conditioner.embedders.") for k in names)
-    if is_xl and not all(any(k.startswith(p) for k in names) for p in _SDXL_TEXT):
-        raise ModelLoadError(f"'{name}' is the SDXL refiner (or an SDXL file without both text encoders): train LoRAs on "
-                             "the SDXL base model or a derivative. " + SUPPORTED)
+    family = family_of_checkpoint(keys)
+    problem = family and family.checkpoint_problem(names)
+    if problem:
+        raise ModelLoadError(f"'{name}' {problem} " + SUPPORTED)
     transformer_blocks = ("double_blocks.", "single_blocks.", "joint_blocks.", "transformer_blocks.")
-    if any(k.startswith(transformer_blocks) or k.removeprefix(_UNET).startswith(transformer_blocks) for k in names):
+    if any(k.startswith(transformer_blocks) or k.removeprefix(UNET).startswith(transformer_blocks) for k in names):
         raise ModelLoadError(f"'{name}' is a transformer-based model (Flux/SD3), not an SD1.x/SD2.x UNet model. " + SUPPORTED)
-    if not any(k.startswith(_UNET) for k in names):
+    if not any(k.startswith(UNET) for k in names):
         if all(k.startswith(("encoder.", "decoder.", "quant_conv.", "post_quant_conv.", "first_stage_model.")) for k in names):
             what = "a VAE (autoencoder) file"
         elif any(k in ("string_to_param", "emb_params", "clip_l", "clip_g") or k.startswith("string_to_param") for k in names):
@@ -108,41 +102,32 @@ def checkpoint_family(keys: dict[str, tuple], path: Path) -> str:
         else:
             what = "not an SD1.x/SD2.x checkpoint (no model.diffusion_model.* UNet weights)"
         raise ModelLoadError(f"'{name}' is {what}, not a base model. " + SUPPORTED)
-    conv_in = keys.get(_CONV_IN)
+    conv_in = keys.get(CONV_IN)
     if conv_in is None or len(conv_in) != 4:
-        raise ModelLoadError(f"'{name}' has UNet weights without the usual first convolution ({_CONV_IN}): "
+        raise ModelLoadError(f"'{name}' has UNet weights without the usual first convolution ({CONV_IN}): "
                              "unsupported layout. " + SUPPORTED)
     if conv_in[1] != 4:
-        raise ModelLoadError(_in_channels_message(f"'{name}'", conv_in[1]))
-    if is_xl:
-        family = "sdxl"
-    elif any(k.startswith("cond_stage_model.model.") for k in names):
-        family = "sd2"
-    elif any(k.startswith("cond_stage_model.transformer.") for k in names):
-        family = "sd1"
-    else:
+        raise ModelLoadError(in_channels_message(f"'{name}'", conv_in[1]))
+    if family is None:
         raise ModelLoadError(f"'{name}' has no text encoder weights (cond_stage_model.*): it holds only part of a model. "
                              "Use a full checkpoint (UNet, VAE and text encoder). " + SUPPORTED)
     if not any(k.startswith("first_stage_model.") for k in names):
         raise ModelLoadError(f"'{name}' has no VAE weights (first_stage_model.*): it holds only part of a model. "
                              "Use a full checkpoint (UNet, VAE and text encoder). " + SUPPORTED)
-    if conv_in[0] == 320:
-        context = keys.get(_SDXL_ATTN2_K if is_xl else _ATTN2_K, (0, 0))[-1]
-        want = {"sd1": 768, "sd2": 1024, "sdxl": 2048}[family]
-        if context != want:
-            raise ModelLoadError(f"'{name}' mixes a {family.upper()} text encoder with a UNet for {context}-wide text "
+    if conv_in[0] == FULL_SIZE_CHANNELS:
+        context = keys.get(family.checkpoint_context_key, (0, 0))[-1]
+        if context != family.context_dim:
+            raise ModelLoadError(f"'{name}' mixes a {family.name.upper()} text encoder with a UNet for {context}-wide text "
                                  "embeddings: unsupported architecture. " + SUPPORTED)
     return family
 
 
 def detect_architecture(keys: dict[str, tuple], path: Path) -> str:
-    """'sd15' | 'sd2' | 'sdxl' for the real sizes, 'tiny' / 'tiny-xl' for the built-in tiny models' sizes, 'custom' for
-    other sizes (needs config_dir)."""
+    """The family's name for a full-size file ('sd15' | 'sd2' | 'sdxl'), 'tiny' / 'tiny-xl' for the built-in tiny
+    models' sizes, 'custom' for other sizes (needs config_dir)."""
     family = checkpoint_family(keys, path)
-    channels = keys[_CONV_IN][0]
-    if channels == 320:
-        return {"sd1": "sd15", "sd2": "sd2", "sdxl": "sdxl"}[family]
-    tiny = {"sd1": ("tiny", 32), "sdxl": ("tiny-xl", 32)}  # the built-in models' block_out_channels[0]
-    arch, tiny_channels = tiny.get(family, ("custom", 0))
-    return arch if channels == tiny_channels else "custom"
-
+    channels = keys[CONV_IN][0]
+    if channels == FULL_SIZE_CHANNELS:
+        return family.checkpoint_architecture
+    tiny = TINY_MODELS.get(family.name)
+    return tiny.removeprefix("builtin:") if tiny and channels == TINY_CHANNELS else "custom"

@@ -6,14 +6,13 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
-from collections import Counter
-from itertools import pairwise
 from pathlib import Path
 
 import torch
 
-from .component_configs import MODEL_CONFIGS, bytes_to_unicode, write_tokenizer
+from .component_configs import MODEL_CONFIGS
 from ..paths import cache_dir
+from .tokenizers import write_word_tokenizers
 from .toy import TOY_SPEC, TOY_VERSION, unpack_toy_model
 
 TINY_SPEC = "builtin:tiny"
@@ -22,38 +21,14 @@ TINY_XL_SPEC = "builtin:tiny-xl"
 TINY_XL_VERSION = "tiny-xl-v1"
 # spec -> cache folder name
 BUILTIN_MODELS = {TINY_SPEC: TINY_VERSION, TINY_XL_SPEC: TINY_XL_VERSION, TOY_SPEC: TOY_VERSION}
+# The family each tiny model is shaped like (a single file of those sizes loads with its configs), and the width of
+# their first UNet level, which tells them from full-size files.
+TINY_MODELS = {"sd1": TINY_SPEC, "sdxl": TINY_XL_SPEC}
+TINY_CHANNELS = 32
 
 _TINY_WORDS = ("a an the of on in at with and photo picture red blue green yellow grey purple white black orange circle "
                "square background centered left right top bottom mascot sdlora style portrait of person dog cat man woman "
                "detailed high quality lowres blurry painting drawing sketch landscape city night day sky tree house").split()
-
-
-def _learn_merges(words, count: int = 300) -> list[str]:
-    """A few hundred BPE merges from a small word list: enough for realistic multi-character tokens."""
-    corpus = Counter({tuple(w[:-1]) + (w[-1] + "</w>",): 1 for w in words})
-    merges = []
-    for _ in range(count):
-        pairs = Counter()
-        for word, freq in corpus.items():
-            for a, b in pairwise(word):
-                pairs[(a, b)] += freq
-        if not pairs:
-            break
-        (a, b), _ = max(pairs.items(), key=lambda kv: (kv[1], kv[0]))
-        merges.append(f"{a} {b}")
-        new = Counter()
-        for word, freq in corpus.items():
-            out, i = [], 0
-            while i < len(word):
-                if i < len(word) - 1 and word[i] == a and word[i + 1] == b:
-                    out.append(a + b)
-                    i += 2
-                else:
-                    out.append(word[i])
-                    i += 1
-            new[tuple(out)] += freq
-        corpus = new
-    return merges
 
 
 def build_tiny_model(folder: Path) -> Path:
@@ -68,7 +43,7 @@ def build_tiny_model(folder: Path) -> Path:
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    vocab = _tiny_tokenizer_files(folder, ("tokenizer", "<|endoftext|>"))
+    vocab = write_word_tokenizers(folder, _TINY_WORDS, ("tokenizer", "<|endoftext|>"))
     tokenizer = CLIPTokenizer.from_pretrained(folder / "tokenizer")
 
     torch.manual_seed(0)
@@ -114,16 +89,6 @@ def tiny_model_dir(spec: str = TINY_SPEC) -> Path:
     return final
 
 
-def _tiny_tokenizer_files(folder: Path, *names_and_pads: tuple[str, str]) -> dict[str, int]:
-    merges = _learn_merges(_TINY_WORDS)
-    base = list(bytes_to_unicode().values())
-    tokens = base + [b + "</w>" for b in base] + ["".join(m.split()) for m in merges] + ["<|startoftext|>", "<|endoftext|>"]
-    vocab = {t: i for i, t in enumerate(dict.fromkeys(tokens))}
-    for name, pad in names_and_pads:
-        write_tokenizer(folder / name, vocab, merges, pad_token=pad)
-    return vocab
-
-
 def build_tiny_xl_model(folder: Path) -> Path:
     """Write the tiny SDXL-shaped model as a diffusers folder: SDXL's block layout (no attention in the first level,
     attention in the first up block, two layers per block), linear projections, several transformer layers per
@@ -133,7 +98,7 @@ def build_tiny_xl_model(folder: Path) -> Path:
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    vocab = _tiny_tokenizer_files(folder, ("tokenizer", "<|endoftext|>"), ("tokenizer_2", "!"))
+    vocab = write_word_tokenizers(folder, _TINY_WORDS, ("tokenizer", "<|endoftext|>"), ("tokenizer_2", "!"))
     te1_width, te2_width, time_dim = 32, 64, 8
     torch.manual_seed(10)
     unet = UNet2DConditionModel(

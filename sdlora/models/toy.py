@@ -27,14 +27,10 @@ def build_toy_components(folder: Path, seed: int = 0):
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
     from ..data.scenes import WORDS
-    from .component_configs import MODEL_CONFIGS, bytes_to_unicode, write_tokenizer
-    from .tiny import _learn_merges
+    from .component_configs import MODEL_CONFIGS
+    from .tokenizers import write_word_tokenizers
 
-    merges = _learn_merges(WORDS, count=1000)
-    base = list(bytes_to_unicode().values())
-    tokens = base + [b + "</w>" for b in base] + ["".join(m.split()) for m in merges] + ["<|startoftext|>", "<|endoftext|>"]
-    vocab = {t: i for i, t in enumerate(dict.fromkeys(tokens))}
-    write_tokenizer(Path(folder) / "tokenizer", vocab, merges, pad_token="<|endoftext|>")
+    vocab = write_word_tokenizers(folder, WORDS, ("tokenizer", "<|endoftext|>"), merges=1000)
     tokenizer = CLIPTokenizer.from_pretrained(Path(folder) / "tokenizer")
 
     torch.manual_seed(seed)

@@ -15,14 +15,18 @@ from pathlib import Path
 
 import torch
 
+from ..adapters.spec import AdapterSpec
 from ..errors import UserError
+from ..families import family_of_lora
 from ..formats import lycoris
+from ..formats.diffusers_lora import diffusers_to_kohya
+from ..formats.export import PRECISIONS, save_safetensors_atomic, tensors_hash, with_hashes
+from ..formats.lora_file import describe_family, detect_format, module_index, read_lora
 from ..safetext import shown
 
 # progress(done, total, what): called as modules are processed; the CLI prints it, the UI shows it.
 Progress = Callable[[int, int, str], None]
 from . import METHODS
-PRECISIONS = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 # Singular values below this fraction of the largest are numerical noise of an exact decomposition.
 _NOISE = 1e-7
 
@@ -52,10 +56,6 @@ class LoraFile:
 def read_lora_file(path, what: str = "LoRA") -> LoraFile:
     """A kohya/LyCORIS file (a diffusers-format one is converted), refused with a sentence naming it when it is not a
     LoRA or its tensors are broken."""
-    from ..formats.export import read_lora
-    from ..families import family_of_lora
-    from .verify import describe_family, detect_format
-
     path = Path(path)
     if path.suffix.lower() != ".safetensors":
         raise ToolError(f"{what} {_q(path)} is not a .safetensors file: the LoRA tools read LoRAs in safetensors format.")
@@ -64,8 +64,6 @@ def read_lora_file(path, what: str = "LoRA") -> LoraFile:
         raise ToolError(f"{what} {_q(path)} holds no tensors: it is not a LoRA.")
     fmt = detect_format(tensors)
     if fmt == "diffusers":
-        from ..inference.loras import diffusers_to_kohya
-
         family = family_of_lora(list(tensors))
         tensors = diffusers_to_kohya(tensors, metadata, family, source=path)
     elif fmt != "kohya":
@@ -95,15 +93,10 @@ def _parts_problem(parts: dict) -> str | None:
     if lycoris.algo_of(parts) is None:
         return "no lora_down/lora_up, hada_* or lokr_* tensors"
     if lycoris.algo_of(parts) == "lora":
-        down, up = parts.get("lora_down"), parts.get("lora_up")
-        if down is None or up is None:
-            return "needs both lora_down and lora_up"
-        if down.dim() not in (2, 4) or up.dim() not in (2, 4) or up.shape[1] != down.shape[0]:
-            return f"lora_up {tuple(up.shape)} does not fit lora_down {tuple(down.shape)}"
-    alpha = parts.get("alpha")
-    if alpha is not None and alpha.numel() != 1:
-        return f"alpha has shape {tuple(alpha.shape)}; it must be a single number"
-    return None
+        problem = lycoris.pair_problem(parts)
+        if problem:
+            return problem
+    return lycoris.alpha_problem(parts)
 
 
 def same_family(files: list[LoraFile]) -> object:
@@ -113,7 +106,7 @@ def same_family(files: list[LoraFile]) -> object:
         return None
     first = known[0]
     for f in known[1:]:
-        if {f.family.name, first.family.name} - {"sd1", "sd2"} and f.family.name != first.family.name:
+        if not f.family.lora_compatible_with(first.family):
             raise ToolError(f"LoRA {_q(f.path)} is for {f.family.label}, but {_q(first.path)} is for {first.family.label}: "
                             "LoRAs for different model families cannot be combined.")
     return first.family
@@ -312,8 +305,6 @@ def check_output(out, inputs=()) -> Path:
 
 def input_record(path: Path, extra: dict | None = None) -> dict:
     """How the output's metadata names an input: file name and kohya's tensor-data hash (sshs_model_hash)."""
-    from ..formats.export import tensors_hash
-
     rec = {"file": Path(path).name, "sshs_model_hash": tensors_hash(Path(path))}
     rec.update(extra or {})
     return rec
@@ -324,8 +315,9 @@ def _same(values: list) -> str:
 
 
 def network_metadata(tensors: dict) -> dict[str, str]:
-    """ss_network_dim (the largest rank, linear and 1x1 modules), ss_network_alpha, and conv_dim/conv_alpha for 3x3
-    convs, from what was written; an alpha that differs between modules is kohya's "Dynamic"."""
+    """ss_network_* for what was written, as the adapter spec of such a file writes them: dim is the largest rank of the
+    linear and 1x1 modules, conv_dim/conv_alpha those of the 3x3 convs; an alpha that differs between modules is
+    kohya's "Dynamic"."""
     groups = lycoris.group_modules(tensors)
     linear, conv = [], []
     for parts in groups.values():
@@ -333,15 +325,11 @@ def network_metadata(tensors: dict) -> dict[str, str]:
         alpha = float(parts["alpha"]) if "alpha" in parts else float(rank)
         (conv if is_conv3(parts["lora_down"].shape) else linear).append((rank, _num(alpha)))
     main = linear or conv
-    md = {"ss_network_module": "networks.lora",
-          "ss_network_dim": str(max(r for r, _ in main)),
-          "ss_network_alpha": _same([a for _, a in main])}
-    args = {"conv_dim": str(max(r for r, _ in conv)), "conv_alpha": _same([a for _, a in conv])} if conv and linear else {}
-    md["ss_network_args"] = json.dumps(args) if args else "null"
-    if any("dora_scale" in p for p in groups.values()):
-        md["ss_network_module"] = "lycoris.kohya"
-        md["ss_network_args"] = json.dumps({"algo": "lora", "dora_wd": "True", **args})  # as LyCORIS writes it
-    return md
+    spec = AdapterSpec(network="lora", rank=max(r for r, _ in main), alpha=_same([a for _, a in main]),
+                       conv_rank=max(r for r, _ in conv) if conv and linear else 0,
+                       conv_alpha=_same([a for _, a in conv]) if conv and linear else 1.0,
+                       dora=any("dora_scale" in p for p in groups.values()))
+    return spec.network_metadata()
 
 
 def _num(x: float):
@@ -378,15 +366,13 @@ def lora_metadata(family, inputs: list[dict], out: Path, *, tool: dict, base: di
 
 def write_lora(tensors: dict, out: Path, metadata: dict[str, str], precision: str) -> Path:
     """Cast, add ss_network_* and kohya's hashes, write atomically."""
-    from ..formats.export import _with_hashes, save_safetensors_atomic
-
     dtype = PRECISIONS[precision]
     tensors = {k: v.detach().to("cpu", dtype).contiguous() for k, v in tensors.items()}
     md = dict(metadata)
     md.update(network_metadata(tensors))
     md["ss_save_precision"] = precision
     out.parent.mkdir(parents=True, exist_ok=True)
-    md = _with_hashes(out, tensors, md)
+    md = with_hashes(out, tensors, md)
     return save_safetensors_atomic(tensors, out, md)
 
 
@@ -406,8 +392,6 @@ def file_precision(tensors: dict) -> str:
 # --- module shapes ------------------------------------------------------------------------------------------------
 def base_shapes(base) -> dict[str, tuple]:
     """kohya prefix -> weight shape of every module of a loaded base model a LoRA may adapt."""
-    from .verify import module_index
-
     components = base.components()
     shapes = {}
     for prefix, (component, path) in module_index(base.family, components).items():

@@ -5,9 +5,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ..formats.export import (PRECISIONS, ExportError, _with_hashes, export_diffusers, export_kohya, read_lora,
-                     save_safetensors_atomic)
-from .verify import detect_format
+from ..adapters.layers import has_peft_adapters
+from ..fileio import read_user_bytes
+from ..formats import lycoris
+from ..formats.diffusers_lora import diffusers_to_kohya
+from ..formats.export import PRECISIONS, ExportError, export_diffusers, export_kohya, save_safetensors_atomic, with_hashes
+from ..formats.lora_file import LoraLoadError, detect_format, read_lora, refuse_broken
 
 
 def _source_file(source: Path) -> Path:
@@ -34,13 +37,11 @@ def reexport(source: Path, out: Path, *, fmt: str = "kohya", precision: str = "f
         cast = {k: v.to(PRECISIONS[precision]).contiguous() for k, v in tensors.items()}
         if fmt == "kohya":
             Path(out).parent.mkdir(parents=True, exist_ok=True)
-            metadata = _with_hashes(Path(out), cast, metadata)
+            metadata = with_hashes(Path(out), cast, metadata)
         return save_safetensors_atomic(cast, Path(out), metadata)
-    from ..formats.lycoris import describe_algos, diffusers_reads, group_modules
-
-    groups = group_modules(tensors)
-    if not all(diffusers_reads(p) for p in groups.values() if "unknown" not in p):
-        raise ExportError(f"'{src}' holds {describe_algos(groups)} modules; the diffusers/PEFT format holds plain LoRA only. "
+    groups = lycoris.group_modules(tensors)
+    if not lycoris.diffusers_reads_all(groups):
+        raise ExportError(f"'{src}' holds {lycoris.describe_algos(groups)} modules; the diffusers/PEFT format holds plain LoRA only. "
                           "Keep the kohya/LyCORIS file: ComfyUI and A1111 load it.")
     # Format change: let diffusers load the file onto the base model, then write from the injected modules.
     from ..models import load_base_model
@@ -58,7 +59,7 @@ def reexport(source: Path, out: Path, *, fmt: str = "kohya", precision: str = "f
     # The components diffusers put a LoRA into: the UNet and each text encoder the file adapts.
     modules = {"unet": pipe.unet}
     modules.update({n: getattr(pipe, n) for n in base.family.text_encoder_names
-                    if getattr(getattr(pipe, n), "peft_config", None)})
+                    if has_peft_adapters(getattr(pipe, n))})
     keep = {k: v for k, v in metadata.items() if k.startswith(("ss_", "modelspec.", "sshs_"))}
     writer = export_diffusers if fmt == "diffusers" else export_kohya
     return writer(Path(out), base.family, modules, metadata=keep, precision=precision)
@@ -66,9 +67,6 @@ def reexport(source: Path, out: Path, *, fmt: str = "kohya", precision: str = "f
 
 def _refuse_broken(src: Path, tensors: dict, metadata: dict, src_fmt: str) -> None:
     """A file with NaN weights, integer tensors, odd ranks/alpha shapes or damaged diffusers metadata is not exported."""
-    from ..inference.loras import LoraLoadError, diffusers_to_kohya
-    from ..formats.lora_check import refuse_broken
-
     try:
         kohya = diffusers_to_kohya(tensors, metadata, source=src) if src_fmt == "diffusers" else tensors
     except LoraLoadError as exc:
@@ -80,7 +78,7 @@ def _base_from_metadata(src: Path, metadata: dict) -> str:
     state = src.parent / "state.json"
     if state.is_file():
         try:
-            base = json.loads(state.read_text(encoding="utf-8"))["config"]["base_model"]
+            base = json.loads(read_user_bytes(state).decode("utf-8"))["config"]["base_model"]
             if isinstance(base, str) and base:
                 return base
         except (OSError, ValueError, KeyError, TypeError, RecursionError):

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import torch
 
+from ..formats.kohya_names import is_text_encoder_prefix
+from ..formats.lora_file import base_layer, module_index
 from . import common
 from .common import Delta, Progress, ToolError, ToolResult, no_progress
 
@@ -26,9 +28,7 @@ def _load(model, what: str):
 
 
 def _weight(components, target):
-    component, path = target
-    module = components[component].get_submodule(path)
-    return getattr(module, "base_layer", module).weight
+    return base_layer(components, target).weight
 
 
 def extract_lora(tuned, base, out, *, rank: int, conv_rank: int = 0, method: str = "rank", param: float | None = None,
@@ -38,8 +38,6 @@ def extract_lora(tuned, base, out, *, rank: int, conv_rank: int = 0, method: str
     rank: for Linear/1×1 modules (the cap for dynamic methods); conv_rank > 0 adds the 3×3 convs of the ResNet
     blocks at that rank; min_diff: modules whose largest change is at most this are left out (0: only unchanged ones);
     text_encoders False: UNet only."""
-    from .verify import module_index
-
     common.check_method(method, param)
     common.check_precision(precision)
     if int(rank) < 1 or int(conv_rank) < 0:
@@ -99,7 +97,7 @@ def extract_lora(tuned, base, out, *, rank: int, conv_rank: int = 0, method: str
     pred = getattr(base, "prediction_type", "epsilon")
     base_md = {"ss_sd_model_name": base.name, "ss_sd_model_hash": base.model_hash, "ss_prediction_type": pred,
                "modelspec.prediction_type": "v" if pred == "v_prediction" else "epsilon",
-               "ss_network_train_unet_only": str(not any(k.startswith("lora_te") for k in tensors))}
+               "ss_network_train_unet_only": str(not any(is_text_encoder_prefix(k) for k in tensors))}
     md = common.lora_metadata(family, [], out, tool=tool, base=base_md,
                               comment=f"extracted by sdlora from {Path(tuned_name).name} - {Path(base_name).name}")
     written = common.write_lora(tensors, Path(out), md, precision)

@@ -19,9 +19,9 @@ def merge_loras(base, loras: list[tuple[str | Path, float]], out, *, precision: 
                 progress: Progress = no_progress) -> ToolResult:
     """Write base + Σ strength·LoRA as OUT (.safetensors). base: a model spec or a loaded BaseModel (left unchanged:
     the merged weights are new tensors). precision: of every weight in the file (the VAE included)."""
-    from ..formats.ldm_checkpoint import pipeline_to_ldm, plain_state
-    from ..formats.lycoris import module_delta
-    from .verify import describe_family, module_index
+    from ..formats.ldm_checkpoint import layout_to_ldm, plain_state
+    from ..formats.lora_file import describe_family, module_index
+    from ..formats.lycoris import merged_weight
 
     common.check_precision(precision)
     if not loras:
@@ -61,14 +61,14 @@ def merge_loras(base, loras: list[tuple[str | Path, float]], out, *, precision: 
             w = merged.get(key)
             if w is None:
                 w = states[component][key[1]].float()
-            merged[key] = w + s * module_delta(parts, w)
+            merged[key] = merged_weight(parts, w, s)
     progress(len(work), len(work), "writing")
     dtype = common.PRECISIONS[precision]
     for (component, key), value in merged.items():
         states[component][key] = value
     states["vae"] = base.vae.state_dict()
     cast = {name: {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in sd.items()} for name, sd in states.items()}
-    tensors = pipeline_to_ldm(base, openclip=family.name == "sd2", states=cast)
+    tensors = layout_to_ldm(base, family.single_file_layout, states=cast)
     tensors = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in tensors.items()}
     pred = getattr(base, "prediction_type", "epsilon")
     records = [common.input_record(f.path, {"strength": s}) for f, s in zip(files, strengths)]

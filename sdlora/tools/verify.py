@@ -11,12 +11,19 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..errors import UserError
-from ..formats.export import read_lora
-from ..families import FAMILIES, SampleGeometry, family_of_lora
-
-class LoraMismatchError(UserError, ValueError):
-    pass
+from ..families import SampleGeometry
+from ..formats import lycoris
+from ..formats.diffusers_lora import diffusers_to_kohya
+from ..formats.lora_file import (
+    LoraLoadError,
+    base_layer,
+    check_keys,
+    describe_family,
+    detect_format,
+    lora_file_problems,
+    read_lora,
+)
+from ..inference.loras import carries_peft_loras, loras_off
 
 
 @dataclass
@@ -63,95 +70,13 @@ class VerifyReport:
         return d
 
 
-def module_index(family, components: dict[str, nn.Module]) -> dict[str, tuple[str, str]]:
-    """kohya prefix -> (component name, module path) for every Linear/Conv2d of the base model's components
-    (unet, text_encoder[, text_encoder_2]), named by the family's rule."""
-    from ..formats.kohya_names import KohyaNameError
-    from ..adapters.inject import base_modules
-
-    index = {}
-    for component, root in components.items():
-        if root is None:
-            continue
-        config = root.config if component == "unet" else None
-        # base_modules sees through LoRA wrappers, so a model that already carries LoRAs indexes the same.
-        for name, module in base_modules(root):
-            if not isinstance(module, (nn.Linear, nn.Conv2d)) or (component != "unet" and not isinstance(module, nn.Linear)):
-                continue
-            try:
-                prefix = family.kohya_prefix(component, name, config)
-            except KohyaNameError:
-                continue
-            if prefix is not None:
-                index[prefix] = (component, name)
-    return index
-
-
-def group_kohya(tensors: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
-    """{module prefix: {part: tensor}} for every LoRA/LoCon/LoHa/LoKr/DoRA part; other keys under 'unknown'."""
-    from ..formats.lycoris import group_modules
-
-    return group_modules(tensors)
-
-
-def detect_format(tensors: dict) -> str:
-    keys = list(tensors)
-    if any(k.startswith(("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")) for k in keys):
-        return "kohya"
-    if any(k.startswith(("unet.", "text_encoder.", "text_encoder_2.")) and ".lora_A." in k for k in keys):
-        return "diffusers"
-    return "unknown"
-
-
-def describe_family(tensors: dict, family=None) -> str | None:
-    """Spot LoRAs made for another architecture than `family` (default: an SD1/SD2 base), to say so instead of
-    failing obscurely. Returns what the file is for, or None when it fits."""
-    keys = list(tensors)
-    if any(k.startswith(("transformer.", "lora_transformer_", "diffusion_model.")) for k in keys):
-        return "a transformer-based model (Flux/SD3)"
-    found = family_of_lora(keys)
-    base = family or FAMILIES["sd1"]
-    if found is None or found.name == base.name or {found.name, base.name} <= {"sd1", "sd2"}:
-        return None
-    return found.label if found.name == "sdxl" else "SD 1.x/2.x"
-
-
-def check_keys(tensors: dict, family, components: dict[str, nn.Module], report: VerifyReport) -> dict[str, dict]:
-    """Map each kohya/LyCORIS module onto the base model's components; fill report.mapped/unmapped/problems."""
-    from ..formats.lycoris import shape_problem
-
-    index = module_index(family, components)
-    groups = group_kohya(tensors)
-    report.modules = len(groups)
-    mapped = {}
-    for prefix, parts in sorted(groups.items()):
-        target = index.get(prefix)
-        if target is None or "unknown" in parts:
-            report.unmapped.append(prefix)
-            continue
-        module = components[target[0]].get_submodule(target[1])
-        module = getattr(module, "base_layer", module)
-        why = shape_problem(parts, tuple(module.weight.shape))
-        if why:
-            report.problems.append(f"{prefix}: {why}")
-            continue
-        mapped[prefix] = {"target": target, **parts}
-    report.mapped = len(mapped)
-    return mapped
-
-
 @torch.no_grad()
 def apply_kohya_by_hand(components: dict[str, nn.Module], mapped: dict[str, dict], strength: float = 1.0) -> None:
     """W += strength · ΔW with ΔW as ComfyUI/A1111 compute it (sdlora.formats.lycoris), directly on the weights: the
     reference for the check."""
-    from ..formats.lycoris import module_delta
-
     for parts in mapped.values():
-        kind, path = parts["target"]
-        module = components[kind].get_submodule(path)
-        module = getattr(module, "base_layer", module)
-        delta = module_delta(parts, module.weight)
-        module.weight += (strength * delta).to(module.weight.dtype)
+        weight = base_layer(components, parts["target"]).weight
+        weight.copy_(lycoris.merged_weight(parts, weight, strength))
 
 
 def _probe_inputs(base, seed: int = 0):
@@ -175,31 +100,6 @@ def _forward(family, unet, encoders, ids, latents, t, geometry) -> tuple[torch.T
         return family.unet_forward(unet, latents, t, cond), text.hidden
 
 
-def _has_adapters(components) -> bool:
-    return any(getattr(m, "peft_config", None) for m in components.values() if m is not None)
-
-
-@contextmanager
-def _adapters_off(pipe, components):
-    """The bare base weights for the reference, even when a shared pipeline carries LoRAs."""
-    from ..inference.loras import formula_loras
-
-    loaded = _has_adapters(components)
-    formula = formula_loras(pipe, create=False)
-    strengths = dict(formula.strengths) if formula is not None else {}
-    if loaded:
-        pipe.disable_lora()
-    if strengths:
-        formula.set_strengths({name: 0.0 for name in strengths})
-    try:
-        yield
-    finally:
-        if loaded:
-            pipe.enable_lora()
-        if strengths:
-            formula.set_strengths(strengths)
-
-
 def _enable_only(pipe, components, name: str) -> None:
     pipe.enable_lora()
     pipe.set_adapters([name], adapter_weights=[1.0])
@@ -210,10 +110,8 @@ def _hand_applied(components, mapped):
     """W += (alpha/r)·up·down on the adapted modules for the duration of the block; the exact weights come back."""
     saved = []
     for parts in mapped.values():
-        kind, path = parts["target"]
-        module = components[kind].get_submodule(path)
-        module = getattr(module, "base_layer", module)
-        saved.append((module.weight, module.weight.detach().clone()))
+        weight = base_layer(components, parts["target"]).weight
+        saved.append((weight, weight.detach().clone()))
     try:
         apply_kohya_by_hand(components, mapped)
         yield
@@ -230,7 +128,7 @@ def _verify_by_formula(report: VerifyReport, base, components, mapped) -> Verify
     latents, t, ids, geometry = _probe_inputs(base)
     encoders = [components[n] for n in family.text_encoder_names]
     pipe = base.make_pipeline()
-    with _adapters_off(pipe, components):
+    with loras_off(pipe):
         base_out, base_hidden = _forward(family, base.unet, encoders, ids, latents, t, geometry)
         with _hand_applied(components, mapped):
             ref_out, ref_hidden = _forward(family, base.unet, encoders, ids, latents, t, geometry)
@@ -247,8 +145,6 @@ def verify_lora(path: str | Path, base, *, numeric: bool = True, tolerance: floa
     tensors, metadata = read_lora(Path(path))
     report = VerifyReport(path=str(path), format=detect_format(tensors), tolerance=tolerance)
     if report.format == "diffusers":
-        from ..inference.loras import LoraLoadError, diffusers_to_kohya
-
         try:
             tensors = diffusers_to_kohya(tensors, metadata, base.family, base.unet.config, source=path)
         except LoraLoadError as exc:  # damaged metadata: a finding, not a crash
@@ -258,8 +154,6 @@ def verify_lora(path: str | Path, base, *, numeric: bool = True, tolerance: floa
         fam = describe_family(tensors)
         report.problems.append(f"not a recognised LoRA layout{f' (looks like {fam})' if fam else ''}")
         return report
-    from ..formats.lora_check import lora_file_problems
-
     fam = describe_family(tensors, base.family)
     if fam:
         report.problems.append(f"this LoRA is for {fam}, not for this {base.family.label} base model")
@@ -271,10 +165,8 @@ def verify_lora(path: str | Path, base, *, numeric: bool = True, tolerance: floa
     if not numeric or not mapped or report.problems or report.unmapped:
         return report
 
-    from ..formats.lycoris import describe_algos, diffusers_reads
-
-    report.algorithms = describe_algos(mapped)
-    if not all(diffusers_reads(p) for p in mapped.values()):
+    report.algorithms = lycoris.describe_algos(mapped)
+    if not lycoris.diffusers_reads_all(mapped):
         return _verify_by_formula(report, base, components, mapped)
 
     # Everything runs on the base's own modules, nothing is copied (an SDXL UNet is 10 GB in fp32): the hand-applied
@@ -283,14 +175,14 @@ def verify_lora(path: str | Path, base, *, numeric: bool = True, tolerance: floa
     latents, t, ids, geometry = _probe_inputs(base)
     encoders = [components[n] for n in family.text_encoder_names]
     pipe = base.make_pipeline()
-    with _adapters_off(pipe, components):  # the UI's Try may have LoRAs loaded into this shared base
+    with loras_off(pipe):  # the UI's Try may have LoRAs loaded into this shared base
         base_out, _ = _forward(family, base.unet, encoders, ids, latents, t, geometry)
         with _hand_applied(components, mapped):
             ref_out, ref_hidden = _forward(family, base.unet, encoders, ids, latents, t, geometry)
             with torch.no_grad():
                 ref_cond = family.conditioning(family.encode_tokens(encoders, ids), [geometry])
     name = "sdlora_verify"
-    active = pipe.get_active_adapters() if _has_adapters(components) else []
+    active = pipe.get_active_adapters() if carries_peft_loras(pipe) else []
     with warnings.catch_warnings():  # peft warns when a model that already carries adapters gets another one
         warnings.simplefilter("ignore", UserWarning)
         pipe.load_lora_weights(str(path), adapter_name=name)

@@ -17,9 +17,10 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ..adapters.layers import adapter_state_dict, load_adapter_state_dict
+from ..fileio import read_user_bytes
 
-CHECKPOINT_DIR = "checkpoints"
-_STEP_DIR = re.compile(r"^step(\d{6,})$")
+CHECKPOINT_DIR = "checkpoints"  # OUTPUT/checkpoints/stepNNNNNN
+STEP_DIR = re.compile(r"^step(\d{6,})$")
 KEEP_CHECKPOINTS = 3
 
 
@@ -31,7 +32,7 @@ def list_checkpoints(out_dir: Path) -> list[Path]:
     root = checkpoint_root(out_dir)
     if not root.is_dir():
         return []
-    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := _STEP_DIR.match(p.name)) and (p / "state.json").is_file()]
+    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := STEP_DIR.match(p.name)) and (p / "state.json").is_file()]
     return [p for _, p in sorted(found)]
 
 
@@ -74,8 +75,8 @@ def load_checkpoint(path: Path, *, modules: dict, optimizer, scheduler) -> dict:
     path = Path(path)
     state_file = path / "state.json"
     if not state_file.is_file():
-        raise FileNotFoundError(f"'{path}' is not an sdlora checkpoint (no state.json). Pick a folder under OUTPUT/checkpoints/.")
-    state = json.loads(state_file.read_text(encoding="utf-8"))
+        raise FileNotFoundError(f"'{path}' is not an sdlora checkpoint (no state.json). Pick a folder under OUTPUT/{CHECKPOINT_DIR}/.")
+    state = json.loads(read_user_bytes(state_file).decode("utf-8"))
     tensors = load_file(path / "lora_state.safetensors")
     for name, module in modules.items():
         load_adapter_state_dict(module, {k[len(name) + 1:]: v for k, v in tensors.items() if k.startswith(name + ".")})

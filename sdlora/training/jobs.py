@@ -18,6 +18,7 @@ from typing import Any
 
 from ..config.train_config import TrainConfig
 from .events import TrainEvent
+from .progress import JobSnapshot
 from ..safetext import shown
 
 log = logging.getLogger("sdlora.training.jobs")
@@ -30,79 +31,54 @@ class Job:
     config: TrainConfig
     id: int = field(default_factory=lambda: next(_ids))
     state: str = "queued"  # queued | running | done | stopped | failed
-    step: int = 0
-    total_steps: int = 0
-    losses: list[tuple[int, float]] = field(default_factory=list)
-    val_losses: list[tuple[int, float]] = field(default_factory=list)  # (step, validation loss)
-    samples: list[tuple[int, str, str]] = field(default_factory=list)  # (step, path, prompt)
-    checkpoints: list[str] = field(default_factory=list)
-    log: deque = field(default_factory=lambda: deque(maxlen=400))
+    progress: JobSnapshot = field(default_factory=JobSnapshot)
     error: str = ""
-    lora_path: str = ""
-    plan: str = ""  # the step plan, shown before the first step
     started: float | None = None
     finished: float | None = None
-    step_times: deque = field(default_factory=lambda: deque(maxlen=20))
     stop_event: threading.Event = field(default_factory=threading.Event)
 
     def handle(self, event: TrainEvent) -> None:
         try:
-            self._handle(event)
+            self.progress.apply(event)
         except Exception:  # noqa: BLE001 - a malformed event must never end a run from inside its progress callback
             log.exception("job %s: could not record a %s event", self.id, getattr(event, "kind", "?"))
 
-    def _handle(self, event: TrainEvent) -> None:
-        if event.total_steps:
-            self.total_steps = event.total_steps
-        if event.kind == "start":
-            self.step = event.step
-            self.log.append(f"training {self.total_steps} steps on {event.data.get('images')} images")
-        elif event.kind == "step":
-            self.step = event.step
-            self.losses.append((event.step, float(event.data["loss"])))
-            self.step_times.append(float(event.data["seconds"]))
-            if event.step % 10 == 0 or event.step == self.total_steps:
-                self.log.append(f"step {event.step}/{self.total_steps} loss {event.data['loss']:.4f} lr {event.data['lr']:.2e}")
-        elif event.kind == "validation":
-            self.val_losses.append((event.step, float(event.data["val_loss"])))
-            self.log.append(f"step {event.step}: validation loss {event.data['val_loss']:.4f}")
-        elif event.kind == "sample":
-            for path, prompt in zip(event.data["paths"], event.data["prompts"]):
-                self.samples.append((event.step, path, prompt))
-            self.log.append(f"step {event.step}: {len(event.data['paths'])} preview(s)")
-        elif event.kind == "checkpoint":
-            self.checkpoints.append(event.data["path"])
-            self.log.append(f"step {event.step}: checkpoint saved")
-        elif event.kind in ("status", "warning"):
-            if str(event.data.get("message", "")).startswith("Step plan:"):
-                self.plan = str(event.data["message"])
-            prefix = "warning: " if event.kind == "warning" else ""
-            # File names that are not UTF-8 are shown escaped: the page's JSON cannot carry them as they are.
-            self.log.extend(f"{prefix}{shown(line)}" for line in str(event.data.get("message", "")).splitlines())
-        elif event.kind == "done":
-            self.lora_path = event.data.get("path", "")
-            self.log.append(f"finished: {self.lora_path}")
+    # What the queue listing and callers read; the snapshot holds it.
+    @property
+    def step(self) -> int:
+        return self.progress.step
+
+    @property
+    def total_steps(self) -> int:
+        return self.progress.total_steps
+
+    @property
+    def checkpoints(self) -> list[str]:
+        return self.progress.checkpoints
+
+    @property
+    def lora_path(self) -> str:
+        return self.progress.lora_path
+
+    @property
+    def log(self) -> deque:
+        return self.progress.log
 
     def speed(self) -> float | None:
         """Steps per second over the recent steps."""
-        if not self.step_times:
-            return None
-        mean = sum(self.step_times) / len(self.step_times)
-        return 1.0 / mean if mean > 0 else None
+        return self.progress.speed()
 
     def eta_seconds(self) -> float | None:
-        s = self.speed()
-        if not s or self.state != "running":
-            return None
-        return max(0.0, (self.total_steps - self.step) / s)
+        return self.progress.eta_seconds() if self.state == "running" else None
 
     def snapshot(self) -> dict[str, Any]:
+        p = self.progress.to_dict()
         return {
-            "id": self.id, "state": self.state, "step": self.step, "total_steps": self.total_steps,
-            "losses": list(self.losses), "val_losses": list(self.val_losses), "samples": list(self.samples), "checkpoints": list(self.checkpoints),
-            "log": list(self.log), "error": self.error, "lora_path": self.lora_path,
+            "id": self.id, "state": self.state, "step": p["step"], "total_steps": p["total_steps"],
+            "losses": p["losses"], "val_losses": p["val_losses"], "samples": p["samples"], "checkpoints": p["checkpoints"],
+            "log": p["log"], "error": self.error, "lora_path": p["lora_path"],
             "it_per_s": self.speed(), "eta_s": self.eta_seconds(), "output_dir": self.config.output_dir,
-            "output_name": self.config.output_name, "base_model": self.config.base_model, "plan": self.plan,
+            "output_name": self.config.output_name, "base_model": self.config.base_model, "plan": p["plan"],
         }
 
 

@@ -191,7 +191,12 @@ def available_memory(device: torch.device) -> int | None:
 
 
 def _param_bytes(module, dtype_bytes: int) -> int:
-    return sum(p.numel() for n, p in module.named_parameters() if "lora_" not in n) * dtype_bytes
+    """Bytes of the frozen weights: every parameter but the adapters' own, whatever their type (those are
+    `trainable`)."""
+    from ..adapters.layers import trainable_parameters
+
+    adapter = {id(p) for _, p in trainable_parameters(module)}
+    return sum(p.numel() for p in module.parameters() if id(p) not in adapter) * dtype_bytes
 
 
 def _is_on(module, device: torch.device) -> bool:

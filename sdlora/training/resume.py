@@ -10,16 +10,15 @@ an explicit checkpoint that fails gives a sentence naming it.
 from __future__ import annotations
 
 import json
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from ..errors import UserError
+from ..fileio import read_user_bytes
 from ..safetext import shown
-
-_STEP_DIR = re.compile(r"^step(\d{6,})$")
+from .checkpoints import STEP_DIR, checkpoint_root
 _EXACT_SHAPE = {"exp_avg", "exp_avg_sq", "max_exp_avg_sq"}
 _PARAM_SHAPED = _EXACT_SHAPE | {"state1", "state2"}
 
@@ -112,13 +111,13 @@ def read_checkpoint(path, *, modules: dict, optimizer) -> LoadedCheckpoint:
     if not state_file.is_file():
         raise CheckpointError("it has no state.json (not an sdlora checkpoint, or only partly copied)")
     try:
-        state = json.loads(state_file.read_text(encoding="utf-8"))
+        state = json.loads(read_user_bytes(state_file).decode("utf-8"))
     except (OSError, ValueError, RecursionError) as exc:
         raise CheckpointError(f"its state.json is unreadable or not JSON ({type(exc).__name__})") from None
     step = state.get("step") if isinstance(state, dict) else None
     if not isinstance(step, int) or isinstance(step, bool) or step < 0:
         raise CheckpointError("its state.json has no valid step number")
-    m = _STEP_DIR.match(path.name)
+    m = STEP_DIR.match(path.name)
     if m and int(m.group(1)) != step:
         raise CheckpointError(f"its state.json says step {step} but the folder is {path.name}")
 
@@ -171,10 +170,10 @@ def apply_checkpoint(ckpt: LoadedCheckpoint, *, modules: dict, optimizer, schedu
 
 def candidates(out_dir) -> list[Path]:
     """Every stepNNNNNN folder under OUT/checkpoints, newest first (damaged ones too: they are reported, not hidden)."""
-    root = Path(out_dir) / "checkpoints"
+    root = checkpoint_root(out_dir)
     if not root.is_dir():
         return []
-    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := _STEP_DIR.match(p.name)) and p.is_dir()]
+    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := STEP_DIR.match(p.name)) and p.is_dir()]
     return [p for _, p in sorted(found, reverse=True)]
 
 
@@ -187,7 +186,7 @@ def choose_checkpoint(resume: str, out_dir, *, modules: dict, optimizer) -> Load
             return read_checkpoint(path, modules=modules, optimizer=optimizer)
         except CheckpointError as exc:
             raise CheckpointError(f"resume: checkpoint '{shown(path)}' cannot be used: {exc}. Pick another folder under "
-                                  f"'{shown(out_dir / 'checkpoints')}', or --resume latest.") from None
+                                  f"'{shown(checkpoint_root(out_dir))}', or --resume latest.") from None
     skipped: list[tuple[Path, str]] = []
     for path in candidates(out_dir):
         try:
@@ -197,7 +196,7 @@ def choose_checkpoint(resume: str, out_dir, *, modules: dict, optimizer) -> Load
             continue
         ckpt.skipped = skipped
         return ckpt
-    root = out_dir / "checkpoints"
+    root = checkpoint_root(out_dir)
     if not skipped:
         raise CheckpointError(f"resume: no checkpoint found under '{shown(root)}'. Train with --save-every N first.")
     reasons = "; ".join(f"{p.name}: {why}" for p, why in skipped[:3])

@@ -19,19 +19,16 @@ Paths are resolved (symlinks followed) before they are compared, so a link canno
 from __future__ import annotations
 
 import os
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..config.train_config import ConfigError
+from ..models.common import hub_id_shaped
 from ..paths import DEMO_DATA, builtin_data_dirs
 
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
 # What the web server may send from under the output root: previews, grids, thumbnails, uploads' images, LoRAs.
 SERVED_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".gif", ".bmp", ".safetensors")
 THUMBS_DIR = ".thumbs"
-MAX_PROMPT_FILE = 1 << 20  # sample prompt files: one prompt per line, a megabyte is thousands of them
 
 
 def resolved(path: str | Path) -> Path:
@@ -57,12 +54,7 @@ def too_broad(folder: str | Path) -> bool:
 
 def looks_like_hub_id(spec: str) -> bool:
     """owner/name with no path markers, and not an existing relative path (which the loader would take first)."""
-    spec = spec.strip()
-    if spec.startswith((".", "~", "/")) or "\\" in spec or spec.count("/") != 1:
-        return False
-    if Path(spec).suffix.lower() in CHECKPOINT_SUFFIXES or not _HUB_ID.match(spec):
-        return False
-    return not Path(spec).exists()
+    return hub_id_shaped(spec) and not Path(spec.strip()).exists()
 
 
 def _quote(value: str, limit: int = 120) -> str:
@@ -72,7 +64,7 @@ def _quote(value: str, limit: int = 120) -> str:
 
 @dataclass
 class AccessPolicy:
-    """The folders this server lets its clients use. One per Service; checks raise ConfigError naming the field."""
+    """The folders this server lets its clients use. One per server (Services); checks raise ConfigError naming the field."""
 
     output_root: Path
     presets_dir: Path

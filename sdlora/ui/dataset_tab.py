@@ -5,7 +5,7 @@ from __future__ import annotations
 import gradio as gr
 
 from .common import guard, user_message
-from .service import GALLERY_LIMIT
+from .services.datasets import GALLERY_LIMIT
 from .uploads import import_uploads
 
 
@@ -13,9 +13,9 @@ def _gallery(items: list[dict]) -> list[tuple[str, str]]:
     return [(i["thumb"], (i["caption"] or "(no caption)")[:80]) for i in items[:GALLERY_LIMIT]]
 
 
-def build(service, ctx: dict, defaults: dict) -> None:
+def build(services, ctx: dict, defaults: dict) -> None:
     f = ctx["fields"]
-    roots = ", ".join(f"`{p}`" for p in service.access.data_roots)
+    roots = ", ".join(f"`{p}`" for p in services.access.data_roots)
     where = (f"This server opens folders under {roots}." if roots else
              "This server opens no folders of its own: upload, or restart it with `--data-root DIR`.")
     gr.Markdown("Point sdlora at a folder of images with same-named `.txt` captions (kohya `N_name` subfolders set "
@@ -60,9 +60,9 @@ def build(service, ctx: dict, defaults: dict) -> None:
     items_state = gr.State([])
 
     def scan_outputs(folder: str, check_images: bool = True):
-        rep = service.scan(folder, check_images=check_images)
+        rep = services.datasets.scan(folder, check_images=check_images)
         items = [{"path": str(i.path), "caption": i.caption, "caption_path": str(i.caption_path) if i.caption_path else "",
-                  "thumb": str(service.thumbnail(i.path)) if n < GALLERY_LIMIT else ""} for n, i in enumerate(rep.items)]
+                  "thumb": str(services.datasets.thumbnail(i.path)) if n < GALLERY_LIMIT else ""} for n, i in enumerate(rep.items)]
         text = rep.summary()
         if len(items) > GALLERY_LIMIT:
             text += f"\n(the gallery shows the first {GALLERY_LIMIT} images)"
@@ -84,7 +84,7 @@ def build(service, ctx: dict, defaults: dict) -> None:
     @guard
     def do_upload(files):
         paths = [x if isinstance(x, str) else getattr(x, "name", str(x)) for x in (files or [])]
-        dest = import_uploads(paths, service.uploads_dir())
+        dest = import_uploads(paths, services.access.uploads_dir)
         gr.Info(f"Unpacked into {dest}.")
         return str(dest)
 
@@ -94,21 +94,21 @@ def build(service, ctx: dict, defaults: dict) -> None:
             return "", "", "", None
         item = items[index]
         # A preview made under OUTPUT/.thumbs: the dataset folder itself is never handed to the web server.
-        return item["path"], item["caption"], "", str(service.preview(item["path"]))
+        return item["path"], item["caption"], "", str(services.datasets.preview(item["path"]))
 
     @guard
     def do_save(folder, image, text, items):
         if not image:
             raise gr.Error("Select an image in the gallery first.")
         item = next((i for i in items if i["path"] == image), {})
-        written = service.save_caption(folder, image, text, item.get("caption_path") or None)
+        written = services.captions.save(folder, image, text, item.get("caption_path") or None)
         new_text = (text or "").replace("\x00", "").strip()
         items = [dict(i, caption=new_text, caption_path=str(written)) if i["path"] == image else i for i in items]
         return f"Saved `{written.name}`.", _gallery(items), items
 
     @guard
     def do_bulk(folder, fnd, rep, pre, app):
-        n = service.bulk_edit(folder, find=fnd, replace=rep, prepend=pre, append=app)
+        n = services.captions.bulk_edit(folder, find=fnd, replace=rep, prepend=pre, append=app)
         gr.Info(f"{n} caption file(s) changed.")
         return scan_outputs(folder)
 

@@ -9,9 +9,9 @@ import gradio as gr
 from .common import guard
 
 
-def build(service, ctx: dict, defaults: dict) -> None:
+def build(services, ctx: dict, defaults: dict) -> None:
     with gr.Row(equal_height=True):
-        source = gr.Dropdown(service.list_export_sources(), value="", label="LoRA to export (empty = the last job's LoRA)",
+        source = gr.Dropdown(services.loras.list_export_sources(), value="", label="LoRA to export (empty = the last job's LoRA)",
                              allow_custom_value=True, scale=5, elem_id="export-source",
                              info="a .safetensors file, or a checkpoint folder OUTPUT/NAME/checkpoints/stepNNNNNN")
         refresh = gr.Button("↻ Refresh list", scale=1, elem_id="export-refresh")
@@ -32,11 +32,11 @@ def build(service, ctx: dict, defaults: dict) -> None:
         """Write the LoRA (empty source = the last job's LoRA) as OUTPUT/exports/NAME.safetensors in `format`
         (kohya or diffusers) and `precision` (fp16, bf16, fp32); returns the file and the verify report."""
         if not (source or "").strip():
-            snap = service.status()
+            snap = services.jobs.status()
             source = snap.get("lora_path") or ""
             if not source:
                 raise gr.Error("Nothing to export yet: train a LoRA first, or pick a file or checkpoint.")
-        path, text, ok = service.export(source, fmt=format, precision=precision, name=name, base_spec=base_model)
+        path, text, ok = services.exporter.export(source, fmt=format, precision=precision, name=name, base_spec=base_model)
         if not ok:
             gr.Warning("The exported file did not pass verification: see the report.")
         return str(path), text
@@ -45,16 +45,18 @@ def build(service, ctx: dict, defaults: dict) -> None:
                      concurrency_id="model", concurrency_limit=1)
     def name_for(src: str, current: str):
         """The export name follows the chosen source: NAME for OUTPUT/NAME/NAME.safetensors, NAME_stepN for a checkpoint."""
+        from ..training.checkpoints import CHECKPOINT_DIR
+
         p = Path(src or "")
         if not src:
             return current
-        if p.parent.name == "checkpoints":
+        if p.parent.name == CHECKPOINT_DIR:
             return f"{p.parent.parent.name}_{p.name}"
-        if p.parent.parent.name == "checkpoints":
+        if p.parent.parent.name == CHECKPOINT_DIR:
             return f"{p.parent.parent.parent.name}_{p.parent.name}"
         return p.stem
 
     source.change(name_for, [source, name], name, api_visibility="private", queue=False)
-    refresh.click(lambda current: gr.update(choices=service.list_export_sources(), value=current), source, source,
+    refresh.click(lambda current: gr.update(choices=services.loras.list_export_sources(), value=current), source, source,
                   api_visibility="private", queue=False)
     ctx["export_source"] = source

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from ..adapters.rules import needs_conv_layers
 from ..adapters.targets import LAYER_GROUPS, SHORTHAND_GROUP_NAMES
 from ..config.train_config import ConfigError
 
@@ -73,7 +74,7 @@ def form_to_config(form: dict[str, Any]) -> dict[str, Any]:
     values["targets"] = layers_to_targets(layers)
     if CONV_GROUP not in layers:
         values["conv_rank"] = 0
-        if form.get("network") == "locon":
+        if needs_conv_layers(form.get("network")):
             raise ConfigError(f"Adapter type: locon adapts the ResNet blocks; tick '{CONV_GROUP}' under UNet layers to "
                               "adapt, or choose lora.")
     elif "conv_rank" in form:

@@ -120,7 +120,7 @@ def blocked_paths(service) -> list[str]:
 
 
 def make_service_for(settings: LaunchSettings, presets_dir=None):
-    """The Service for these settings (the folders clients may use come from the flags)."""
+    """The Services for these settings (the folders clients may use come from the flags)."""
     from .layout import make_service
 
     return make_service(settings.output_root, presets_dir, data_roots=settings.data_roots, model_roots=settings.model_roots,

@@ -1,4 +1,4 @@
-"""The page: six tabs over one Service, plus named API endpoints for gradio_client (train, status, stop, generate,
+"""The page: seven tabs over one Services, plus named API endpoints for gradio_client (train, status, stop, generate,
 strength_grid, export)."""
 
 from __future__ import annotations
@@ -10,11 +10,12 @@ from typing import Any
 import gradio as gr
 
 from ..config.train_config import config_from_preset, make_config
+from ..families import native_resolutions
 from . import dataset_tab, export_tab, model_tab, run_tab, training_tab, try_tab
 from . import tools_tab
 from .common import guard, user_message
 from .fields import LAYER_CHOICES, config_to_form, form_to_config
-from .service import Service
+from .services import Services
 
 ROOT = Path(__file__).resolve().parents[2]
 CSS = """
@@ -45,18 +46,18 @@ def demo_defaults(presets_dir: Path) -> dict[str, Any]:
     return config_to_form(make_config(base_model="builtin:toy", data_dir="builtin:demo", resolution=64).model_dump())
 
 
-def build_app(service: Service) -> gr.Blocks:
-    defaults = demo_defaults(service.presets_dir)
+def build_app(services: Services) -> gr.Blocks:
+    defaults = demo_defaults(services.presets_dir)
     ctx: dict[str, Any] = {"fields": {}, "on_load": []}
     with gr.Blocks(title="sdlora — LoRA trainer", analytics_enabled=False) as demo:
         gr.Markdown(INTRO, elem_id="intro")
         with gr.Tabs(elem_id="tabs"):
             with gr.Tab("1 · Dataset", elem_id="tab-dataset"):
-                dataset_tab.build(service, ctx, defaults)
+                dataset_tab.build(services, ctx, defaults)
             with gr.Tab("2 · Model & LoRA", elem_id="tab-model"):
-                model_tab.build(service, ctx, defaults)
+                model_tab.build(services, ctx, defaults)
             with gr.Tab("3 · Training", elem_id="tab-training"):
-                training_tab.build(service, ctx, defaults)
+                training_tab.build(services, ctx, defaults)
             ctx["field_keys"] = list(ctx["fields"])
 
             def form_values(*values) -> dict[str, Any]:
@@ -64,13 +65,13 @@ def build_app(service: Service) -> gr.Blocks:
 
             ctx["form_values"] = form_values
             with gr.Tab("4 · Run", elem_id="tab-run"):
-                run_tab.build(service, ctx)
+                run_tab.build(services, ctx)
             with gr.Tab("5 · Try", elem_id="tab-try") as try_tab_el:
-                try_tab.build(service, ctx, defaults)
+                try_tab.build(services, ctx, defaults)
             with gr.Tab("6 · Export", elem_id="tab-export") as export_tab_el:
-                export_tab.build(service, ctx, defaults)
+                export_tab.build(services, ctx, defaults)
             with gr.Tab("7 · Tools", elem_id="tab-tools") as tools_tab_el:
-                tools_tab.build(service, ctx, defaults)
+                tools_tab.build(services, ctx, defaults)
 
         keys = ctx["field_keys"]
         inputs = [ctx["fields"][k] for k in keys]
@@ -100,22 +101,22 @@ def build_app(service: Service) -> gr.Blocks:
         save_btn.click(do_save, [preset_name] + inputs, preset, api_visibility="private")
 
         def try_choices(current):
-            choices = service.list_loras()
-            last = service.status().get("lora_path") or ""
+            choices = services.loras.list_loras()
+            last = services.jobs.status().get("lora_path") or ""
             return gr.update(choices=choices, value=current or last or (choices[0] if choices else ""))
 
         def export_choices(current):
-            choices = service.list_export_sources()
-            value = current or service.status().get("lora_path") or (choices[0] if choices else "")
+            choices = services.loras.list_export_sources()
+            value = current or services.jobs.status().get("lora_path") or (choices[0] if choices else "")
             return gr.update(choices=choices, value=value)
 
-        native_sizes = {64, 512, 768, 1024}  # the built-in, SD1, SD2-v and SDXL defaults
+        native_sizes = {64, *native_resolutions()}  # the built-in models' and every family's default
 
         def show_family(spec, resolution, allow_pickle):
             """Family and native resolution next to the base model; a resolution still at some family's default follows
             the new model's (a size the user typed stays)."""
             try:
-                info = service.model_info(spec, allow_pickle=bool(allow_pickle))
+                info = services.models.model_info(spec, allow_pickle=bool(allow_pickle))
             except Exception as exc:  # noqa: BLE001 - shown next to the field
                 return f"⚠️ {user_message(exc)}", gr.skip()
             native = info["resolution"]
@@ -128,7 +129,7 @@ def build_app(service: Service) -> gr.Blocks:
                                            show_progress="minimal", trigger_mode="always_last")
         ctx["on_load"].append((show_family, fam_inputs, fam_outputs))
         def lora_choices(current):  # the list refreshed, the choice kept
-            return gr.update(choices=service.list_loras(), value=current)
+            return gr.update(choices=services.loras.list_loras(), value=current)
 
         try_tab_el.select(try_choices, ctx["try_lora"], ctx["try_lora"], api_visibility="private", queue=False)
         try_tab_el.select(lora_choices, ctx["try_add_lora"], ctx["try_add_lora"], api_visibility="private", queue=False)
@@ -154,7 +155,7 @@ def build_app(service: Service) -> gr.Blocks:
             if "epochs" in given and "steps" not in given:
                 values["steps"] = None
             values.update(given)
-            job = service.start(values)
+            job = services.jobs.start(values)
             return {"job_id": job.id, "state": job.state, "output_dir": job.config.output_dir,
                     "output_name": job.config.output_name}
 
@@ -164,17 +165,17 @@ def build_app(service: Service) -> gr.Blocks:
             samples [[step, path, prompt]], checkpoints, log, error, lora_path, it_per_s, eta_s, and the whole queue.
             job_id 0 = the running job, else the newest one."""
             if job_id:
-                job = service.queue.get(int(job_id))
+                job = services.jobs.queue.get(int(job_id))
                 if job is None:
                     raise gr.Error(f"No job {job_id}.")
-                snap = service.status()
+                snap = services.jobs.status()
                 return dict(job.snapshot(), queue=snap["queue"])
-            return service.status()
+            return services.jobs.status()
 
         @guard
         def stop() -> bool:
             """Ask the running job to save a checkpoint and its LoRA, then stop. False if nothing was running."""
-            return service.stop()
+            return services.jobs.stop()
 
         gr.api(train, api_name="train", concurrency_limit=None)
         gr.api(status, api_name="status", concurrency_limit=None)
@@ -183,8 +184,8 @@ def build_app(service: Service) -> gr.Blocks:
 
 
 def make_service(output_root: str | Path, presets_dir: str | Path | None = None, *, data_roots=(), model_roots=(),
-                 pickle_from_clients: bool = False) -> Service:
-    """The server's Service. data_roots / model_roots / pickle_from_clients are app.py's --data-root, --model-root and
+                 pickle_from_clients: bool = False) -> Services:
+    """The server's Services. data_roots / model_roots / pickle_from_clients are app.py's --data-root, --model-root and
     --allow-pickle-from-clients: what clients may use beyond the output root, builtin:demo and builtin:tiny."""
-    return Service(output_root=Path(output_root), presets_dir=Path(presets_dir) if presets_dir else ROOT / "presets",
-                   data_roots=list(data_roots), model_roots=list(model_roots), pickle_from_clients=pickle_from_clients)
+    return Services(Path(output_root), Path(presets_dir) if presets_dir else ROOT / "presets", data_roots=data_roots,
+                    model_roots=model_roots, pickle_from_clients=pickle_from_clients)

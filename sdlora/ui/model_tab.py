@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gradio as gr
 
+from ..config.train_config import field_choices
 from .common import user_message
 from .fields import CONV_GROUP, LAYER_CHOICES, layers_to_targets
 
@@ -21,7 +22,33 @@ def show_scale(rank, alpha, conv_rank=None, conv_alpha=None, layers=None) -> str
     return text
 
 
-def build(service, ctx: dict, defaults: dict) -> None:
+def parameter_summary(models, spec, layers, rank, conv_rank, train_te, allow_pickle, network, dora, lokr_factor,
+                      lokr_full_matrix, tucker) -> str:
+    """The live count under the adapter settings: the form's values (the adapter settings that change the count)
+    through AdapterSpec.from_config, the constructor training uses."""
+    try:
+        targets = layers_to_targets(layers)
+        conv = int(conv_rank or 0) if CONV_GROUP in (layers or []) else 0
+        if not targets and not conv:
+            return "⚠️ Choose at least one layer group."
+        if int(rank or 0) < 1:
+            return "⚠️ Rank must be at least 1."
+        from ..adapters.spec import AdapterSpec
+
+        adapter = AdapterSpec.from_config({
+            "network": network or "lora", "rank": int(rank), "alpha": float(rank), "conv_rank": conv, "dora": bool(dora),
+            "lokr_factor": int(lokr_factor or -1), "lokr_full_matrix": bool(lokr_full_matrix), "tucker": bool(tucker)})
+        n, n_unet, n_te = models.count_parameters(spec, targets, int(rank), conv, bool(train_te), bool(allow_pickle),
+                                                  adapter=adapter)
+        size = n * 2 / 1024
+        size_text = f"{size / 1024:.1f} MiB" if size >= 1024 else f"{size:.0f} KiB"
+        return (f"Trainable parameters: **{n:,}** ({n_unet} UNet modules, {n_te} text-encoder modules; "
+                f"about {size_text} as an fp16 file)")
+    except Exception as exc:  # noqa: BLE001 - shown next to the widgets
+        return f"⚠️ {user_message(exc)}"
+
+
+def build(services, ctx: dict, defaults: dict) -> None:
     f = ctx["fields"]
     with gr.Row():
         f["base_model"] = gr.Dropdown(["builtin:toy", "builtin:tiny", "builtin:tiny-xl"], value=defaults["base_model"], label="Base model", scale=4,
@@ -30,9 +57,9 @@ def build(service, ctx: dict, defaults: dict) -> None:
                                            "demos), a diffusers folder, an SD1.x/SD2.x/SDXL .safetensors/.ckpt file, or a hub id such as "
                                            "stabilityai/stable-diffusion-xl-base-1.0")
         ctx["family_info"] = gr.Markdown("", elem_id="model-family")
-        f["prediction_type"] = gr.Dropdown(["auto", "epsilon", "v_prediction"], value=defaults["prediction_type"],
+        f["prediction_type"] = gr.Dropdown(field_choices("prediction_type"), value=defaults["prediction_type"],
                                            label="Prediction type", scale=1)
-        trusted = service.access.pickle_from_clients
+        trusted = services.access.pickle_from_clients
         f["allow_pickle"] = gr.Checkbox(label="Allow pickle (.ckpt files you trust only)",
                                         value=bool(defaults["allow_pickle"]) and trusted, scale=1, elem_id="allow-pickle",
                                         interactive=trusted,
@@ -48,7 +75,7 @@ def build(service, ctx: dict, defaults: dict) -> None:
                                    precision=0, elem_id="conv-rank")
         f["conv_alpha"] = gr.Number(label="Conv 3x3 alpha", value=defaults["conv_alpha"], elem_id="conv-alpha")
     with gr.Row():
-        f["network"] = gr.Dropdown(["lora", "locon", "loha", "lokr"], value=defaults["network"], label="Adapter type",
+        f["network"] = gr.Dropdown(field_choices("network"), value=defaults["network"], label="Adapter type",
                                    elem_id="network", info="locon: LoRA on the ResNet blocks too (tick conv 3x3); loha: "
                                                            "Hadamard product; lokr: Kronecker product (LyCORIS)")
         f["dora"] = gr.Checkbox(label="DoRA (weight-decomposed)", value=bool(defaults["dora"]), elem_id="dora")
@@ -69,32 +96,14 @@ def build(service, ctx: dict, defaults: dict) -> None:
                                           value=str(defaults["text_encoder_lr"]), elem_id="te-lr")
     params = gr.Markdown("Trainable parameters: …", elem_id="param-count")
 
-    def show_params(spec, layers, rank, conv_rank, train_te, allow_pickle, network, dora, lokr_factor):
-        try:
-            targets = layers_to_targets(layers)
-            conv = int(conv_rank or 0) if CONV_GROUP in (layers or []) else 0
-            if not targets and not conv:
-                return "⚠️ Choose at least one layer group."
-            if int(rank or 0) < 1:
-                return "⚠️ Rank must be at least 1."
-            from ..adapters.spec import AdapterSpec
-
-            adapter = AdapterSpec(network=network or "lora", rank=int(rank), alpha=float(rank), conv_rank=conv,
-                                  dora=bool(dora), lokr_factor=int(lokr_factor or -1))
-            n, n_unet, n_te = service.count_parameters(spec, targets, int(rank), conv, bool(train_te), bool(allow_pickle),
-                                                       adapter=adapter)
-            size = n * 2 / 1024
-            size_text = f"{size / 1024:.1f} MiB" if size >= 1024 else f"{size:.0f} KiB"
-            return (f"Trainable parameters: **{n:,}** ({n_unet} UNet modules, {n_te} text-encoder modules; "
-                    f"about {size_text} as an fp16 file)")
-        except Exception as exc:  # noqa: BLE001 - shown next to the widgets
-            return f"⚠️ {user_message(exc)}"
+    def show_params(*values):
+        return parameter_summary(services.models, *values)
 
     scale_inputs = [f["rank"], f["alpha"], f["conv_rank"], f["conv_alpha"], f["layers"]]
     for comp in scale_inputs:
         comp.change(show_scale, scale_inputs, scale, show_progress="hidden", queue=False, api_visibility="private")
     count_inputs = [f["base_model"], f["layers"], f["rank"], f["conv_rank"], f["train_text_encoder"], f["allow_pickle"],
-                    f["network"], f["dora"], f["lokr_factor"]]
+                    f["network"], f["dora"], f["lokr_factor"], f["lokr_full_matrix"], f["tucker"]]
     for comp in count_inputs:
         comp.change(show_params, count_inputs, params, show_progress="minimal", trigger_mode="always_last",
                     concurrency_id="params", concurrency_limit=1, api_visibility="private")

@@ -10,12 +10,12 @@ import gradio as gr
 
 from .common import guard, log
 from .fields import form_to_config
-from .service import progress_text
+from .services.progress import loss_table, progress_text
 
 LOG_LINES = 14
 
 
-def build(service, ctx: dict) -> None:
+def build(services, ctx: dict) -> None:
     with gr.Row():
         start = gr.Button("▶ Start training", variant="primary", elem_id="start-btn")
         stop = gr.Button("■ Stop (saves a checkpoint)", variant="stop", elem_id="stop-btn")
@@ -46,7 +46,7 @@ def build(service, ctx: dict) -> None:
 
     def refresh(last: str = ""):
         try:
-            snap = service.status()
+            snap = services.jobs.status()
         except Exception:  # noqa: BLE001 - polling must never break the page
             log.exception("status poll failed")
             return [gr.skip()] * 6
@@ -56,25 +56,25 @@ def build(service, ctx: dict) -> None:
         samples = [(path, f"step {step}: {prompt[:48]}") for step, path, prompt in reversed(snap["samples"])]
         rows = [[j["id"], j["state"] + (" (resume)" if j["resume"] else ""), j["output_name"], j["step"], j["total_steps"]]
                 for j in reversed(snap["queue"])]
-        plot_value = service.loss_table(snap) if snap["losses"] else None
+        plot_value = loss_table(snap) if snap["losses"] else None
         return [progress_text(snap), plot_value, samples, "\n".join(snap["log"][-LOG_LINES:]), rows, sig]
 
     @guard
     def do_start(*values):
-        job = service.start(form_to_config(ctx["form_values"](*values)))
-        running = service.queue.current()
+        job = services.jobs.start(form_to_config(ctx["form_values"](*values)))
+        running = services.jobs.queue.current()
         gr.Info(f"Job {job.id} started." if running is job else f"Job {job.id} queued: it starts when job {running.id} ends.")
         return refresh()
 
     @guard
     def do_resume(*values):
-        job = service.resume(form_to_config(ctx["form_values"](*values)))
+        job = services.jobs.resume(form_to_config(ctx["form_values"](*values)))
         gr.Info(f"Job {job.id} resumes '{job.config.output_name}' from its newest checkpoint.")
         return refresh()
 
     @guard
     def do_stop():
-        if service.stop():
+        if services.jobs.stop():
             gr.Info("Stopping: the job saves a checkpoint and its LoRA, then stops.")
         else:
             gr.Info("No job is running.")
@@ -83,7 +83,7 @@ def build(service, ctx: dict) -> None:
     outputs = [progress, plot, previews, log_box, queue, seen]
     @guard
     def do_check(*values):
-        return service.preview_run(form_to_config(ctx["form_values"](*values)))
+        return services.configs.preview_run(form_to_config(ctx["form_values"](*values)))
 
     check.click(do_check, inputs, preview, api_visibility="private", concurrency_id="params", concurrency_limit=1)
     start.click(do_start, inputs, outputs, api_visibility="private", concurrency_limit=None)

@@ -1,5 +1,5 @@
-"""Tools tab: resize, combine, merge into a checkpoint, extract from a fine-tune. The work is the Service's
-(tools_service.py); results land in OUTPUT/tools/ and can be downloaded."""
+"""Tools tab: resize, combine, merge into a checkpoint, extract from a fine-tune. The work is the tools service's
+(services/tools.py); results land in OUTPUT/tools/ and can be downloaded."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import gradio as gr
 
 from ..tools import METHODS
 from .common import guard
-from .service import parse_lora_lines
+from .services.inputs import parse_lora_lines
 
 PRECISIONS = [("same as the input", ""), ("fp16", "fp16"), ("bf16", "bf16"), ("fp32", "fp32")]
 # The labels of sdlora.tools.METHODS, in its order.
@@ -31,11 +31,11 @@ def _result(result):
     return str(result.path), result.summary(per_module=True)
 
 
-def build(service, ctx: dict, defaults: dict) -> None:
+def build(services, ctx: dict, defaults: dict) -> None:
     gr.Markdown("LoRA tools. Results are written to `OUTPUT/tools/NAME.safetensors`. The base model is the one on the "
                 "**Model & LoRA** tab.")
     base = ctx["fields"]["base_model"]
-    loras = service.list_loras()
+    loras = services.loras.list_loras()
     with gr.Tabs():
         with gr.Tab("Resize", elem_id="tools-resize-tab"):
             with gr.Row():
@@ -87,28 +87,28 @@ def build(service, ctx: dict, defaults: dict) -> None:
                name: str, progress=gr.Progress()):
         """Resize a LoRA by SVD: fixed `rank`, or method sv_ratio/sv_fro/sv_cumulative with `param` (rank = cap).
         base_model is used only for LoHa/LoKr files. Returns the file and the per-module report."""
-        return _result(service.tool_resize(source, rank=int(rank or 0), conv_rank=int(conv_rank or 0), method=method,
+        return _result(services.tools.resize(source, rank=int(rank or 0), conv_rank=int(conv_rank or 0), method=method,
                                            param=_param(method, param), precision=precision or "", name=name,
                                            base_spec=base_model, progress=_bar(progress)))
 
     @guard
     def combine(base_model: str, sources: str, mode: str, rank: int, precision: str, name: str, progress=gr.Progress()):
         """Combine LoRAs (`path:weight` lines) exactly (mode concat) or by SVD to `rank` (mode svd)."""
-        return _result(service.tool_combine(parse_lora_lines(sources), mode=mode, rank=int(rank or 0),
+        return _result(services.tools.combine(parse_lora_lines(sources), mode=mode, rank=int(rank or 0),
                                             precision=precision or "", name=name, base_spec=base_model,
                                             progress=_bar(progress)))
 
     @guard
     def merge(base_model: str, loras: str, precision: str, name: str, progress=gr.Progress()):
         """Bake LoRAs (`path:strength` lines) into the base model; writes a single-file checkpoint."""
-        return _result(service.tool_merge(base_model, parse_lora_lines(loras), precision=precision, name=name,
+        return _result(services.tools.merge(base_model, parse_lora_lines(loras), precision=precision, name=name,
                                           progress=_bar(progress)))
 
     @guard
     def extract(base_model: str, tuned: str, rank: int, conv_rank: int, method: str, param: float, text_encoders: bool,
                 name: str, progress=gr.Progress()):
         """A LoRA from `tuned` minus the base model (SVD per module, fixed rank or a dynamic method)."""
-        return _result(service.tool_extract(tuned, base_model, rank=int(rank or 0), conv_rank=int(conv_rank or 0),
+        return _result(services.tools.extract(tuned, base_model, rank=int(rank or 0), conv_rank=int(conv_rank or 0),
                                             method=method, param=_param(method, param), text_encoders=bool(text_encoders),
                                             name=name, progress=_bar(progress)))
 

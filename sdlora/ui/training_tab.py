@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import gradio as gr
 
+from ..adapters.targets import SHORTHAND_GROUP_NAMES
+from ..config.train_config import field_choices
 from .common import guard, user_message
 from .fields import config_to_form, form_to_config, layers_to_targets
 
-SCHEDULERS = ["constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial"]
+FORMAT_LABELS = {"kohya": "kohya (A1111 / Forge / ComfyUI)"}
 
 
-def build(service, ctx: dict, defaults: dict) -> None:
+def build(services, ctx: dict, defaults: dict) -> None:
     f = ctx["fields"]
-    presets = service.list_presets()
+    presets = services.presets.names()
     with gr.Row(equal_height=True):
         preset = gr.Dropdown(presets, value="demo" if "demo" in presets else None, label="Preset", elem_id="preset", scale=2)
         load_btn = gr.Button("Load preset", elem_id="preset-load", scale=1)
@@ -27,14 +29,14 @@ def build(service, ctx: dict, defaults: dict) -> None:
                                     elem_id="grad-accum")
     with gr.Row():
         f["lr"] = gr.Number(label="Learning rate", value=defaults["lr"], elem_id="lr")
-        f["lr_scheduler"] = gr.Dropdown(SCHEDULERS, value=defaults["lr_scheduler"], label="LR scheduler", elem_id="lr-scheduler")
+        f["lr_scheduler"] = gr.Dropdown(field_choices("lr_scheduler"), value=defaults["lr_scheduler"], label="LR scheduler", elem_id="lr-scheduler")
         f["warmup_steps"] = gr.Number(label="Warm-up steps", value=defaults["warmup_steps"], precision=0,
                                       elem_id="warmup")
-        f["optimizer"] = gr.Dropdown(["adamw", "adamw8bit", "prodigy"], value=defaults["optimizer"], label="Optimizer",
+        f["optimizer"] = gr.Dropdown(field_choices("optimizer"), value=defaults["optimizer"], label="Optimizer",
                                      elem_id="optimizer")
     with gr.Row():
         f["resolution"] = gr.Number(label="Resolution", value=defaults["resolution"], precision=0, elem_id="resolution")
-        f["mixed_precision"] = gr.Dropdown(["no", "bf16", "fp16"], value=defaults["mixed_precision"], label="Mixed precision",
+        f["mixed_precision"] = gr.Dropdown(field_choices("mixed_precision"), value=defaults["mixed_precision"], label="Mixed precision",
                                            elem_id="precision")
         f["gradient_checkpointing"] = gr.Checkbox(label="Gradient checkpointing (less memory, slower)",
                                                   value=defaults["gradient_checkpointing"], elem_id="grad-ckpt")
@@ -65,7 +67,7 @@ def build(service, ctx: dict, defaults: dict) -> None:
                                        value=defaults.get("masked_loss", False), elem_id="masked-loss")
         f["mask_dir"] = gr.Textbox(label="Mask folder (grayscale masks named like the images)",
                                    value=defaults.get("mask_dir", ""), elem_id="mask-dir")
-        f["log_with"] = gr.Dropdown(["none", "tensorboard"], value=defaults.get("log_with", "none"),
+        f["log_with"] = gr.Dropdown(field_choices("log_with"), value=defaults.get("log_with", "none"),
                                     label="Also log to (OUTPUT/logs/tensorboard)", elem_id="log-with")
     gr.Markdown("**Captions** (the trigger word is on the Dataset tab)")
     with gr.Row():
@@ -85,15 +87,15 @@ def build(service, ctx: dict, defaults: dict) -> None:
         f["save_every"] = gr.Number(label="Checkpoint every N steps (0 = off)", value=defaults["save_every"], precision=0, elem_id="save-every")
         f["output_name"] = gr.Textbox(label="Output name", value=defaults["output_name"], elem_id="output-name")
     with gr.Row():
-        f["save_precision"] = gr.Dropdown(["fp16", "bf16", "fp32"], value=defaults["save_precision"], label="Save precision",
+        f["save_precision"] = gr.Dropdown(field_choices("save_precision"), value=defaults["save_precision"], label="Save precision",
                                           elem_id="save-precision")
-        f["format"] = gr.Dropdown([("kohya (A1111 / Forge / ComfyUI)", "kohya"), ("diffusers", "diffusers")],
+        f["format"] = gr.Dropdown([(FORMAT_LABELS.get(v, v), v) for v in field_choices("format")],
                                   value=defaults["format"], label="LoRA file format", elem_id="format")
     check = gr.Markdown(elem_id="config-check")
 
     def validate(*values):
         try:
-            cfg = service.checked_config(form_to_config(ctx["form_values"](*values)))
+            cfg = services.configs.checked(form_to_config(ctx["form_values"](*values)))
             return f"✔ Settings are valid. Output: `{cfg.output_dir}`"
         except Exception as exc:  # noqa: BLE001 - shown under the form
             return f"⚠️ {user_message(exc)}"
@@ -102,7 +104,7 @@ def build(service, ctx: dict, defaults: dict) -> None:
     def do_load(name, *current):
         if not name:
             raise gr.Error("Pick a preset first.")
-        cfg = service.load_preset(name)
+        cfg = services.presets.load(name)
         form = config_to_form(cfg)
         keys = ctx["field_keys"]
         if sorted(layers_to_targets(form["layers"])) != sorted(_expand(cfg.get("targets", []))):
@@ -112,9 +114,9 @@ def build(service, ctx: dict, defaults: dict) -> None:
 
     @guard
     def do_save(name, *values):
-        path = service.save_preset(name, form_to_config(ctx["form_values"](*values)))
+        path = services.presets.save(name, form_to_config(ctx["form_values"](*values)))
         gr.Info(f"Saved {path}.")
-        return gr.update(choices=service.list_presets(), value=path.stem)
+        return gr.update(choices=services.presets.names(), value=path.stem)
 
     ctx["validate"] = validate
     ctx["check"] = check
@@ -124,10 +126,5 @@ def build(service, ctx: dict, defaults: dict) -> None:
 def _expand(targets: list[str]) -> list[str]:
     out: set[str] = set()
     for t in targets:
-        if t == "attn":
-            out |= {"attn1", "attn2"}
-        elif t == "transformer":
-            out |= {"attn1", "attn2", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2"}
-        else:
-            out.add(t)
+        out |= SHORTHAND_GROUP_NAMES.get(t, {t})
     return sorted(out)

@@ -5,17 +5,17 @@ from __future__ import annotations
 import gradio as gr
 
 from .common import guard
-from .service import parse_lora_lines, parse_strengths
+from .services.inputs import parse_lora_lines, parse_strengths
 
 
-def build(service, ctx: dict, defaults: dict) -> None:
+def build(services, ctx: dict, defaults: dict) -> None:
     with gr.Row(equal_height=True):
-        lora = gr.Dropdown(service.list_loras(), value="", label="LoRA (trained here, or type a path)", allow_custom_value=True,
+        lora = gr.Dropdown(services.loras.list_loras(), value="", label="LoRA (trained here, or type a path)", allow_custom_value=True,
                            scale=5, elem_id="try-lora")
         refresh = gr.Button("↻ Refresh list", scale=1, elem_id="try-refresh")
         strength = gr.Slider(0, 1.5, value=1.0, step=0.05, label="Strength", scale=3, elem_id="try-strength")
     with gr.Row(equal_height=True):
-        add_lora = gr.Dropdown(service.list_loras(), value=None, label="Another LoRA to use at the same time",
+        add_lora = gr.Dropdown(services.loras.list_loras(), value=None, label="Another LoRA to use at the same time",
                                allow_custom_value=True, scale=5, elem_id="try-add-lora")
         add_strength = gr.Slider(0, 1.5, value=1.0, step=0.05, label="Its strength", scale=3, elem_id="try-add-strength")
         add_btn = gr.Button("Add to the list below", scale=1, elem_id="try-add")
@@ -54,7 +54,7 @@ def build(service, ctx: dict, defaults: dict) -> None:
                  seed: int, steps: int, cfg: float, width: int, height: int):
         """One image from the base model with the LoRA at `strength` (0 = the base model alone), plus any
         `path:strength` lines in more_loras. width/height 0 = the model's default size."""
-        return service.generate(base_model, lora_list(lora, strength, more_loras), prompt, negative=negative_prompt,
+        return services.tryout.generate(base_model, lora_list(lora, strength, more_loras), prompt, negative=negative_prompt,
                                 seed=int(seed or 0), steps=int(steps or 20), cfg=float(cfg), width=int(width or 0),
                                 height=int(height or 0))
 
@@ -69,7 +69,7 @@ def build(service, ctx: dict, defaults: dict) -> None:
         rows = [line.strip() for line in (prompts or "").splitlines() if line.strip()] or [prompt]
         if len(rows) * len(values) > 48:
             raise gr.Error("That grid has more than 48 images; use fewer prompts or strengths.")
-        return service.generate(base_model, loras, prompt, negative=negative_prompt, seed=int(seed or 0),
+        return services.tryout.generate(base_model, loras, prompt, negative=negative_prompt, seed=int(seed or 0),
                                 steps=int(steps or 20), cfg=float(cfg), width=int(width or 0), height=int(height or 0),
                                 grid_strengths=values, prompts=rows)
 
@@ -82,13 +82,13 @@ def build(service, ctx: dict, defaults: dict) -> None:
     def add_line(path: str, strength: float, text: str) -> str:
         if not (path or "").strip():
             raise gr.Error("Pick the LoRA to add first (or type its path).")
-        service.check_lora_path(path)
+        services.loras.check_path(path)
         lines = [line for line in (text or "").splitlines() if line.strip()]
         return "\n".join(lines + [f"{path.strip()}:{float(strength):g}"])
 
     add_btn.click(guard(add_line), [add_lora, add_strength, more], more, api_visibility="private", queue=False)
-    refresh.click(lambda current, other: (gr.update(choices=service.list_loras(), value=current),
-                                          gr.update(choices=service.list_loras(), value=other)),
+    refresh.click(lambda current, other: (gr.update(choices=services.loras.list_loras(), value=current),
+                                          gr.update(choices=services.loras.list_loras(), value=other)),
                   [lora, add_lora], [lora, add_lora], api_visibility="private", queue=False)
     ctx["try_lora"] = lora
     ctx["try_add_lora"] = add_lora

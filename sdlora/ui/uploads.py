@@ -7,6 +7,7 @@ sizes is stopped too. Only images and caption files are extracted; links and eve
 
 from __future__ import annotations
 
+import errno
 import shutil
 import stat
 import time
@@ -15,6 +16,7 @@ from pathlib import Path, PurePosixPath
 
 from ..config.train_config import ConfigError
 from ..data.scan import IMAGE_EXTENSIONS
+from ..safetext import shown
 
 MAX_UPLOAD_BYTES = 2 * 1024 ** 3  # uncompressed total of one upload
 MAX_FILES = 20_000
@@ -75,12 +77,17 @@ def extract_zip(zip_path: Path, dest: Path, *, max_bytes: int = MAX_UPLOAD_BYTES
             if any(part.startswith(".") or part == "__MACOSX" for part in rel.parts):
                 continue  # macOS resource forks and hidden files are not dataset content
             target = dest.joinpath(*rel.parts)
-            target.parent.mkdir(parents=True, exist_ok=True)
             try:
+                target.parent.mkdir(parents=True, exist_ok=True)
                 with zf.open(m) as src:
                     total += _copy_limited(src, target, max_bytes - total, f"'{name}'", limit)
             except (zipfile.BadZipFile, zipfile.LargeZipFile, NotImplementedError, RuntimeError) as exc:
                 raise ConfigError(f"'{name}': cannot extract '{m.filename}' ({exc}).") from None
+            except OSError as exc:
+                if exc.errno != errno.ENAMETOOLONG:
+                    raise
+                raise ConfigError(f"'{name}' contains the entry '{shown(m.filename)}', whose name is longer than the file "
+                                  "system allows. Rename it (or the folders it is in) and upload again.") from None
     return total
 
 
