@@ -332,7 +332,7 @@ def test_ui_parameter_count_builds_the_adapter_training_uses():
     cores included."""
     from sdlora.adapters.spec import AdapterSpec
     from sdlora.ui.fields import CONV_GROUP
-    from sdlora.ui.model_tab import parameter_summary
+    from sdlora.ui.tabs.model import parameter_summary
 
     class Models:
         def count_parameters(self, spec, targets, rank, conv_rank, train_te, allow_pickle=False, adapter=None):

@@ -11,8 +11,9 @@ import gradio as gr
 
 from ..config.train_config import config_from_preset, make_config
 from ..families import native_resolutions
-from . import dataset_tab, export_tab, model_tab, run_tab, training_tab, try_tab
-from . import tools_tab
+from .tabs import dataset as dataset_tab, export as export_tab, model as model_tab, run as run_tab
+from .tabs import training as training_tab, tryout as try_tab
+from .tabs import tools as tools_tab
 from .common import guard, user_message
 from .fields import LAYER_CHOICES, config_to_form, form_to_config
 from .services import Services

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import gradio as gr
 
-from .common import guard
+from ..common import guard
 
 
 def build(services, ctx: dict, defaults: dict) -> None:
@@ -45,7 +45,7 @@ def build(services, ctx: dict, defaults: dict) -> None:
                      concurrency_id="model", concurrency_limit=1)
     def name_for(src: str, current: str):
         """The export name follows the chosen source: NAME for OUTPUT/NAME/NAME.safetensors, NAME_stepN for a checkpoint."""
-        from ..training.checkpoints import CHECKPOINT_DIR
+        from ...training.checkpoints import CHECKPOINT_DIR
 
         p = Path(src or "")
         if not src:

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import gradio as gr
 
-from ..config.train_config import field_choices
-from .common import user_message
-from .fields import CONV_GROUP, LAYER_CHOICES, layers_to_targets
+from ...config.train_config import field_choices
+from ..common import user_message
+from ..fields import CONV_GROUP, LAYER_CHOICES, layers_to_targets
 
 
 def show_scale(rank, alpha, conv_rank=None, conv_alpha=None, layers=None) -> str:
@@ -33,7 +33,7 @@ def parameter_summary(models, spec, layers, rank, conv_rank, train_te, allow_pic
             return "⚠️ Choose at least one layer group."
         if int(rank or 0) < 1:
             return "⚠️ Rank must be at least 1."
-        from ..adapters.spec import AdapterSpec
+        from ...adapters.spec import AdapterSpec
 
         adapter = AdapterSpec.from_config({
             "network": network or "lora", "rank": int(rank), "alpha": float(rank), "conv_rank": conv, "dora": bool(dora),

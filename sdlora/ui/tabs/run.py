@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import gradio as gr
 
-from .common import guard, log
-from .fields import form_to_config
-from .services.progress import loss_table, progress_text
+from ..common import guard, log
+from ..fields import form_to_config
+from ..services.progress import loss_table, progress_text
 
 LOG_LINES = 14
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import gradio as gr
 
-from .common import guard, user_message
-from .services.datasets import GALLERY_LIMIT
-from .uploads import import_uploads
+from ..common import guard, user_message
+from ..services.datasets import GALLERY_LIMIT
+from ..uploads import import_uploads
 
 
 def _gallery(items: list[dict]) -> list[tuple[str, str]]:

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import gradio as gr
 
-from ..tools import METHODS
-from .common import guard
-from .services.inputs import parse_lora_lines
+from ...tools import METHODS
+from ..common import guard
+from ..services.inputs import parse_lora_lines
 
 PRECISIONS = [("same as the input", ""), ("fp16", "fp16"), ("bf16", "bf16"), ("fp32", "fp32")]
 # The labels of sdlora.tools.METHODS, in its order.

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import gradio as gr
 
-from ..adapters.targets import SHORTHAND_GROUP_NAMES
-from ..config.train_config import field_choices
-from .common import guard, user_message
-from .fields import config_to_form, form_to_config, layers_to_targets
+from ...adapters.targets import SHORTHAND_GROUP_NAMES
+from ...config.train_config import field_choices
+from ..common import guard, user_message
+from ..fields import config_to_form, form_to_config, layers_to_targets
 
 FORMAT_LABELS = {"kohya": "kohya (A1111 / Forge / ComfyUI)"}
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import gradio as gr
 
-from .common import guard
-from .services.inputs import parse_lora_lines, parse_strengths
+from ..common import guard
+from ..services.inputs import parse_lora_lines, parse_strengths
 
 
 def build(services, ctx: dict, defaults: dict) -> None:
