@@ -53,7 +53,8 @@ def main(argv=None) -> int:
 
     from sdlora.config.train_config import make_config
     from sdlora.families import family as family_named
-    from sdlora.adapters.inject import count_lora_parameters, resolve_text_encoder_targets, resolve_unet_targets
+    from sdlora.adapters.inject import resolve_text_encoder_targets, resolve_unet_targets
+    from sdlora.adapters.spec import AdapterSpec
     from sdlora.training.memory import trace_step_bytes
     from sdlora.models.component_configs import MODEL_CONFIGS
     from sdlora.models import quiet_libraries
@@ -76,12 +77,13 @@ def main(argv=None) -> int:
                           train_text_encoder=te)
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(prec, torch.float32)
         weights = sum(p.numel() for p in unet.parameters()) * dtype.itemsize
-        lora = count_lora_parameters(resolve_unet_targets(unet, cfg.targets), args.rank) * 16
+        spec = AdapterSpec(network="lora", rank=args.rank)
+        lora = spec.parameter_count(resolve_unet_targets(unet, cfg.targets)) * 16
         trained = {}
         if te:
             trained = dict(zip(family.text_encoder_names, _text_encoders(model)))
             weights += sum(p.numel() for m in trained.values() for p in m.parameters()) * 4  # trained encoders stay fp32
-            lora += sum(count_lora_parameters(resolve_text_encoder_targets(m), args.rank) for m in trained.values()) * 16
+            lora += sum(spec.parameter_count(resolve_text_encoder_targets(m)) for m in trained.values()) * 16
         t0 = time.perf_counter()
         step = trace_step_bytes(unet, family=family, config=cfg, compute_dtype=dtype, height=res, width=res,
                                 trained_text_encoders=trained)

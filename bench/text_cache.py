@@ -27,7 +27,7 @@ def main() -> int:
     from sdlora.models.component_configs import MODEL_CONFIGS, write_config_folder
     from sdlora.models import quiet_libraries
     from sdlora.paths import cache_dir
-    from sdlora.data.training_set import TextEmbeddingCache
+    from sdlora.data.caches import TextEmbeddingCache
 
     p = argparse.ArgumentParser()
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")

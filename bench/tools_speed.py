@@ -39,7 +39,7 @@ def base_model(name: str):
 def kohya_modules(base, conv: bool) -> dict[str, tuple]:
     """prefix -> weight shape of kohya's LoCon module set (the set extract uses)."""
     from sdlora.tools.extract import _RESNET, _TRANSFORMER
-    from sdlora.tools.verify import module_index
+    from sdlora.formats.lora_file import module_index
 
     comps = base.components()
     out = {}

@@ -312,7 +312,7 @@ def test_stop_queue_and_resume_through_the_service(tmp_path, monkeypatch):
         assert not (queued.state == "running" and resumed.state == "running")
         time.sleep(0.05)
     assert queued.state == "done" and resumed.state == "done", (queued.error, resumed.error)
-    assert resumed.step == 16 and resumed.losses[0][0] == stopped_at + 1  # continued, not restarted
+    assert resumed.step == 16 and resumed.progress.losses[0][0] == stopped_at + 1  # continued, not restarted
     assert Path(resumed.lora_path).is_file()
 
 
@@ -347,7 +347,7 @@ def test_ui_error_boundary_names_the_failure_and_logs_the_traceback(monkeypatch,
 def test_validation_masked_loss_and_tensorboard_fields():
     import gradio as gr
 
-    from sdlora.ui import training_tab
+    from sdlora.ui.tabs import training as training_tab
 
     defaults = config_to_form(make_config().model_dump())
     ctx = {"fields": {}}

@@ -211,7 +211,7 @@ def test_uploaded_pickle_never_loads(site):
     # the private events that load models: the parameter count and Start
     params = fn_index(site["config"], "allow-pickle", "change")
     for spec in (uploaded, str(in_root)):
-        text = join(site["url"], params, [spec, ["self-attention q/k/v/out"], 4, 4, False, True, "lora", False, -1])["data"][0]
+        text = join(site["url"], params, [spec, ["self-attention q/k/v/out"], 4, 4, False, True, "lora", False, -1, False, False])["data"][0]
         assert "allow_pickle" in text, text
     start = fn_index(site["config"], "start-btn", "click")
     dep = next(d for d in site["config"]["dependencies"] if d["id"] == start)
