@@ -30,13 +30,33 @@ def sdlora_cache(tmp_path_factory):
 
 @pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config, items):
-    """Put every test that uses a module-scoped fixture in its module's xdist group, so the fixture is built once."""
+    """Put every test that uses a module-scoped fixture in an xdist group of its module (one per parameter of a
+    parametrized module fixture), so the fixture is built once; a test that names its own group keeps it."""
     for item in items:
         defs = getattr(item, "_fixtureinfo", None)
-        if defs is None:
+        if defs is None or item.get_closest_marker("xdist_group"):
             continue
-        if any(fd.scope == "module" for name in defs.names_closure for fd in defs.name2fixturedefs.get(name, ())):
-            item.add_marker(pytest.mark.xdist_group(item.module.__name__))
+        module_fixtures = [name for name in defs.names_closure
+                           if any(fd.scope == "module" for fd in defs.name2fixturedefs.get(name, ()))]
+        if module_fixtures:
+            params = getattr(item, "callspec", None)
+            keys = [str(params.params[name]) for name in module_fixtures if params and name in params.params]
+            item.add_marker(pytest.mark.xdist_group("-".join([item.module.__name__, *keys])))
+    if getattr(config.option, "loadgroup", False):  # an xdist worker under --dist loadgroup
+        _name_groups(items)
+
+
+def _name_groups(items):
+    """What xdist does for --dist loadgroup (the group appended to the node id, `ID@GROUP`, which is how the
+    controller keeps a group on one worker), done here because pytest 9 keeps the id in `_id`, which xdist 3.8's
+    own `item._nodeid = ...` does not reach."""
+    from _pytest.nodeid import coerce_node_id
+
+    for item in items:
+        names = sorted({str(m.args[0] if m.args else m.kwargs.get("name", "default"))
+                        for m in item.iter_markers("xdist_group")})
+        if names and "@" not in item.nodeid.rpartition("]")[2] and hasattr(item, "_id"):
+            item._id = coerce_node_id(f"{item.nodeid}@{'_'.join(names)}")
 
 
 @pytest.fixture(scope="session")

@@ -133,8 +133,13 @@ def runs(tmp_path_factory, demo_dataset):
     return get
 
 
-@pytest.mark.parametrize("family", ["sd1", "sdxl"])
-@pytest.mark.parametrize("kind", list(TYPES))
+# Every type on each family. Each (family, type) run is one xdist group, so the two workers share the trainings and
+# neither trains one twice.
+RUNS = [pytest.param(kind, family, id=f"{kind}-{family}", marks=pytest.mark.xdist_group(f"adapters_{family}_{kind}"))
+        for kind in TYPES for family in ("sd1", "sdxl")]
+
+
+@pytest.mark.parametrize("kind,family", RUNS)
 def test_exported_file_reproduces_the_trained_model_through_the_loader_formula(runs, family, kind):
     trainer, result = runs(family, kind)
     tensors, metadata = read_lora(result.lora_path)
@@ -168,8 +173,7 @@ def test_exported_file_reproduces_the_trained_model_through_the_loader_formula(r
     torch.testing.assert_close(got_hidden, want_hidden, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("family", ["sd1", "sdxl"])
-@pytest.mark.parametrize("kind", list(TYPES))
+@pytest.mark.parametrize("kind,family", RUNS)
 def test_verify_and_generate_apply_every_type_as_the_loaders_do(runs, family, kind):
     from sdlora.inference.loras import load_loras, set_strengths, unload_loras
 
@@ -284,6 +288,7 @@ def test_adapter_settings_that_cannot_work_are_refused_with_a_sentence(tmp_path,
         _config(tmp_path, demo_dataset, MODELS["sd1"], network="loha", dropout=0.1)
 
 
+@pytest.mark.xdist_group("adapters_sd1_loha")  # the run it uses
 def test_ui_service_offers_every_type(runs, tmp_path):
     """The form carries the adapter settings both ways; the parameter count follows the type; Try applies a LoHa file
     (strength 0 = base, 1 = changed); the Export tab refuses a diffusers copy of it with a sentence and re-exports the

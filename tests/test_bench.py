@@ -12,6 +12,7 @@ from pathlib import Path
 from conftest import ROOT, subprocess_env
 
 
+@pytest.mark.slow  # a subprocess training and its timing runs: about 40 s each on 2 cores
 @pytest.mark.parametrize("model", ["tiny", "tiny-xl"])
 def test_train_speed_benchmark_runs_and_reports(tmp_path, model):
     out = tmp_path / "r.json"
