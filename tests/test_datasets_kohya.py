@@ -17,8 +17,6 @@ from conftest import ROOT, subprocess_env
 from sdlora.config.train_config import ConfigError, config_from_preset, make_config
 from sdlora.data.scan import DatasetError
 from sdlora.data.plan import build_training_data, make_step_plan
-from sdlora.training import batches
-from sdlora.training.objective import training_loss
 from sdlora.data.entries import balance_reg_repeats
 
 
@@ -187,8 +185,8 @@ def _simulate(cfg, ds, num_processes):
         t.dataset, t.steps_per_epoch, t.total_steps = ds, plan.steps_per_epoch, plan.total_steps
         t.accelerator = type("Acc", (), {"process_index": p, "num_processes": num_processes})()
         t.epoch_batches = {}
-        read = [batches.indices(t, step, m)[1] for step in range(plan.steps_per_epoch) for m in range(cfg.grad_accum)]
-        seen.append(read)
+        batches = [t._indices(step, m)[1] for step in range(plan.steps_per_epoch) for m in range(cfg.grad_accum)]
+        seen.append(batches)
     return plan, seen
 
 
@@ -235,21 +233,21 @@ def test_run_with_reg_images_loraplus_and_kohya_metadata(tmp_path, kohya_layout)
     kinds, read = Counter(), set()
     for step in range(trainer.steps_per_epoch):
         for micro in range(cfg.grad_accum):
-            _, idx = batches.indices(trainer, step, micro)
+            _, idx = trainer._indices(step, micro)
             if tuple(idx) in read:  # the epoch's last accumulation wraps round to its first batches
                 continue
             read.add(tuple(idx))
             kinds.update("reg" if trainer.dataset.entries[i].is_reg else "train" for i in idx)
-            w = batches.loss_weights(trainer, step, micro)
+            w = trainer._loss_weights(step, micro)
             assert w.tolist() == [0.25 if trainer.dataset.entries[i].is_reg else 1.0 for i in idx]
     assert kinds["train"] == 21 and kinds["reg"] == 21  # one epoch: every sample once (batch 2, accumulation 2)
     # the weight really scales the loss: a micro-batch of reg samples at weight w gives w x the unweighted loss
     reg_step = next((s, m) for s in range(trainer.steps_per_epoch) for m in range(2)
-                    if all(trainer.dataset.entries[i].is_reg for i in batches.indices(trainer, s, m)[1]))
-    latents, cond = batches.next_batch(trainer, *reg_step)
+                    if all(trainer.dataset.entries[i].is_reg for i in trainer._indices(s, m)[1]))
+    latents, cond = trainer._next_batch(*reg_step)
     with torch.no_grad():
-        plain = training_loss(trainer, latents, cond, *reg_step)
-        weighted = training_loss(trainer, latents, cond, *reg_step, batches.loss_weights(trainer, *reg_step))
+        plain = trainer._loss(latents, cond, *reg_step)
+        weighted = trainer._loss(latents, cond, *reg_step, trainer._loss_weights(*reg_step))
     assert torch.allclose(weighted, plain * 0.25)
     result = trainer.run()
     assert result.steps == trainer.plan.total_steps == 6

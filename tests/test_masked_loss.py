@@ -13,7 +13,7 @@ from PIL import Image
 
 from sdlora.config.train_config import make_config
 from sdlora.data.images import ImageLoadError
-from sdlora.training.objective import masked_mean, training_loss
+from sdlora.training.objective import masked_mean
 from sdlora.training.trainer import Trainer
 from sdlora.data.plan import build_training_data
 
@@ -43,12 +43,12 @@ def test_loss_ignores_latents_where_the_mask_is_black():
     b[:, :, :, :4] += 5.0  # differs only in the left half
     mask = torch.ones(2, 1, 64, 64)
     mask[:, :, :, :32] = 0.0  # pixel mask: left half ignored (area-averaged to latent 8x8)
-    masked = [training_loss(t, x, _Cond(), step=1, micro=0, mask=mask) for x in (a, b)]
-    plain = [training_loss(t, x, _Cond(), step=1, micro=0) for x in (a, b)]
+    masked = [t._loss(x, _Cond(), step=1, micro=0, mask=mask) for x in (a, b)]
+    plain = [t._loss(x, _Cond(), step=1, micro=0) for x in (a, b)]
     assert torch.equal(masked[0], masked[1])
     assert not torch.allclose(plain[0], plain[1])
     # a full mask is the plain mean; normalised by the mask mean, half a mask keeps the per-pixel scale
-    full = training_loss(t, a, _Cond(), step=1, micro=0, mask=torch.ones(2, 1, 64, 64))
+    full = t._loss(a, _Cond(), step=1, micro=0, mask=torch.ones(2, 1, 64, 64))
     torch.testing.assert_close(full, plain[0])
     loss = torch.ones(1, 4, 8, 8)
     torch.testing.assert_close(masked_mean(loss, mask[:1]), torch.ones(1))

@@ -22,7 +22,6 @@ from sdlora.formats.kohya_names import text_encoder_kohya_prefix, unet_kohya_pre
 from sdlora.formats.lora_file import check_keys, read_lora
 from sdlora.models import load_base_model
 from sdlora.tools.verify import apply_kohya_by_hand, VerifyReport, verify_lora
-from sdlora.training import batches
 from sdlora.training.trainer import Trainer, train
 
 XL = "builtin:tiny-xl"
@@ -542,7 +541,7 @@ def test_sdxl_size_conditioning_reaches_the_unet(tmp_path):
                                              rng=sample_rng(cfg.seed, "crop", epoch, i))
             assert geo.crop_top_left == (top, nw - left - tw if flip else left)
             seen.append((item.path.stem, flip, geo.crop_top_left))
-            _latents, cond = batches.batch(trainer, epoch, [i])
+            _latents, cond = trainer._batch(epoch, [i])
             assert cond.time_ids.tolist() == [[*geo.original_size, *geo.crop_top_left, *geo.target_size]]
     tall = [s for s in seen if s[0] == "tall"]
     assert any(c[0] > 0 for _, _, c in tall)  # a real vertical crop offset occurred
@@ -561,7 +560,7 @@ def test_sdxl_size_conditioning_reaches_the_unet(tmp_path):
         trainer.train_step(0)
     finally:
         del trainer.family.unet_forward
-    epoch, indices = batches.indices(trainer, 0, 0)
+    epoch, indices = trainer._indices(0, 0)
     geo = ds.geometry_for(epoch, indices[0], flip=ds.flip_for(epoch, indices[0]))
     assert captured[0].float().tolist() == [[*geo.original_size, *geo.crop_top_left, *geo.target_size]]
 

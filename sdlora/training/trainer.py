@@ -16,6 +16,7 @@ from typing import Callable
 import torch
 
 from ..config.train_config import TrainConfig
+from ..families import Conditioning
 from . import batches, previews, saving, setup
 from .checkpoints import checkpoint_root
 from .errors import TrainingError
@@ -84,10 +85,29 @@ class Trainer:
         setup.resume(self)
         self.time_to_prepare = time.perf_counter() - t0
 
-    # what one step reads: sdlora.training.batches ------------------------------
+    # what one step reads -------------------------------------------------------
+    def _indices(self, step: int, micro: int) -> tuple[int, list[int]]:
+        return batches.indices(self, step, micro)
+
+    def _batch(self, epoch: int, indices: list[int], pixels: torch.Tensor | None = None) -> tuple[torch.Tensor, Conditioning]:
+        return batches.batch(self, epoch, indices, pixels)
+
+    def _next_batch(self, step: int, micro: int) -> tuple[torch.Tensor, Conditioning]:
+        return batches.next_batch(self, step, micro)
+
+    def _loss_weights(self, step: int, micro: int) -> torch.Tensor | None:
+        return batches.loss_weights(self, step, micro)
+
+    def _loss_masks(self, step: int, micro: int) -> torch.Tensor | None:
+        return batches.loss_masks(self, step, micro)
+
     def position_at(self, step: int) -> None:
         """Reset the data position to optimizer step `step` (start, resume, benchmarks)."""
         batches.position_at(self, step)
+
+    def _loss(self, latents: torch.Tensor, cond: Conditioning, step: int, micro: int,
+              weights: torch.Tensor | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
+        return training_loss(self, latents, cond, step, micro, weights, mask)
 
     # one step ------------------------------------------------------------------
     def train_step(self, step: int) -> float | None:
@@ -97,14 +117,14 @@ class Trainer:
         self.data_seconds = 0.0  # time the step waited for its batch: near zero unless data loading starves it
         for micro in range(cfg.grad_accum):
             t0 = time.perf_counter()
-            latents, cond = batches.next_batch(self, step, micro)
-            weights = batches.loss_weights(self, step, micro)
-            mask = batches.loss_masks(self, step, micro)
+            latents, cond = self._next_batch(step, micro)
+            weights = self._loss_weights(step, micro)
+            mask = self._loss_masks(step, micro)
             self.data_seconds += time.perf_counter() - t0
             last_micro = micro == cfg.grad_accum - 1
             # Under DDP, only the last micro-batch all-reduces gradients.
             with contextlib.nullcontext() if last_micro else acc.no_sync(self.unet):
-                loss = training_loss(self, latents, cond, step, micro, weights, mask)
+                loss = self._loss(latents, cond, step, micro, weights, mask)
                 if not torch.isfinite(loss):
                     self.optimizer.zero_grad(set_to_none=True)
                     return None
