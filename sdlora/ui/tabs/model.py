@@ -100,11 +100,11 @@ def build(services, ctx: dict, defaults: dict) -> None:
         return parameter_summary(services.models, *values)
 
     scale_inputs = [f["rank"], f["alpha"], f["conv_rank"], f["conv_alpha"], f["layers"]]
-    # Queued one at a time: unqueued answers to two quick edits (rank, then alpha) can arrive out of order and
-    # leave the scale of the first edit on the page.
-    for comp in scale_inputs:
-        comp.change(show_scale, scale_inputs, scale, show_progress="hidden", trigger_mode="always_last",
-                    concurrency_id="scale", concurrency_limit=1, api_visibility="private")
+    # One event for all five fields, queued one at a time: with an event per field, the answers to two quick edits
+    # (rank, then alpha) could land in either order and leave the first edit's scale on the page. One event with
+    # always_last runs again after the edits with the values the page has then.
+    gr.on([comp.change for comp in scale_inputs], show_scale, scale_inputs, scale, show_progress="hidden",
+          trigger_mode="always_last", concurrency_limit=1, api_visibility="private")
     count_inputs = [f["base_model"], f["layers"], f["rank"], f["conv_rank"], f["train_text_encoder"], f["allow_pickle"],
                     f["network"], f["dora"], f["lokr_factor"], f["lokr_full_matrix"], f["tucker"]]
     for comp in count_inputs:
