@@ -55,7 +55,7 @@ def random_lora(base, path: Path, rank: int, conv_rank: int, seed: int) -> Path:
 
     g = torch.Generator().manual_seed(seed)
     tensors = {}
-    for prefix, shape in kohya_modules(base, conv=True).items():
+    for prefix, shape in kohya_modules(base, conv=conv_rank > 0).items():
         conv3 = len(shape) == 4 and shape[2:] != (1, 1)
         r = conv_rank if conv3 else rank
         kernel = shape[2:] if len(shape) == 4 else ()

@@ -117,10 +117,7 @@ class FormulaLoras:
         delta = self.deltas[target]
         if delta.device != layer.weight.device or delta.dtype != layer.weight.dtype:  # the pipeline moved since
             delta = self.deltas[target] = delta.to(layer.weight)
-        if isinstance(layer, torch.nn.Conv2d):
-            # The layer's own stride, padding, dilation and padding mode, with ΔW for W and no bias.
-            return output + layer._conv_forward(args[0], delta, None)
-        return output + F.linear(args[0], delta)
+        return output + delta_output(layer, args[0], delta)
 
     def restore(self) -> None:
         for handle in self.hooks.values():
@@ -130,6 +127,39 @@ class FormulaLoras:
         self.layers.clear()
         self.deltas.clear()
         self.hooks.clear()
+
+
+def delta_output(layer: torch.nn.Module, x: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+    """What weight change `delta` adds to the layer's output for input x: for a conv, the layer's own stride, padding,
+    dilation and padding mode with ΔW for W and no bias."""
+    if isinstance(layer, torch.nn.Conv2d):
+        return layer._conv_forward(x, delta, None)
+    return F.linear(x, delta)
+
+
+@contextmanager
+def formula_applied(components: dict, mapped: dict[str, dict], strength: float = 1.0):
+    """Every module of `mapped` computes with W + strength·ΔW (the loaders' formula) inside the block. Forward hooks
+    rebuild ΔW on each call in fp32 and keep nothing, so even a file that touches most of an SDXL costs one layer's ΔW
+    at a time, and W is never written (the base may be shared)."""
+    by_target: dict[tuple[str, str], list[dict]] = {}
+    for parts in mapped.values():
+        by_target.setdefault(parts["target"], []).append(parts)
+    handles = []
+    try:
+        for target, modules in by_target.items():
+            layer = base_layer(components, target)
+            handles.append(layer.register_forward_hook(partial(_formula_hook, modules, strength)))
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _formula_hook(modules: list[dict], strength: float, layer, args, output):
+    with torch.no_grad():
+        delta = sum(lycoris.module_delta(parts, layer.weight) for parts in modules) * strength
+        return output + delta_output(layer, args[0].to(delta.dtype), delta).to(output.dtype)
 
 
 def formula_loras(pipe, create: bool = True) -> FormulaLoras | None:

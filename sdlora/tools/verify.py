@@ -4,7 +4,6 @@ computes exactly W + (alpha/r)·up·down."""
 from __future__ import annotations
 
 import warnings
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,7 +22,15 @@ from ..formats.lora_file import (
     lora_file_problems,
     read_lora,
 )
-from ..inference.loras import carries_peft_loras, loras_off
+from ..errors import UserError
+from ..inference.loras import carries_peft_loras, formula_applied, loras_off
+
+# Beyond the file's own tensors: the probe's activations (one 16x16 latent through the UNet) and the libraries' bookkeeping.
+_VERIFY_MARGIN = 512 * 2**20
+
+
+class VerifyMemoryError(UserError, MemoryError):
+    """Not enough free memory to verify; the message says how much is needed and what to do."""
 
 
 @dataclass
@@ -105,22 +112,6 @@ def _enable_only(pipe, components, name: str) -> None:
     pipe.set_adapters([name], adapter_weights=[1.0])
 
 
-@contextmanager
-def _hand_applied(components, mapped):
-    """W += (alpha/r)·up·down on the adapted modules for the duration of the block; the exact weights come back."""
-    saved = []
-    for parts in mapped.values():
-        weight = base_layer(components, parts["target"]).weight
-        saved.append((weight, weight.detach().clone()))
-    try:
-        apply_kohya_by_hand(components, mapped)
-        yield
-    finally:
-        with torch.no_grad():
-            for weight, original in saved:
-                weight.copy_(original)
-
-
 def _verify_by_formula(report: VerifyReport, base, components, mapped) -> VerifyReport:
     """LoHa, LoKr, DoRA and Tucker files: diffusers has no loader for them, so the check is that the loaders' formula
     applies to every module and gives a finite, non-zero change."""
@@ -130,13 +121,35 @@ def _verify_by_formula(report: VerifyReport, base, components, mapped) -> Verify
     pipe = base.make_pipeline()
     with loras_off(pipe):
         base_out, base_hidden = _forward(family, base.unet, encoders, ids, latents, t, geometry)
-        with _hand_applied(components, mapped):
+        with formula_applied(components, mapped):
             ref_out, ref_hidden = _forward(family, base.unet, encoders, ids, latents, t, geometry)
     if not (torch.isfinite(ref_out).all() and torch.isfinite(ref_hidden).all()):
         report.problems.append("applied with the loaders' formula, the LoRA makes the model's output NaN or infinite")
     report.lora_effect = float((ref_out - base_out).abs().max())
     report.text_encoder_effect = float((ref_hidden - base_hidden).abs().max())
     return report
+
+
+def verify_memory_needed(tensors: dict[str, torch.Tensor], components: dict[str, nn.Module],
+                         mapped: dict[str, dict]) -> int:
+    """Bytes verify needs on top of the loaded base: the file's tensors in fp32 three times (as read, diffusers'
+    converted copy, the adapters it injects) and the largest adapted layer's ΔW four times (ΔW, the DoRA rescaled
+    weight, the product and its output)."""
+    lora = sum(t.numel() for t in tensors.values()) * 4 * 3
+    largest = max((base_layer(components, p["target"]).weight.numel() for p in mapped.values()), default=0) * 4 * 4
+    return lora + largest + _VERIFY_MARGIN
+
+
+def check_verify_fits(path, tensors, components, mapped, device: torch.device) -> None:
+    from ..training.memory import available_memory
+
+    need = verify_memory_needed(tensors, components, mapped)
+    free = available_memory(device)
+    if free is not None and need > free:
+        raise VerifyMemoryError(
+            f"Verifying '{Path(path).name}' needs about {need / 2**30:.1f} GiB of free memory beside the loaded base model; "
+            f"this machine has {free / 2**30:.1f} GiB free. The file itself is fine to use; close other programs or "
+            f"models (or use a machine with more memory) and run python -m sdlora verify on it again.")
 
 
 def verify_lora(path: str | Path, base, *, numeric: bool = True, tolerance: float = 1e-4) -> VerifyReport:
@@ -165,19 +178,20 @@ def verify_lora(path: str | Path, base, *, numeric: bool = True, tolerance: floa
     if not numeric or not mapped or report.problems or report.unmapped:
         return report
 
+    check_verify_fits(path, tensors, components, mapped, next(base.unet.parameters()).device)
     report.algorithms = lycoris.describe_algos(mapped)
     if not lycoris.diffusers_reads_all(mapped):
         return _verify_by_formula(report, base, components, mapped)
 
-    # Everything runs on the base's own modules, nothing is copied (an SDXL UNet is 10 GB in fp32): the hand-applied
-    # weights are restored from a copy of just the adapted weights, and diffusers' adapter is deleted afterwards.
+    # Everything runs on the base's own modules and nothing is copied (an SDXL UNet is 10 GB in fp32): the reference
+    # adds each layer's ΔW to its output as it runs, and diffusers' adapter is deleted afterwards.
     family = base.family
     latents, t, ids, geometry = _probe_inputs(base)
     encoders = [components[n] for n in family.text_encoder_names]
     pipe = base.make_pipeline()
     with loras_off(pipe):  # the UI's Try may have LoRAs loaded into this shared base
         base_out, _ = _forward(family, base.unet, encoders, ids, latents, t, geometry)
-        with _hand_applied(components, mapped):
+        with formula_applied(components, mapped):
             ref_out, ref_hidden = _forward(family, base.unet, encoders, ids, latents, t, geometry)
             with torch.no_grad():
                 ref_cond = family.conditioning(family.encode_tokens(encoders, ids), [geometry])
