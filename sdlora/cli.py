@@ -1,4 +1,4 @@
-"""`python -m sdlora train|generate|export|verify|scan|demo-data`: thin wrappers over the library."""
+"""`python -m sdlora train|generate|export|verify|scan|demo-data|caption`: thin wrappers over the library."""
 
 from __future__ import annotations
 
@@ -102,8 +102,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the mascot (builtin:demo) or shapes on navy (builtin:demo-navy)")
 
     from .tools.cli import add_parsers as add_tool_parsers  # merge, resize, combine, extract
+    from .captioning.cli import add_parser as add_caption_parser
 
     add_tool_parsers(sub)
+    add_caption_parser(sub)
     return parser
 
 
@@ -249,6 +251,12 @@ def cmd_demo_data(args) -> int:
     return 0
 
 
+def cmd_caption(args) -> int:
+    from .captioning.cli import cmd_caption as caption
+
+    return caption(args)
+
+
 def cmd_import_kohya(args) -> int:
     from .config.train_config import save_preset
     from .config.kohya_import import import_kohya_json
@@ -264,7 +272,7 @@ def cmd_import_kohya(args) -> int:
 
 
 COMMANDS = {"import-kohya": cmd_import_kohya, "train": cmd_train, "generate": cmd_generate, "verify": cmd_verify, "export": cmd_export, "scan": cmd_scan,
-            "demo-data": cmd_demo_data}
+            "demo-data": cmd_demo_data, "caption": cmd_caption}
 
 
 def _tool_commands() -> dict:
@@ -296,7 +304,7 @@ def _context(args) -> str:
         return shown(f"export '{args.source}' to '{args.out}'")
     if args.command == "import-kohya":
         return shown(f"import-kohya '{args.file}'")
-    if args.command in ("scan", "demo-data"):
+    if args.command in ("scan", "demo-data", "caption"):
         return shown(f"{args.command} '{args.folder}'")
     return args.command
 

@@ -7,7 +7,8 @@ Every event of a Gradio app is API surface (hiding it from the API page does not
   `--data-root DIR`, the upload folder OUTPUT/uploads, or a built-in demo dataset (builtin:demo, builtin:demo-navy);
 - base models, LoRAs to try and export sources given as paths must lie under a `--model-root DIR` (LoRAs and
   export sources may also come from the output root); the built-in models (builtin:toy, builtin:tiny, ...) and hub
-  ids (owner/name) need no root;
+  ids (owner/name) need no root; so must tagger and caption model folders for automatic captions (a hub id is only
+  looked up under the model roots and in the local hub cache);
 - writes go to the output root (runs, exports, thumbnails), dataset roots (captions only) and the presets folder;
 - `allow_pickle` is refused from clients unless the server was started with `--allow-pickle-from-clients`;
 - the web server serves only files sdlora writes under the output root (images and LoRA files), never a dataset
@@ -142,6 +143,17 @@ class AccessPolicy:
             raise ConfigError(f"base_model: {_quote(spec)} is outside the folders this server may load models from; "
                               "start the server with --model-root DIR (that folder or one above it), or use a built-in model "
                               "(builtin:toy, builtin:tiny) or a hub id (owner/name).")
+
+    def caption_model(self, spec: str, *, what: str = "caption model") -> None:
+        """A tagger or caption model for auto-captioning: a hub id passes (it is only looked for in the model roots'
+        OWNER_NAME folders and the local hub cache, never downloaded); a path must lie under a --model-root."""
+        spec = (spec or "").strip()
+        if not spec or looks_like_hub_id(spec):
+            return
+        if not self._inside_any(resolved(spec), self.model_roots):
+            raise ConfigError(f"{what}: {_quote(spec)} is outside the folders this server may load models from; put the "
+                              "model folder under a --model-root DIR (start the server with one), or give a downloaded "
+                              "hub id (owner/name).")
 
     def lora_file(self, value: str, *, what: str = "LoRA") -> Path:
         """A LoRA to load or export: under the output root or a --model-root."""

@@ -9,6 +9,7 @@ services, one per job the page does:
     jobs      the training queue              loras     LoRA files to pick
     tryout    Try tab images and grids        exporter  export and verify
     tools     resize, combine, merge, extract models    the shared base-model cache and its lock
+    autocaption  automatic captions (taggers, caption models) in the background, stop and undo
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from pathlib import Path
 from ...config.train_config import ConfigError
 from ...training.jobs import JobQueue
 from ..access import AccessPolicy, too_broad
+from .autocaption import AutoCaptionService
 from .captions import CaptionService
 from .configs import ConfigService
 from .datasets import DatasetService
@@ -49,6 +51,7 @@ class Services:
         self.models = ModelCache(self.access)
         self.datasets = DatasetService(self.access)
         self.captions = CaptionService(self.datasets)
+        self.autocaption = AutoCaptionService(self.access, self.datasets)
         self.configs = ConfigService(self.access, self.datasets, self.models)
         self.presets = PresetService(self.presets_dir, self.configs)
         self.jobs = JobService(self.configs, queue)

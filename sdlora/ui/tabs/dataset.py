@@ -7,6 +7,7 @@ import gradio as gr
 from ..common import guard, user_message
 from ..services.datasets import GALLERY_LIMIT
 from ..uploads import import_uploads
+from . import autocaption
 
 
 def _gallery(items: list[dict]) -> list[tuple[str, str]]:
@@ -58,6 +59,7 @@ def build(services, ctx: dict, defaults: dict) -> None:
             append = gr.Textbox(label="Append", elem_id="bulk-append")
         bulk_btn = gr.Button("Apply to all captions", elem_id="bulk-btn")
     items_state = gr.State([])
+    auto_panel = gr.Column()  # the "Caption automatically" accordion, filled in below once the gallery's outputs exist
 
     def scan_outputs(folder: str, check_images: bool = True):
         rep = services.datasets.scan(folder, check_images=check_images)
@@ -112,6 +114,8 @@ def build(services, ctx: dict, defaults: dict) -> None:
         gr.Info(f"{n} caption file(s) changed.")
         return scan_outputs(folder)
 
+    with auto_panel:
+        autocaption.build(services, f["data_dir"], f["trigger_word"], scan_outputs, scan_outs)
     scan_btn.click(do_scan, f["data_dir"], scan_outs, api_visibility="private")
     f["data_dir"].submit(do_scan, f["data_dir"], scan_outs, api_visibility="private")
     upload.upload(do_upload, upload, f["data_dir"], api_visibility="private").success(
