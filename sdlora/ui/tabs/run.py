@@ -6,6 +6,8 @@ Outputs that did not change since the last poll are skipped, so an idle page cos
 
 from __future__ import annotations
 
+import time
+
 import gradio as gr
 
 from ..common import guard, log
@@ -13,6 +15,16 @@ from ..fields import form_to_config
 from ..services.progress import loss_table, progress_text
 
 LOG_LINES = 14
+PLOT_EVERY = 5.0  # seconds between loss-plot updates while a job runs (every poll would redraw it each second)
+
+
+def _previews(snap) -> list:
+    return [(path, f"step {step}: {prompt[:48]}") for step, path, prompt in reversed(snap["samples"])]
+
+
+def _queue_rows(snap) -> list:
+    return [[j["id"], j["state"] + (" (resume)" if j["resume"] else ""), j["output_name"], j["step"], j["total_steps"]]
+            for j in reversed(snap["queue"])]
 
 
 def build(services, ctx: dict) -> None:
@@ -36,28 +48,40 @@ def build(services, ctx: dict) -> None:
         queue = gr.Dataframe(headers=["job", "state", "name", "step", "of"], label="Job queue", interactive=False,
                              elem_id="queue", scale=2)
     timer = gr.Timer(1.0)
-    seen = gr.State("")  # signature of what this page shows, so unchanged polls send nothing
+    seen = gr.State({})  # what this page shows, per output, so a poll sends only what changed
 
     inputs = [ctx["fields"][k] for k in ctx["field_keys"]]
 
-    def signature(snap) -> str:
-        jobs = ",".join(f"{j['id']}:{j['state']}" for j in snap["queue"])
-        return f"{snap['id']}|{snap['state']}|{snap['step']}|{len(snap['samples'])}|{len(snap['log'])}|{snap['error']}|{jobs}"
-
-    def refresh(last: str = ""):
+    def refresh(last: dict | None = None):
         try:
             snap = services.jobs.status()
         except Exception:  # noqa: BLE001 - polling must never break the page
             log.exception("status poll failed")
             return [gr.skip()] * 6
-        sig = signature(snap)
-        if sig == last:
-            return [gr.skip()] * 5 + [last]
-        samples = [(path, f"step {step}: {prompt[:48]}") for step, path, prompt in reversed(snap["samples"])]
-        rows = [[j["id"], j["state"] + (" (resume)" if j["resume"] else ""), j["output_name"], j["step"], j["total_steps"]]
-                for j in reversed(snap["queue"])]
-        plot_value = loss_table(snap) if snap["losses"] else None
-        return [progress_text(snap), plot_value, samples, "\n".join(snap["log"][-LOG_LINES:]), rows, sig]
+        last = dict(last or {})
+        shown, now = dict(last), time.monotonic()
+        values = []
+        for key, sig, make in (
+            ("progress", (snap["id"], snap["state"], snap["step"], snap["error"], snap.get("lora_path"), snap.get("plan"),
+                          [j["state"] for j in snap["queue"]]), lambda: progress_text(snap)),
+            ("plot", (snap["id"], snap["state"], len(snap["losses"]), len(snap.get("val_losses") or [])),
+             lambda: loss_table(snap) if snap["losses"] else None),
+            ("previews", (snap["id"], len(snap["samples"])), lambda: _previews(snap)),
+            ("log", (snap["id"], len(snap["log"]), snap["log"][-1:]), lambda: "\n".join(snap["log"][-LOG_LINES:])),
+            ("queue", [(j["id"], j["state"], j["step"]) for j in snap["queue"]], lambda: _queue_rows(snap)),
+        ):
+            sig = repr(sig)
+            # The plot is the costly one to send and to draw: while a job runs, at most one every PLOT_EVERY seconds.
+            throttled = (key == "plot" and snap["state"] == "running" and sig != last.get(key)
+                         and now - last.get("plot_at", 0.0) < PLOT_EVERY)
+            if sig == last.get(key) or throttled:
+                values.append(gr.skip())
+                continue
+            shown[key] = sig
+            if key == "plot":
+                shown["plot_at"] = now
+            values.append(make())
+        return values + [shown]
 
     @guard
     def do_start(*values):
