@@ -4,7 +4,8 @@ implementation of these algorithms, whose state dicts are the file layout ComfyU
 PEFT has LoHa/LoKr/DoRA too, but not in that math: its DoRA magnitude is one number per *output* row, the files'
 `dora_scale` one per *input* column, and its LoHa/LoKr scale and factorise differently. A renamed PEFT tensor would load
 and compute something else, so these types train with LyCORIS's modules, wrapped the way PEFT wraps a layer
-(`.base_layer` + the adapter), so the rest of sdlora sees one shape of adapted model.
+(`.base_layer` + the adapter), so the rest of sdlora sees one shape of adapted model. They train through sdlora's
+subclasses of those modules (`lycoris_class`), whose forward computes the same layer without a full-size weight.
 """
 
 from __future__ import annotations
@@ -45,16 +46,32 @@ class LycorisLayer(nn.Module):
         self.module.multiplier = float(strength)
 
 
-def lycoris_class(network: str):
+def lycoris_class(network: str, *, reference: bool | None = None):
+    """The module class that trains `network`: sdlora's fast subclasses of LyCORIS's modules (same parameters and
+    file layout, a forward that never keeps a full-size weight; see fast_locon/fast_lokr/fast_loha), or LyCORIS's own
+    with `reference=True` or SDLORA_REFERENCE_ADAPTERS=1. A layer a fast forward does not cover runs the reference one."""
     # Imported on first use: lycoris pulls in extra modules sdlora's other commands never need.
+    from .fast_common import reference_forced
+
+    if reference is None:
+        reference = reference_forced()
     if network == "loha":
-        from lycoris.modules.loha import LohaModule
-        return LohaModule
+        if reference:
+            from lycoris.modules.loha import LohaModule
+            return LohaModule
+        from .fast_loha import FastLohaModule
+        return FastLohaModule
     if network == "lokr":
-        from lycoris.modules.lokr import LokrModule
-        return LokrModule
-    from lycoris.modules.locon import LoConModule
-    return LoConModule
+        if reference:
+            from lycoris.modules.lokr import LokrModule
+            return LokrModule
+        from .fast_lokr import FastLokrModule
+        return FastLokrModule
+    if reference:
+        from lycoris.modules.locon import LoConModule
+        return LoConModule
+    from .fast_locon import FastLoConModule
+    return FastLoConModule
 
 
 def wrap(model: nn.Module, path: str, module: nn.Module) -> None:

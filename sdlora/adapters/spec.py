@@ -5,7 +5,9 @@ on the type.
   lora / locon   PEFT LoRA (`locon` = also the ResNet blocks, kohya's conv set; `lora` with conv_rank is the same)
   loha / lokr    LyCORIS Hadamard / Kronecker products
   dora           weight-decomposed LoRA (magnitude per input column, as the files store it), through LyCORIS
-LoRA/LoCon with rank or module dropout also run through LyCORIS, which implements them as kohya defines them.
+LoRA/LoCon with rank or module dropout also run through LyCORIS, which implements them as kohya defines them. The
+LyCORIS types train with sdlora's fast subclasses of its modules (`lycoris_layer.lycoris_class`): same parameters and
+files, no full-size weight kept per layer.
 """
 
 from __future__ import annotations
