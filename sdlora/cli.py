@@ -72,6 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--width", type=int)
     g.add_argument("--height", type=int)
     g.add_argument("--grid", help="comma-separated strengths for a strength grid, e.g. 0,0.25,0.5,0.75,1")
+    g.add_argument("--clip-skip", type=int, default=1, help="condition on the text encoder's k-th layer from the end, as "
+                   "the LoRA was trained (kohya's clip_skip; SD1/SD2)")
     g.add_argument("--out", required=True)
     g.add_argument("--allow-pickle", action="store_true")
 
@@ -205,9 +207,11 @@ def cmd_generate(args) -> int:
     pipe.set_progress_bar_config(disable=True)
     names = load_loras(pipe, loras)
     if strengths:
-        img = strength_grid(pipe, names, [prompt], strengths, default_size=base.default_resolution, default_steps=args.steps, seed=args.seed)
+        img = strength_grid(pipe, names, [prompt], strengths, default_size=base.default_resolution, default_steps=args.steps,
+                            seed=args.seed, clip_skip=args.clip_skip, family=base.family)
     else:
-        img = generate(pipe, prompt, default_size=base.default_resolution, default_steps=args.steps, default_seed=args.seed)
+        img = generate(pipe, prompt, default_size=base.default_resolution, default_steps=args.steps, default_seed=args.seed,
+                       clip_skip=args.clip_skip, family=base.family)
     out = save_png_atomic(img, Path(args.out))
     print(str(out.resolve()))
     return 0

@@ -331,6 +331,35 @@ def test_import_kohya_ss_json(tmp_path):
     assert set(KOHYA_SS_JSON) - named <= {"v2", "sdxl", "model_list", "noise_offset_type"}
 
 
+def test_import_kohya_carries_the_loss_noise_and_clip_skip_keys(tmp_path):
+    from sdlora.config.kohya_import import import_kohya_json
+
+    src = tmp_path / "kohya.json"
+    options = {"clip_skip": 2, "min_timestep": 100, "max_timestep": 900, "loss_type": "huber", "huber_c": 0.2,
+               "huber_schedule": "exponential", "ip_noise_gamma": 0.05, "zero_terminal_snr": True,
+               "v_parameterization": True, "debiased_estimation_loss": True, "scale_weight_norms": 1.5,
+               "caption_tag_dropout_rate": 0.1, "noise_offset_type": "Multires", "multires_noise_iterations": 6,
+               "multires_noise_discount": 0.4}
+    src.write_text(json.dumps(dict(KOHYA_SS_JSON, **options)))
+    result = import_kohya_json(src)
+    cfg = result.config
+    expected = dict(clip_skip=2, min_timestep=100, max_timestep=900, loss_type="huber", huber_c=0.2,
+                    huber_schedule="exponential", ip_noise_gamma=0.05, zero_terminal_snr=True,
+                    debiased_estimation_loss=True, scale_weight_norms=1.5, caption_tag_dropout_rate=0.1,
+                    multires_noise_iterations=6, multires_noise_discount=0.4, noise_offset=0.0)
+    assert {k: getattr(cfg, k) for k in expected} == expected
+    for key in set(options) - {"noise_offset_type", "v_parameterization"}:
+        assert result.carried[key] == key, key
+    assert "not used" in result.carried["noise_offset"]  # the GUI keeps it, but trains with the pyramid noise
+    # kohya's GUI defaults (0, 1000, 0 = off) keep sdlora's defaults
+    src.write_text(json.dumps(KOHYA_SS_JSON))
+    cfg = import_kohya_json(src).config
+    assert (cfg.clip_skip, cfg.min_timestep, cfg.max_timestep, cfg.multires_noise_iterations, cfg.scale_weight_norms,
+            cfg.noise_offset) == (1, None, None, 0, None, 0.0357)
+    src.write_text(json.dumps(dict(KOHYA_SS_JSON, loss_type="l1")))
+    assert "loss_type" in import_kohya_json(src).not_carried  # a loss sdlora does not offer is reported, not guessed
+
+
 def test_import_kohya_cli_writes_a_loadable_preset(tmp_path):
     src = tmp_path / "k.json"
     data = dict(KOHYA_SS_JSON, max_train_steps="", epoch=3, network_train_unet_only=True, LoRA_type="Standard",

@@ -317,6 +317,31 @@ def _training_comment(r: _Reader) -> None:
 
 # Read in this order: a later key may depend on an earlier one (lr_warmup on the steps), and the report lists the
 # carried keys in it.
+def _timestep(unset: int):
+    """kohya's GUI writes 0 and 1000 for the whole range: those keep sdlora's unset default."""
+    def read(r: _Reader, key: str):
+        value = r.num(key, int)
+        return None if value == unset else value
+
+    return read
+
+
+def _noise(r: _Reader) -> None:
+    """kohya's GUI keeps both the offset and the pyramid noise values; noise_offset_type says which one it uses."""
+    kind = r.text("noise_offset_type")
+    offset = ("noise_offset",)
+    multires = ("multires_noise_iterations", "multires_noise_discount")
+    used, unused = (multires, offset) if kind == "Multires" else (offset, multires) if kind else (offset + multires, ())
+    for key in used:
+        if key == "multires_noise_iterations":
+            r.put(key, key, r.num(key, int) or None)
+        elif key in r.data:
+            r.put(key, key, r.num(key))
+    for key in unused:
+        if key in r.data:
+            r.put(key, f"(not used: noise_offset_type is {kind})", None)
+
+
 KOHYA_KEYS: list[Key | Callable[[_Reader], None]] = [
     # model, data, output
     Key("pretrained_model_name_or_path", "base_model", _text),
@@ -358,7 +383,18 @@ KOHYA_KEYS: list[Key | Callable[[_Reader], None]] = [
     Key("keep_tokens", "keep_tokens", _whole),
     Key("caption_dropout_rate", "caption_dropout", _number),
     Key("min_snr_gamma", "min_snr_gamma", _number_or_off),
-    Key("noise_offset", "noise_offset", _number),
+    _noise,
+    Key("ip_noise_gamma", "ip_noise_gamma", _number_or_off),
+    Key("min_timestep", "min_timestep", _timestep(0)),
+    Key("max_timestep", "max_timestep", _timestep(1000)),
+    Key("loss_type", "loss_type", _choice("loss_type")),
+    Key("huber_c", "huber_c", _number),
+    Key("huber_schedule", "huber_schedule", _choice("huber_schedule")),
+    Key("zero_terminal_snr", "zero_terminal_snr", _switch),
+    Key("debiased_estimation_loss", "debiased_estimation_loss", _switch),
+    Key("scale_weight_norms", "scale_weight_norms", _number_or_off),
+    Key("caption_tag_dropout_rate", "caption_tag_dropout_rate", _number),
+    Key("clip_skip", "clip_skip", _whole),
     Key("prior_loss_weight", "prior_loss_weight", _number),
     Key("max_data_loader_n_workers", "num_workers", _whole),
     Key("caption_extension", "(sdlora reads .txt, then .caption)", _plain_captions),
@@ -380,7 +416,7 @@ def _result(r: _Reader, path: Path) -> ImportResult:
             continue
         if key in _IMPLIED and key != "save_model_as":
             continue
-        if _empty(value) or (key in ("clip_skip",) and str(value) in ("1", "1.0")) or (
+        if _empty(value) or (
                 key in ("lr_scheduler_num_cycles", "lr_scheduler_power") and str(value) in ("1", "1.0", "")):
             at_default.append(key)
         else:

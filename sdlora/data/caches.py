@@ -110,20 +110,22 @@ class TextEmbeddingCache:
     """Caption -> what the family's text encoders make of it (hidden states, and SDXL's pooled embedding), for frozen
     text encoders. Captions that vary per step are encoded on the fly with `encode`."""
 
-    def __init__(self, family, tokenizers: list, text_encoders: list, device):
+    def __init__(self, family, tokenizers: list, text_encoders: list, device, clip_skip: int = 1):
         self.family = family
         self.tokenizers = tokenizers
         self.text_encoders = text_encoders
         self.device = device
-        self.memory: dict[str, TextEmbedding] = {}
+        self.clip_skip = clip_skip
+        # Keyed by (clip_skip, caption): one caption conditions differently at another clip_skip.
+        self.memory: dict[tuple[int, str], TextEmbedding] = {}
 
     def encode(self, captions: list[str]) -> TextEmbedding:
-        return self.family.encode(self.text_encoders, self.tokenizers, captions, self.device)
+        return self.family.encode(self.text_encoders, self.tokenizers, captions, self.device, self.clip_skip)
 
     @torch.no_grad()
     def get(self, captions: list[str]) -> TextEmbedding:
-        missing = [c for c in dict.fromkeys(captions) if c not in self.memory]
+        missing = [c for c in dict.fromkeys(captions) if (self.clip_skip, c) not in self.memory]
         if missing:
             for c, row in zip(missing, self.encode(missing).rows()):
-                self.memory[c] = row
-        return TextEmbedding.stack([self.memory[c] for c in captions])
+                self.memory[(self.clip_skip, c)] = row
+        return TextEmbedding.stack([self.memory[(self.clip_skip, c)] for c in captions])

@@ -32,7 +32,7 @@ def _is_trigger_tag(tag: str, trigger: str) -> bool:
 
 
 def build_caption(caption: str, *, trigger_word: str | None = None, shuffle_tags: bool = False, keep_tokens: int = 0,
-                  caption_dropout: float = 0.0, rng: random.Random | None = None) -> str:
+                  caption_dropout: float = 0.0, rng: random.Random | None = None, tag_dropout: float = 0.0) -> str:
     """The caption the model sees for one step. Deterministic for a given `rng` state.
 
     - The trigger word always comes first and is not counted in keep_tokens. A caption whose first tag already is
@@ -41,6 +41,8 @@ def build_caption(caption: str, *, trigger_word: str | None = None, shuffle_tags
     - shuffle_tags keeps the first keep_tokens tags in place and shuffles the rest.
     - caption_dropout is the chance of returning "" - the unconditional caption, trigger word included, as kohya
       does - which teaches the LoRA to work without its prompt too.
+    - tag_dropout (kohya's caption_tag_dropout_rate) drops each tag after the first keep_tokens with this chance,
+      after shuffling; the trigger word stays.
     """
     if not 0.0 <= caption_dropout <= 1.0:
         raise ValueError(f"caption_dropout must be between 0 and 1, not {caption_dropout}.")
@@ -58,6 +60,8 @@ def build_caption(caption: str, *, trigger_word: str | None = None, shuffle_tags
         tail = tags[keep:]
         rng.shuffle(tail)
         tags = tags[:keep] + tail
+    if tag_dropout > 0:
+        tags = tags[:keep] + [t for t in tags[keep:] if rng.random() >= tag_dropout]
     return ", ".join(head + tags)
 
 

@@ -20,7 +20,8 @@ from .scan import DatasetError
 
 # Keys sdlora implements: where each may appear (subset options may also stand in [general] and [[datasets]]).
 SUBSET_KEYS = ("num_repeats", "caption_extension", "class_tokens", "keep_tokens", "shuffle_caption", "flip_aug",
-               "caption_dropout_rate", "caption_prefix", "caption_suffix", "random_crop", "alpha_mask")
+               "caption_dropout_rate", "caption_tag_dropout_rate", "caption_prefix", "caption_suffix", "random_crop",
+               "alpha_mask")
 SUBSET_ONLY_KEYS = ("image_dir", "is_reg")
 DATASET_KEYS = ("resolution", "batch_size", "enable_bucket", "bucket_no_upscale", "min_bucket_reso", "max_bucket_reso",
                 "bucket_reso_steps")
@@ -28,7 +29,7 @@ DATASET_KEYS = ("resolution", "batch_size", "enable_bucket", "bucket_no_upscale"
 UNSUPPORTED_SUBSET_KEYS: dict[str, Any] = {
     "color_aug": False, "face_crop_aug_range": None, "keep_tokens_separator": "", "secondary_separator": None,
     "enable_wildcard": False, "token_warmup_min": 1, "token_warmup_step": 0, "caption_dropout_every_n_epochs": 0,
-    "caption_tag_dropout_rate": 0.0, "caption_separator": ",", "cache_info": False,
+    "caption_separator": ",", "cache_info": False,
     "custom_attributes": {}, "metadata_file": None, "conditioning_data_dir": None,
 }
 UNSUPPORTED_DATASET_KEYS: dict[str, Any] = {"network_multiplier": 1.0, "validation_split": 0.0, "validation_seed": None,
@@ -39,7 +40,7 @@ _TYPES = {"num_repeats": int, "keep_tokens": int, "batch_size": int, "min_bucket
           "bucket_reso_steps": int, "caption_extension": str, "class_tokens": str, "caption_prefix": str,
           "caption_suffix": str, "image_dir": str, "shuffle_caption": bool, "flip_aug": bool, "is_reg": bool,
           "enable_bucket": bool, "bucket_no_upscale": bool, "random_crop": bool, "caption_dropout_rate": (int, float),
-          "alpha_mask": bool}
+          "caption_tag_dropout_rate": (int, float), "alpha_mask": bool}
 
 
 class DatasetConfigError(DatasetError):
@@ -57,6 +58,7 @@ class SubsetSpec:
     shuffle_caption: bool | None = None
     flip_aug: bool | None = None
     caption_dropout_rate: float | None = None
+    caption_tag_dropout_rate: float | None = None
     caption_prefix: str = ""
     caption_suffix: str = ""
     random_crop: bool | None = None
@@ -196,9 +198,10 @@ def load_dataset_config(path) -> DatasetConfig:
                 raise DatasetConfigError(f"{file}: {s_where} key 'num_repeats' = {repeats}: use 1 to 10000.")
             if opts.get("keep_tokens") is not None and opts["keep_tokens"] < 0:
                 raise DatasetConfigError(f"{file}: {s_where} key 'keep_tokens' must be 0 or more.")
-            rate = opts.get("caption_dropout_rate")
-            if rate is not None and not 0 <= rate < 1:
-                raise DatasetConfigError(f"{file}: {s_where} key 'caption_dropout_rate' must be between 0 and 1.")
+            rate, tag_rate = opts.get("caption_dropout_rate"), opts.get("caption_tag_dropout_rate")
+            for key, value in (("caption_dropout_rate", rate), ("caption_tag_dropout_rate", tag_rate)):
+                if value is not None and not 0 <= value < 1:
+                    raise DatasetConfigError(f"{file}: {s_where} key '{key}' must be at least 0 and below 1.")
             ext = opts.get("caption_extension")
             if ext is not None and not ext.strip(". "):
                 raise DatasetConfigError(f"{file}: {s_where} key 'caption_extension' is empty; e.g. \".txt\".")
@@ -207,7 +210,8 @@ def load_dataset_config(path) -> DatasetConfig:
                 num_repeats=repeats, caption_extension=("." + ext.lstrip(".")) if ext else None,
                 class_tokens=opts.get("class_tokens") or "", keep_tokens=opts.get("keep_tokens"),
                 shuffle_caption=opts.get("shuffle_caption"), flip_aug=opts.get("flip_aug"),
-                caption_dropout_rate=None if rate is None else float(rate), caption_prefix=opts.get("caption_prefix") or "",
+                caption_dropout_rate=None if rate is None else float(rate),
+                caption_tag_dropout_rate=None if tag_rate is None else float(tag_rate), caption_prefix=opts.get("caption_prefix") or "",
                 caption_suffix=opts.get("caption_suffix") or "", random_crop=opts.get("random_crop"),
                 alpha_mask=opts.get("alpha_mask"), where=f"{file}: {s_where} (image_dir '{shown(opts['image_dir'])}')"))
         datasets.append(ds)

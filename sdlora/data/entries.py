@@ -25,6 +25,7 @@ class Subset:
     shuffle_tags: bool = False
     keep_tokens: int = 0
     caption_dropout: float = 0.0
+    tag_dropout: float = 0.0  # kohya's caption_tag_dropout_rate
     flip: bool = False
     random_crop: bool = False
     default_caption: str = ""  # kohya's class_tokens: the caption of an image without a caption file

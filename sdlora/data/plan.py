@@ -106,6 +106,7 @@ def _subset_from_config(cfg: TrainConfig, name: str, *, is_reg: bool, group: int
         name=name, is_reg=is_reg, group=group, image_dir=str(spec.image_dir), num_repeats=num_repeats, img_count=img_count,
         shuffle_tags=pick(spec.shuffle_caption, cfg.shuffle_tags), keep_tokens=pick(spec.keep_tokens, cfg.keep_tokens),
         caption_dropout=pick(spec.caption_dropout_rate, cfg.caption_dropout), flip=pick(spec.flip_aug, cfg.random_flip),
+        tag_dropout=pick(spec.caption_tag_dropout_rate, cfg.caption_tag_dropout_rate),
         random_crop=pick(spec.random_crop, not cfg.center_crop), default_caption=spec.class_tokens or cfg.default_caption,
         caption_prefix=spec.caption_prefix, caption_suffix=spec.caption_suffix,
         masked=pick(spec.alpha_mask, cfg.masked_loss),
@@ -196,14 +197,15 @@ def build_training_data(cfg: TrainConfig) -> TrainingData:
         items, item_subsets = [items[i] for i in keep], [item_subsets[i] for i in keep]
         notes.append(f"Validation: {n_val} of {len(train_idx)} training images held out (validation_split "
                      f"{cfg.validation_split:g}); they are never trained on.")
-    val_subsets = [replace(s, shuffle_tags=False, caption_dropout=0.0, flip=False, random_crop=False, is_reg=False)
+    val_subsets = [replace(s, shuffle_tags=False, caption_dropout=0.0, tag_dropout=0.0, flip=False, random_crop=False, is_reg=False)
                    for s in subsets]
     if cfg.validation_dir:
         val_report = scan_dataset(resolve_data_dir(cfg.validation_dir), default_caption=cfg.default_caption,
                                   min_size=min_size, upscale_small=cfg.upscale_small)
         reports.append((f"validation folder '{shown(val_report.root.name)}'", val_report))
         val_subsets.append(replace(_subset_from_config(cfg, val_report.root.name, is_reg=False), shuffle_tags=False,
-                                   caption_dropout=0.0, flip=False, random_crop=False, img_count=val_report.num_images))
+                                   caption_dropout=0.0, tag_dropout=0.0, flip=False, random_crop=False,
+                                   img_count=val_report.num_images))
         val_items = list(val_report.items)
         val_item_subsets = [len(val_subsets) - 1] * len(val_items)
         notes.append(f"Validation: {len(val_items)} images from validation_dir.")

@@ -60,7 +60,7 @@ class TrainingSet:
 
     @property
     def captions_vary(self) -> bool:
-        return any(s.shuffle_tags or s.caption_dropout > 0 for s in self.subsets)
+        return any(s.shuffle_tags or s.caption_dropout > 0 or s.tag_dropout > 0 for s in self.subsets)
 
     @property
     def any_flip(self) -> bool:
@@ -116,7 +116,8 @@ class TrainingSet:
         sub = self.subset_of(index)
         raw = self.raw_caption(self.source_item(self.entries[index].item_index), sub)
         return build_caption(raw, rng=sample_rng(self.seed, "caption", epoch, index), trigger_word=sub.trigger_word or None,
-                             shuffle_tags=sub.shuffle_tags, keep_tokens=sub.keep_tokens, caption_dropout=sub.caption_dropout)
+                             shuffle_tags=sub.shuffle_tags, keep_tokens=sub.keep_tokens, caption_dropout=sub.caption_dropout,
+                             tag_dropout=sub.tag_dropout)
 
     def fixed_caption(self, item_index: int) -> str:
         """The caption with trigger word but no shuffle/dropout (what the text cache stores)."""

@@ -120,12 +120,20 @@ class ModelFamily:
         return [tok(captions, padding="max_length", max_length=tok.model_max_length, truncation=True,
                     return_tensors="pt").input_ids for tok in tokenizers]
 
-    def encode_tokens(self, text_encoders: list, ids: list[torch.Tensor]) -> TextEmbedding:
+    def encode_tokens(self, text_encoders: list, ids: list[torch.Tensor], clip_skip: int = 1) -> TextEmbedding:
+        """`clip_skip` k: condition on the hidden state k layers from the end (kohya's clip_skip; 1 = the last)."""
         raise NotImplementedError
 
-    def encode(self, text_encoders: list, tokenizers: list, captions: list[str], device) -> TextEmbedding:
+    def encode(self, text_encoders: list, tokenizers: list, captions: list[str], device, clip_skip: int = 1) -> TextEmbedding:
         ids = [t.to(device) for t in self.tokenize(tokenizers, captions)]
-        return self.encode_tokens(text_encoders, ids)
+        return self.encode_tokens(text_encoders, ids, clip_skip)
+
+    def clip_skip_problem(self, clip_skip: int, text_encoders: list) -> str | None:
+        """Why this family cannot condition on the layer `clip_skip` names (a sentence), or None."""
+        layers = getattr(getattr(text_encoders[0], "config", None), "num_hidden_layers", None) if text_encoders else None
+        if clip_skip > 1 and layers is not None and clip_skip > layers:
+            return f"clip_skip {clip_skip}: this model's text encoder has only {layers} layers; use 1 to {layers}."
+        return None
 
     def time_ids(self, geometries: list[SampleGeometry]) -> torch.Tensor | None:
         """Per-sample size conditioning; None for families without it."""

@@ -44,8 +44,15 @@ class StableDiffusion(ModelFamily):
             k.startswith(("lora_te1_", "lora_te2_", "text_encoder_2.")) or "_input_blocks_" in k or "_output_blocks_" in k
             or "_middle_block_" in k for k in keys)
 
-    def encode_tokens(self, text_encoders, ids) -> TextEmbedding:
-        return TextEmbedding(hidden=text_encoders[0](ids[0])[0])
+    def encode_tokens(self, text_encoders, ids, clip_skip: int = 1) -> TextEmbedding:
+        if clip_skip <= 1:
+            return TextEmbedding(hidden=text_encoders[0](ids[0])[0])
+        # As kohya: the hidden state clip_skip layers from the end, through the encoder's final layer norm.
+        encoder = text_encoders[0]
+        states = encoder(ids[0], output_hidden_states=True).hidden_states
+        model = getattr(encoder, "module", encoder)  # a DDP-wrapped encoder that trains
+        model = getattr(model, "text_model", model)  # transformers before 5 nests the layers in text_model
+        return TextEmbedding(hidden=model.final_layer_norm(states[-clip_skip]))
 
     def pipeline(self, *, unet, vae, text_encoders, tokenizers, scheduler):
         from diffusers import StableDiffusionPipeline

@@ -43,7 +43,13 @@ class SDXL(ModelFamily):
         return any(k.startswith(("lora_te1_", "lora_te2_", "text_encoder_2.")) or k.startswith("lora_unet_") and (
             "_input_blocks_" in k or "_output_blocks_" in k or "_middle_block_" in k) for k in keys)
 
-    def encode_tokens(self, text_encoders, ids) -> TextEmbedding:
+    def clip_skip_problem(self, clip_skip: int, text_encoders: list) -> str | None:
+        if clip_skip > 1:
+            return (f"clip_skip {clip_skip}: SDXL always conditions on its text encoders' penultimate layers (kohya's "
+                    "SDXL training ignores clip_skip too); set clip_skip = 1 for SDXL models.")
+        return None
+
+    def encode_tokens(self, text_encoders, ids, clip_skip: int = 1) -> TextEmbedding:
         # As diffusers' SDXL pipeline and kohya do: the penultimate hidden states of both encoders side by side, and
         # the second encoder's projected EOS embedding as the pooled vector.
         first = text_encoders[0](ids[0], output_hidden_states=True)

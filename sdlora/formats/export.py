@@ -172,8 +172,30 @@ def build_metadata(*, config, base, num_images: int, tag_frequency: dict, steps_
         md["ss_dataset_dirs"] = json.dumps(data.dataset_dirs(reg=False))
         md["ss_reg_dataset_dirs"] = json.dumps(data.dataset_dirs(reg=True))
         md["ss_datasets"] = json.dumps(data.datasets_metadata(config.batch_size))
+    md.update(objective_metadata(config))
     if config.trigger_word:
         md["modelspec.trigger_phrase"] = config.trigger_word
+    return md
+
+
+def objective_metadata(config) -> dict[str, str]:
+    """kohya's keys for the loss, noise and text-encoder options, written as train_network.py writes them; an option
+    left at its default writes nothing, so files of runs that do not use them stay as they were."""
+    md: dict[str, str] = {}
+    if config.clip_skip > 1:
+        md["ss_clip_skip"] = str(config.clip_skip)
+    if config.min_timestep is not None or config.max_timestep is not None:
+        md["ss_min_timestep"], md["ss_max_timestep"] = str(config.min_timestep), str(config.max_timestep)
+    if config.loss_type != "l2":
+        md.update(ss_loss_type=config.loss_type, ss_huber_schedule=config.huber_schedule, ss_huber_c=str(config.huber_c))
+    if config.multires_noise_iterations:
+        md["ss_multires_noise_iterations"] = str(config.multires_noise_iterations)
+        md["ss_multires_noise_discount"] = str(config.multires_noise_discount)
+    options = {"ss_ip_noise_gamma": config.ip_noise_gamma or None, "ss_zero_terminal_snr": config.zero_terminal_snr or None,
+               "ss_debiased_estimation": config.debiased_estimation_loss or None,
+               "ss_scale_weight_norms": config.scale_weight_norms,
+               "ss_caption_tag_dropout_rate": config.caption_tag_dropout_rate or None}
+    md.update({k: str(v) for k, v in options.items() if v is not None})
     return md
 
 

@@ -252,12 +252,13 @@ def set_strengths(pipe, names: list[str], strengths: list[float]) -> None:
 
 
 def strength_grid(pipe, names: list[str], prompts: list[SamplePrompt], strengths: list[float], *, default_size: int,
-                  default_steps: int = 20, seed: int = 0) -> Image.Image:
+                  default_steps: int = 20, seed: int = 0, clip_skip: int = 1, family=None) -> Image.Image:
     """One row per prompt, one column per strength, same seed across a row. Strengths scale all loaded LoRAs together."""
     cells = []
     for p in prompts:
         for s in strengths:
             set_strengths(pipe, names, [s] * len(names))
-            img = generate(pipe, p, default_size=default_size, default_steps=default_steps, default_seed=seed)
+            img = generate(pipe, p, default_size=default_size, default_steps=default_steps, default_seed=seed,
+                           clip_skip=clip_skip, family=family)
             cells.append(label_image(img, f"strength {s:g}"))
     return make_grid(cells, columns=len(strengths))

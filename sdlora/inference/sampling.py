@@ -80,11 +80,15 @@ def sample_filename(step: int, index: int) -> str:
 
 @torch.no_grad()
 def generate(pipe, sample: SamplePrompt, *, default_size: int, default_steps: int = 20, default_seed: int = 0,
-             device: str | torch.device = "cpu", prompt_embeds: dict | None = None) -> Image.Image:
+             device: str | torch.device = "cpu", prompt_embeds: dict | None = None, clip_skip: int = 1,
+             family=None) -> Image.Image:
     """One image. `prompt_embeds`: the pipeline's embedding arguments for the already-encoded prompt and negative
-    (the family's prompt_embeds_kwargs), replacing the text encoders when given."""
+    (the family's prompt_embeds_kwargs), replacing the text encoders when given. `clip_skip` > 1 (kohya's numbering,
+    with the model's `family`): the prompts are encoded by the family as training encodes captions."""
     seed = sample.seed if sample.seed is not None else default_seed
     generator = torch.Generator(device="cpu").manual_seed(seed)
+    if prompt_embeds is None and clip_skip > 1:
+        prompt_embeds = encode_prompts(pipe, family, sample, clip_skip)
     if prompt_embeds is None:
         text = dict(prompt=sample.prompt, negative_prompt=sample.negative or None)
     else:
@@ -99,6 +103,24 @@ def generate(pipe, sample: SamplePrompt, *, default_size: int, default_steps: in
         output_type="latent",
     ).images
     return decode_latents(pipe, latents)[0]
+
+
+def encode_prompts(pipe, family, sample: SamplePrompt, clip_skip: int) -> dict:
+    """The pipeline's embedding arguments for `sample`'s prompt and negative, encoded through the family's own
+    encode (the conditioning training used) with its pipeline's text encoders and tokenizers."""
+    if family is None:
+        raise ValueError("clip_skip > 1 needs the model's family to encode the prompts")
+    problem = family.clip_skip_problem(clip_skip, [getattr(pipe, n) for n in family.text_encoder_names])
+    if problem:
+        raise ConfigError(problem)
+    encoders = [getattr(pipe, n) for n in family.text_encoder_names]
+    tokenizers = [getattr(pipe, n) for n in family.tokenizer_names]
+    device = encoders[0].device
+
+    def encode(text: str):
+        return family.encode(encoders, tokenizers, [text], device, clip_skip)
+
+    return family.prompt_embeds_kwargs(encode(sample.prompt), encode(sample.negative))
 
 
 @torch.no_grad()

@@ -63,9 +63,11 @@ class BaseModel:
         out.update({n: m for n, m in zip(self.family.text_encoder_names, self.text_encoders) if m is not None})
         return out
 
-    def make_pipeline(self, scheduler: str = "euler_a", *, unet=None, text_encoders: list | None = None):
+    def make_pipeline(self, scheduler: str = "euler_a", *, unet=None, text_encoders: list | None = None,
+                      scheduler_config=None):
         """The family's pipeline sharing this model's modules (or the given LoRA-carrying ones); no safety checker.
-        The sampling scheduler is derived from the training scheduler's config, so betas and prediction type match."""
+        The sampling scheduler is derived from the training scheduler's config (or `scheduler_config`, a run's own),
+        so betas and prediction type match."""
         from diffusers import (
             DDIMScheduler,
             DPMSolverMultistepScheduler,
@@ -77,7 +79,7 @@ class BaseModel:
                    "dpm++": DPMSolverMultistepScheduler}
         if scheduler not in classes:
             raise ValueError(f"Unknown sampler '{scheduler}'. Choose one of: {', '.join(SAMPLERS)}.")
-        sched = classes[scheduler].from_config(self.noise_scheduler.config)
+        sched = classes[scheduler].from_config(scheduler_config or self.noise_scheduler.config)
         encoders = list(text_encoders) if text_encoders is not None else list(self.text_encoders)
         return self.family.pipeline(unet=unet or self.unet, vae=self.vae, text_encoders=encoders,
                                     tokenizers=self.tokenizers, scheduler=sched)

@@ -40,7 +40,8 @@ def sample(run, step: int) -> list[Path]:
     for te in encoders:
         if te is not None:
             te.to(run.device)
-    pipe = run.base.make_pipeline(unet=unet, text_encoders=encoders)
+    # The sampler follows the run's training scheduler (zero terminal SNR included).
+    pipe = run.base.make_pipeline(unet=unet, text_encoders=encoders, scheduler_config=run.noise_scheduler.config)
     pipe.set_progress_bar_config(disable=True)
     paths = []
     try:
@@ -49,7 +50,8 @@ def sample(run, step: int) -> list[Path]:
                 run.text_cache.get([prompt.prompt]), run.text_cache.get([prompt.negative]))
             with acc.autocast():
                 img = generate(pipe, prompt, default_size=run.config.resolution, default_steps=run.config.sample_steps,
-                               default_seed=run.config.seed + i, prompt_embeds=embeds)
+                               default_seed=run.config.seed + i, prompt_embeds=embeds, clip_skip=run.config.clip_skip,
+                               family=run.family)
             paths.append(save_png_atomic(img, run.out_dir / "samples" / sample_filename(step, i)))
     finally:
         run.base.vae.to(vae_device)

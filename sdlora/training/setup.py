@@ -16,6 +16,7 @@ from ..data.caches import LatentCache, TextEmbeddingCache
 from ..inference.sampling import parse_prompt_line
 from .errors import TrainingError
 from .events import StatusEvent, WarningEvent
+from .noise import check_objective, training_scheduler
 from .optimizer import make_optimizer, param_groups
 from .resume import apply_checkpoint, choose_checkpoint
 from .saving import adapted_modules
@@ -31,7 +32,7 @@ def load_data(run) -> None:
     run.report = run.data.reports[0][1]
     run.data_dir = run.report.root
     run.dataset = run.data.dataset
-    run.shuffles_captions = any(s.shuffle_tags for s in run.dataset.subsets)
+    run.shuffles_captions = any(s.shuffle_tags or s.tag_dropout > 0 for s in run.dataset.subsets)  # per-step variants
     if run.given_base is None:
         resolve_model_spec(cfg.base_model)
     run.sample_prompts = [parse_prompt_line(p) for p in cfg.all_sample_prompts()]
@@ -74,8 +75,9 @@ def load_model(run) -> None:
     run.te_names = list(run.family.text_encoder_names)
     for module in (run.base.unet, run.base.vae, *run.base.text_encoders):
         module.requires_grad_(False)
-    run.noise_scheduler = run.base.noise_scheduler
     run.prediction_type = run.base.prediction_type
+    check_objective(run)
+    run.noise_scheduler = training_scheduler(run.base.noise_scheduler, zero_terminal_snr=cfg.zero_terminal_snr)
 
 
 def inject_adapters(run) -> int:
@@ -185,7 +187,8 @@ def cache_latents(run) -> None:
 
 def cache_text(run) -> None:
     base, ds = run.base, run.dataset
-    run.text_cache = TextEmbeddingCache(run.family, base.tokenizers, base.text_encoders, run.device)
+    run.text_cache = TextEmbeddingCache(run.family, base.tokenizers, base.text_encoders, run.device,
+                                        clip_skip=run.config.clip_skip)
     if run.trained_te or run.shuffles_captions:
         return
     # Every caption the run can see is known now (fixed, or "" under dropout), and so are the preview prompts:

@@ -23,10 +23,12 @@ class TrainLog:
         if self.accelerator.is_main_process and start_step == 0 and self.path.exists():
             self.path.unlink()
 
-    def step(self, step: int, loss: float, lr: float, seconds: float, data_seconds: float, epoch: int) -> None:
+    def step(self, step: int, loss: float, lr: float, seconds: float, data_seconds: float, epoch: int,
+             extra: dict | None = None) -> None:
+        """`extra`: more values of this step (scale_weight_norms' keys_scaled and key norms), logged and tracked."""
         self.write(step, {"step": step, "loss": loss, "lr": lr, "seconds": round(seconds, 5),
-                          "data_seconds": round(data_seconds, 5), "epoch": epoch})
-        self.track({"loss": loss, "lr": lr}, step)
+                          "data_seconds": round(data_seconds, 5), "epoch": epoch, **(extra or {})})
+        self.track({"loss": loss, "lr": lr, **(extra or {})}, step)
 
     def validation(self, step: int, value: float) -> None:
         self.write(step, {"step": step, "val_loss": value})

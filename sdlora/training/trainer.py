@@ -21,6 +21,7 @@ from . import batches, previews, saving, setup
 from .checkpoints import checkpoint_root
 from .errors import TrainingError
 from .events import DoneEvent, PlanEvent, StartEvent, StatusEvent, StepEvent, TrainEvent, WarningEvent
+from .max_norm import apply_max_norm
 from .objective import training_loss
 from .train_log import TrainLog
 from .validation import encode_validation, validate
@@ -48,6 +49,7 @@ class Trainer:
 
     accelerator = None
     started_at: float | None = None
+    norm_stats = None  # scale_weight_norms: what the last step's max-norm regularisation did
 
     def __init__(self, config: TrainConfig, on_event: Callable[[TrainEvent], None] | None = None,
                  stop_event: threading.Event | None = None, base=None, owns_base: bool | None = None):
@@ -138,6 +140,8 @@ class Trainer:
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
+        if cfg.scale_weight_norms:
+            self.norm_stats = apply_max_norm(self.adapted_modules().values(), cfg.scale_weight_norms)
         return step_loss
 
     # the loop ------------------------------------------------------------------
@@ -187,7 +191,8 @@ class Trainer:
             now = time.perf_counter()
             seconds, t_prev = now - t_prev, now
             lr = self.scheduler.get_last_lr()[0]
-            self.train_log.step(step, loss, lr, seconds, self.data_seconds, self.epoch)
+            norms = self.norm_stats.log_fields() if self.norm_stats is not None else None
+            self.train_log.step(step, loss, lr, seconds, self.data_seconds, self.epoch, extra=norms)
             self.emit(StepEvent, step=step, loss=loss, lr=lr, seconds=seconds, data_seconds=self.data_seconds, epoch=self.epoch)
             if self._after_step(step):
                 t_prev = time.perf_counter()  # validation, previews and checkpoints are not training time

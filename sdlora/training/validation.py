@@ -58,7 +58,7 @@ def validation_loss(run) -> float:
             latents, noise, timesteps = latents.to(run.device), noise.to(run.device), timesteps.to(run.device)
             caption = [run.val_captions[k]]
             if run.trained_te:
-                text = run.family.encode(encoders, run.base.tokenizers, caption, run.device)
+                text = run.family.encode(encoders, run.base.tokenizers, caption, run.device, cfg.clip_skip)
             else:
                 text = run.text_cache.get(caption)
             text = TextEmbedding.stack(text.rows() * n_t)

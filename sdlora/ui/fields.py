@@ -14,9 +14,13 @@ LAYER_CHOICES = list(LAYER_GROUPS) + [CONV_GROUP]
 # Form-only keys: form_to_config turns them into config fields.
 FORM_ONLY = ("layers", "sample_prompts_text", "length_mode", "length")
 INT_FIELDS = ("rank", "conv_rank", "batch_size", "grad_accum", "resolution", "seed", "warmup_steps", "keep_tokens",
-              "sample_every", "save_every", "sample_steps", "validate_every", "lokr_factor")
+              "sample_every", "save_every", "sample_steps", "validate_every", "lokr_factor", "clip_skip",
+              "multires_noise_iterations")
 FLOAT_FIELDS = ("alpha", "conv_alpha", "lr", "noise_offset", "caption_dropout", "prior_loss_weight", "validation_split",
-                "rank_dropout", "module_dropout", "dropout")
+                "rank_dropout", "module_dropout", "dropout", "huber_c", "multires_noise_discount", "ip_noise_gamma",
+                "caption_tag_dropout_rate")
+# Settings whose unset value the form shows as a number: (field, the number that means unset).
+UNSET_AS = {"min_timestep": 0, "max_timestep": 1000, "scale_weight_norms": 0}
 
 def layers_to_targets(layers: list[str] | None) -> list[str]:
     targets: list[str] = []
@@ -95,6 +99,10 @@ def form_to_config(form: dict[str, Any]) -> dict[str, Any]:
     for key in FLOAT_FIELDS:
         if key in values:
             values[key] = _number(values, key, float)
+    for key, unset in UNSET_AS.items():
+        if key in values:
+            number = values[key] if values[key] in (None, "") else _number(values, key, int if key != "scale_weight_norms" else float)
+            values[key] = None if number in (None, "", unset) else number
     values["text_encoder_lr"] = _text_encoder_lr(values.get("text_encoder_lr")) if values.get("train_text_encoder") else None
     gamma = values.get("min_snr_gamma")
     values["min_snr_gamma"] = float(gamma) if gamma else None
@@ -121,6 +129,8 @@ def config_to_form(cfg: dict[str, Any]) -> dict[str, Any]:
     form["text_encoder_lr"] = ", ".join(f"{v:g}" for v in te_lr) if isinstance(te_lr, list) else f"{te_lr or 0:g}"
     form["min_snr_gamma"] = cfg.get("min_snr_gamma") or 0.0
     form["loraplus_lr_ratio"] = cfg.get("loraplus_lr_ratio") or 0.0
+    for key, unset in UNSET_AS.items():
+        form[key] = unset if cfg.get(key) is None else cfg[key]
     if not form.get("conv_rank"):
         form["conv_rank"] = 4
     return form

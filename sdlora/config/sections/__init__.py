@@ -2,6 +2,7 @@
 
 from .adapter import AdapterSettings
 from .data import DataSettings
+from .loss import LossSettings
 from .model import ModelSettings
 from .optimisation import OptimisationSettings
 from .output import OutputSettings
@@ -9,8 +10,9 @@ from .previews import PreviewSettings
 from .schedule import ScheduleSettings
 from .validation import ValidationSettings
 
-SECTIONS = (ModelSettings, DataSettings, ValidationSettings, AdapterSettings, OptimisationSettings, ScheduleSettings,
+SECTIONS = (ModelSettings, DataSettings, ValidationSettings, AdapterSettings, OptimisationSettings, LossSettings,
+            ScheduleSettings,
             PreviewSettings, OutputSettings)
 
-__all__ = ["SECTIONS", "AdapterSettings", "DataSettings", "ModelSettings", "OptimisationSettings", "OutputSettings",
+__all__ = ["SECTIONS", "AdapterSettings", "DataSettings", "LossSettings", "ModelSettings", "OptimisationSettings", "OutputSettings",
            "PreviewSettings", "ScheduleSettings", "ValidationSettings"]

@@ -47,6 +47,9 @@ class DataSettings(BaseModel):
     caption_dropout: Annotated[float, Flag("--caption-dropout")] = 0.0
     shuffle_tags: Annotated[bool, Flag("--shuffle-tags", sets=True)] = False
     keep_tokens: Annotated[int, Flag("--keep-tokens")] = 0
+    caption_tag_dropout_rate: Annotated[float, Flag("--caption-tag-dropout-rate")] = Field(
+        0.0, description="drop each comma-separated tag with this probability per step (the first keep_tokens tags "
+                         "and the trigger word stay)")
 
     # loading
     cache_latents: Annotated[bool, Flag("--no-cache-latents", sets=False)] = True
@@ -65,7 +68,7 @@ class DataSettings(BaseModel):
             raise ValueError("must be at most 4096")
         return v
 
-    @field_validator("caption_dropout")
+    @field_validator("caption_dropout", "caption_tag_dropout_rate")
     @classmethod
     def _probability(cls, v: float) -> float:
         if not 0 <= v < 1:

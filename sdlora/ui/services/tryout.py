@@ -14,8 +14,9 @@ class TryOut:
 
     def generate(self, spec: str, loras: list[tuple[str, float]], prompt: str, *, negative: str = "", seed: int = 0,
                  steps: int = 20, cfg: float = 7.0, width: int | None = None, height: int | None = None,
-                 grid_strengths: list[float] | None = None, prompts: list[str] | None = None):
-        """One image, or a strength grid (one row per prompt, one column per strength) when grid_strengths is given."""
+                 grid_strengths: list[float] | None = None, prompts: list[str] | None = None, clip_skip: int = 1):
+        """One image, or a strength grid (one row per prompt, one column per strength) when grid_strengths is given.
+        `clip_skip`: the text-encoder layer the LoRA was trained on (kohya's clip_skip)."""
         from ...inference.loras import load_loras, set_strengths, strength_grid, unload_loras
         from ...inference.sampling import SamplePrompt, generate
 
@@ -37,8 +38,9 @@ class TryOut:
             names = load_loras(pipe, paths)
             if grid_strengths:
                 return strength_grid(pipe, names, [sample(p) for p in (prompts or [prompt])], grid_strengths,
-                                     default_size=base.default_resolution, default_steps=int(steps), seed=int(seed))
+                                     default_size=base.default_resolution, default_steps=int(steps), seed=int(seed),
+                                     clip_skip=int(clip_skip), family=base.family)
             if names:
                 set_strengths(pipe, names, [s for _, s in paths])
             return generate(pipe, sample(prompt), default_size=base.default_resolution, default_steps=int(steps),
-                            default_seed=int(seed))
+                            default_seed=int(seed), clip_skip=int(clip_skip), family=base.family)

@@ -77,6 +77,7 @@ def build(services, ctx: dict, defaults: dict) -> None:
         f["caption_dropout"] = gr.Number(label="Caption dropout (probability)", value=defaults["caption_dropout"], elem_id="caption-dropout")
         f["default_caption"] = gr.Textbox(label="Caption for images without one", value=defaults["default_caption"],
                                           elem_id="default-caption")
+    _advanced(f, defaults)
     gr.Markdown("**Previews, checkpoints, output**")
     f["sample_prompts_text"] = gr.Textbox(label="Sample prompts (one per line; options --n negative --w --h --d seed --l cfg --s steps)",
                                           lines=2, value=defaults["sample_prompts_text"], elem_id="sample-prompts")
@@ -121,6 +122,36 @@ def build(services, ctx: dict, defaults: dict) -> None:
     ctx["validate"] = validate
     ctx["check"] = check
     ctx["preset_io"] = (preset, load_btn, preset_name, save_btn, do_load, do_save)
+
+
+def _advanced(f: dict, defaults: dict) -> None:
+    """kohya's loss, noise and text-encoder options, closed by default: every run works without them."""
+    def number(key, label, **kw):
+        f[key] = gr.Number(label=label, value=defaults.get(key), elem_id=key.replace("_", "-"), **kw)
+
+    with gr.Accordion("Advanced: loss, noise and text encoder (kohya options)", open=False, elem_id="advanced"):
+        with gr.Row():
+            number("clip_skip", "Clip skip (SD1/SD2; 2 for anime-style models)", precision=0)
+            number("min_timestep", "Min timestep", precision=0)
+            number("max_timestep", "Max timestep (timesteps drawn below it)", precision=0)
+            number("caption_tag_dropout_rate", "Tag dropout (per tag, after keep tokens)")
+        with gr.Row():
+            f["loss_type"] = gr.Dropdown(field_choices("loss_type"), value=defaults.get("loss_type"), label="Loss type",
+                                         elem_id="loss-type")
+            number("huber_c", "Huber c (huber / smooth_l1)")
+            f["huber_schedule"] = gr.Dropdown(field_choices("huber_schedule"), value=defaults.get("huber_schedule"),
+                                              label="Huber schedule", elem_id="huber-schedule")
+            number("scale_weight_norms", "Scale weight norms (max norm; 0 = off)")
+        with gr.Row():
+            number("multires_noise_iterations", "Pyramid noise levels (0 = off)", precision=0)
+            number("multires_noise_discount", "Pyramid noise discount")
+            number("ip_noise_gamma", "Input perturbation noise (0 = off)")
+        with gr.Row():
+            f["zero_terminal_snr"] = gr.Checkbox(label="Zero terminal SNR (v-prediction models)",
+                                                 value=defaults.get("zero_terminal_snr"), elem_id="zero-terminal-snr")
+            f["debiased_estimation_loss"] = gr.Checkbox(label="Debiased estimation loss (1/sqrt(SNR))",
+                                                        value=defaults.get("debiased_estimation_loss"),
+                                                        elem_id="debiased-estimation")
 
 
 def _expand(targets: list[str]) -> list[str]:

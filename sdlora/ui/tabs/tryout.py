@@ -32,6 +32,8 @@ def build(services, ctx: dict, defaults: dict) -> None:
         cfg = gr.Number(label="CFG scale", value=7.0, elem_id="try-cfg")
         width = gr.Number(label="Width (0 = model default)", value=0, precision=0, elem_id="try-width")
         height = gr.Number(label="Height (0 = model default)", value=0, precision=0, elem_id="try-height")
+        clip_skip = gr.Number(label="Clip skip (as the LoRA was trained; SD1/SD2)", value=1, precision=0,
+                              elem_id="try-clip-skip")
     generate_btn = gr.Button("Generate", variant="primary", elem_id="try-generate")
     image = gr.Image(label="Result", type="pil", format="png", elem_id="try-image", height=320, interactive=False)
     with gr.Accordion("Strength grid: the same seed at several strengths, side by side", open=True):
@@ -51,16 +53,16 @@ def build(services, ctx: dict, defaults: dict) -> None:
 
     @guard
     def generate(base_model: str, lora: str, strength: float, more_loras: str, prompt: str, negative_prompt: str,
-                 seed: int, steps: int, cfg: float, width: int, height: int):
+                 seed: int, steps: int, cfg: float, width: int, height: int, clip_skip: int = 1):
         """One image from the base model with the LoRA at `strength` (0 = the base model alone), plus any
         `path:strength` lines in more_loras. width/height 0 = the model's default size."""
         return services.tryout.generate(base_model, lora_list(lora, strength, more_loras), prompt, negative=negative_prompt,
                                 seed=int(seed or 0), steps=int(steps or 20), cfg=float(cfg), width=int(width or 0),
-                                height=int(height or 0))
+                                height=int(height or 0), clip_skip=int(clip_skip or 1))
 
     @guard
     def strength_grid(base_model: str, lora: str, more_loras: str, prompt: str, negative_prompt: str, seed: int, steps: int,
-                      cfg: float, width: int, height: int, strengths: str, prompts: str):
+                      cfg: float, width: int, height: int, strengths: str, prompts: str, clip_skip: int = 1):
         """A grid: one column per strength (all LoRAs scaled together), one row per prompt line, the same seed."""
         values = parse_strengths(strengths)
         loras = lora_list(lora, 1.0, more_loras)
@@ -71,12 +73,12 @@ def build(services, ctx: dict, defaults: dict) -> None:
             raise gr.Error("That grid has more than 48 images; use fewer prompts or strengths.")
         return services.tryout.generate(base_model, loras, prompt, negative=negative_prompt, seed=int(seed or 0),
                                 steps=int(steps or 20), cfg=float(cfg), width=int(width or 0), height=int(height or 0),
-                                grid_strengths=values, prompts=rows)
+                                grid_strengths=values, prompts=rows, clip_skip=int(clip_skip or 1))
 
     common = [prompt, negative, seed, steps, cfg, width, height]
-    generate_btn.click(generate, [base, lora, strength, more] + common, image, api_name="generate", concurrency_id="model",
+    generate_btn.click(generate, [base, lora, strength, more] + common + [clip_skip], image, api_name="generate", concurrency_id="model",
                        concurrency_limit=1)
-    grid_btn.click(strength_grid, [base, lora, more] + common + [strengths, grid_prompts], grid, api_name="strength_grid",
+    grid_btn.click(strength_grid, [base, lora, more] + common + [strengths, grid_prompts, clip_skip], grid, api_name="strength_grid",
                    concurrency_id="model", concurrency_limit=1)
 
     def add_line(path: str, strength: float, text: str) -> str:
