@@ -303,6 +303,8 @@ def test_cli_caption_end_to_end(tmp_path):
     assert proc.returncode == 2 and "threshold: must be between 0 and 1" in proc.stderr
     proc = run_cli("caption", data, "--undo", "--wd14", "x", check=False)
     assert proc.returncode == 2 and "not allowed with" in proc.stderr
+    proc = run_cli("caption", data / "missing", "--wd14", models / REPO_ID.replace("/", "_"), check=False)
+    assert proc.returncode == 2 and "is not a folder. Give the dataset folder" in proc.stderr and "--data" not in proc.stderr
 
 
 def test_cuda_is_refused_with_a_sentence_where_there_is_none(tagger):

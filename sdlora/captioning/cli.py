@@ -65,8 +65,14 @@ def options_from_args(args):
 
 def cmd_caption(args) -> int:
     """Results (the summary, a dry run's changes) on stdout; the progress bar and warnings on stderr."""
+    from pathlib import Path
+
+    from ..data.scan import DatasetError
     from .writer import undo_last_run
 
+    if not Path(args.folder).is_dir():  # the shared scan message names train's --data flag; here DATA_DIR is positional
+        raise DatasetError(f"caption: '{args.folder}' is not a folder. Give the dataset folder (the images and their "
+                           "caption files) as DATA_DIR.")
     if args.undo:
         print(undo_last_run(args.folder).summary())
         return 0
