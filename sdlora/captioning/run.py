@@ -119,9 +119,9 @@ def caption_dataset(root, options: CaptionOptions, *, stop_event: threading.Even
                     model=None) -> Iterator[CaptionEvent]:
     """Caption the images of `root`; yields CaptionStart, a CaptionImage per image handled, CaptionWarnings and last
     CaptionDone. A set stop_event ends the run after the current batch. `model`: an already made one (tests, reuse)."""
-    from ..data.scan import _check_root
+    from ..data.scan import check_dataset_root
 
-    root = _check_root(Path(root).expanduser())
+    root = check_dataset_root(Path(root).expanduser())
     model = model or load_model(options)  # checks the model's files before the scan
     warnings: list[str] = []
     report = _scan(root, options.extension, warnings)

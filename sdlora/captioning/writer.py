@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..data.captions import _is_trigger_tag, split_tags, write_caption
+from ..data.captions import is_trigger_tag, split_tags, write_caption
 from ..fileio import UserFileError, atomic_path, read_user_bytes
 from ..safetext import shown
 from .options import CaptioningError
@@ -32,7 +32,7 @@ def compose(existing: str, parts: list[str], mode: str, trigger_word: str = "") 
     in front of every caption anyway."""
     old_tags = split_tags(existing)
     trigger = trigger_word.strip()
-    head = old_tags[:1] if trigger and old_tags and _is_trigger_tag(old_tags[0], trigger) else []
+    head = old_tags[:1] if trigger and old_tags and is_trigger_tag(old_tags[0], trigger) else []
     old = old_tags[len(head):] if mode in ("append", "prepend") else []
     if trigger:
         parts = [p for p in parts if p.strip() != trigger and p.strip() not in head]

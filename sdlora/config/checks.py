@@ -40,6 +40,16 @@ def non_negative_float(v: float) -> float:
     return v
 
 
+def fraction(usual: dict[str, float]):
+    """A share above 0 and at most 1; the sentence names the field's usual value."""
+    def check(v: float, info) -> float:
+        if not math.isfinite(v) or not 0 < v <= 1:
+            raise ValueError(f"must be above 0 and at most 1 ({usual[info.field_name]:g} is usual)")
+        return v
+
+    return check
+
+
 def dropout_rate(v: float) -> float:
     if not math.isfinite(v) or v < 0 or v >= 1:
         raise ValueError("must be at least 0 and below 1 (0 = off; 0.1 is usual)")

@@ -27,7 +27,7 @@ def split_tags(caption: str) -> list[str]:
     return [t.strip() for t in caption.split(",") if t.strip()]
 
 
-def _is_trigger_tag(tag: str, trigger: str) -> bool:
+def is_trigger_tag(tag: str, trigger: str) -> bool:
     return tag == trigger or tag.startswith(trigger + " ")
 
 
@@ -53,7 +53,7 @@ def build_caption(caption: str, *, trigger_word: str | None = None, shuffle_tags
     trigger = (trigger_word or "").strip()
     head = []
     if trigger:
-        head = [tags.pop(0)] if tags and _is_trigger_tag(tags[0], trigger) else [trigger]
+        head = [tags.pop(0)] if tags and is_trigger_tag(tags[0], trigger) else [trigger]
         tags = [t for t in tags if t != trigger]
     keep = max(0, keep_tokens)
     if shuffle_tags and len(tags) > keep + 1:

@@ -303,7 +303,7 @@ def _repeats_and_subset(path: Path, root: Path, warned: set[str], warns: list[st
     return 1, root.name
 
 
-def _check_root(root: Path) -> Path:
+def check_dataset_root(root: Path) -> Path:
     if not root.exists():
         raise DatasetError(f"Dataset folder '{root}' does not exist. Point --data at a folder of images with .txt captions.")
     if not root.is_dir():
@@ -325,7 +325,7 @@ def scan_dataset(root, *, default_caption: str = "", caption_extensions=(".txt",
     files are caught here rather than mid-training. Raises DatasetError for a missing/unreadable folder or one
     without a single usable image.
     """
-    root = _check_root(Path(root).expanduser())
+    root = check_dataset_root(Path(root).expanduser())
     caption_extensions = tuple(e if e.startswith(".") else f".{e}" for e in caption_extensions)
     report = DatasetReport(root=root)
     metadata: dict[Path, dict[str, str]] = {}

@@ -9,7 +9,7 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, Field, field_validator, model_validator
 
 from ...adapters.rules import needs_lycoris
-from ..checks import non_negative_float
+from ..checks import fraction, non_negative_float
 from ..flags import Flag
 
 LossType = Literal["l2", "huber", "smooth_l1"]
@@ -43,6 +43,8 @@ class LossSettings(BaseModel):
                           "(1 is usual); unset = off")
 
     _loss_amounts = field_validator("ip_noise_gamma")(non_negative_float)
+    _shares = field_validator("huber_c", "multires_noise_discount")(
+        fraction({"huber_c": 0.1, "multires_noise_discount": 0.3}))
 
     @field_validator("min_timestep", "max_timestep")
     @classmethod
@@ -52,25 +54,11 @@ class LossSettings(BaseModel):
             raise ValueError(f"must be between {low} and {MAX_TIMESTEP}")
         return v
 
-    @field_validator("huber_c")
-    @classmethod
-    def _huber_c(cls, v: float) -> float:
-        if not math.isfinite(v) or not 0 < v <= 1:
-            raise ValueError("must be above 0 and at most 1 (0.1 is usual)")
-        return v
-
     @field_validator("multires_noise_iterations")
     @classmethod
     def _iterations(cls, v: int) -> int:
         if not 0 <= v <= 64:
             raise ValueError("must be between 0 (off) and 64 (6-10 is usual)")
-        return v
-
-    @field_validator("multires_noise_discount")
-    @classmethod
-    def _discount(cls, v: float) -> float:
-        if not math.isfinite(v) or not 0 < v <= 1:
-            raise ValueError("must be above 0 and at most 1 (0.3 is usual)")
         return v
 
     @field_validator("scale_weight_norms")
